@@ -1,0 +1,3 @@
+from humor_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""One config system for every stage: a dataclass per stage, filled from an optional YAML file
+(`--config FILE.yaml`) and then from command-line flags, which win.
+
+Flags accept both spellings, `--max-pairs-per-contest` and `--max_pairs_per_contest`, so the data
+stage's dashed contract and the training stages' TRL-style underscores work the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message says which and why."""
+
+
+def _base_type(annotation):
+    """(python type, is_list) of a field annotation such as `int`, `str | None`, `list[str]`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1] or (str,)
+        return item, True
+    return annotation, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser(config_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description or config_cls.__doc__)
+    parser.add_argument("--config", help="YAML file with values for any of the flags below")
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        kind, is_list = _base_type(hints[field.name])
+        names = [f"--{field.name}"]
+        if "_" in field.name:
+            names.append(f"--{field.name.replace('_', '-')}")
+        help_text = field.metadata.get("help", "")
+        if kind is bool:
+            # `--flag` alone means true; `--flag false` is accepted too.
+            parser.add_argument(*names, dest=field.name, nargs="?", const=True, type=_parse_bool,
+                                default=argparse.SUPPRESS, help=help_text)
+        elif is_list:
+            parser.add_argument(*names, dest=field.name, nargs="+", type=kind,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(*names, dest=field.name, type=kind, default=argparse.SUPPRESS,
+                                help=help_text)
+    return parser
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return {key.replace("-", "_"): _expand(value) for key, value in values.items()}
+
+
+def _expand(value):
+    """`${HUMOR_RAY_DATA}/summaries` in a job spec: the same file works on every machine."""
+    import os
+
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def parse_config(config_cls, argv: list[str] | None, prog: str):
+    """Build a `config_cls` from `--config FILE.yaml` plus flag overrides."""
+    parser = build_parser(config_cls, prog)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    values = load_yaml(config_path) if config_path else {}
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"config file {config_path} has unknown options: {', '.join(unknown)}")
+    values.update(args)
+    try:
+        return config_cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{prog}: {err}") from None
+
+
+def field(default=dataclasses.MISSING, help: str = "", **kwargs):  # noqa: A002 - mirrors argparse
+    """A dataclass field with a help text for the command line."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help},
+                                 **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def data_root() -> Path:
+    """The real contest data: `$HUMOR_RAY_DATA`, else `../shared/data` beside the checkout."""
+    import os
+
+    env = os.environ.get("HUMOR_RAY_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,0 +1,565 @@
+"""`humor-ray data build`: rating files -> validated, scrubbed, split datasets (a Ray Data program).
+
+Two streaming passes, each a Ray Data `map` whose unit of work is small and independent:
+1. per input file: parse, validate, scrub, aggregate raw votes; stage the canonical rows per contest
+   (`_staging/`) and return the facts the planner needs (counts, a caption fingerprint);
+2. per contest: combine its staged parts, rank, and write every dataset for that contest.
+Between them the driver looks at all files at once, which is where cross-file problems show:
+corrupted vote counts and files whose captions belong to another contest.
+Memory stays bounded by the largest single file or contest, however many there are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from humor_ray.config import field
+from humor_ray.data import prompts, readers, text
+from humor_ray.data.pairs import sample_pairs
+
+SPLITS = ("train", "eval")
+DATASETS = ("captions", "pairs", "sft", "sft_simple", "prompts", "llava_sft", "references", "quarantine")
+REFERENCE_GROUPS = {"top10": 0, "rank200": 199, "rank1000": 999}  # first 0-based position of each group
+GROUP_SIZE = 10
+MIN_VOTES_FOR_CORRUPTION_CHECK = 10_000
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Build the training and evaluation datasets from contest rating files."""
+    input: str = field(None, "directory, glob or URI (s3://...) of rating files (CSV or Parquet)")
+    output: str = field(None, "output directory or URI")
+    splits: str | None = field(None, "JSON with train/validation/test contest lists (the paper's split)")
+    descriptions: list[str] = field([], "CSV files with contest,scene,description,uncanny_description,entities")
+    images: str | None = field(None, "directory of <contest>.jpg|png cartoon images")
+    seed: int = field(2024, "seed for every sample drawn")
+    max_pairs_per_contest: int = field(1000, "distinct preference pairs per contest, at most")
+    sigma: float = field(3.0, "keep a pair when mean_c - mean_r > sigma * sqrt(se_c^2 + se_r^2)")
+    sft_per_contest: int = field(1000, "captions sampled uniformly per contest for SFT")
+    llava_per_contest: int = field(1000, "top captions per contest for the LLaVA dataset")
+    eval_fraction: float = field(0.25, "share of contests held out when the splits file does not list them")
+    exclude: list[str] = field([], "file names or glob patterns to leave out (e.g. 560_KLUCB_original.csv)")
+    combine: str = field("sum", "several files of one contest: 'sum' their vote counts per caption "
+                                "(NEXT files of one contest are disjoint vote pools) or keep the 'largest'")
+    corrupt_unfunny_share: float = field(0.98, "a file whose votes are more 'unfunny' than this is corrupted")
+    duplicate_overlap: float = field(0.5, "a file sharing this share of captions with an earlier contest's "
+                                          "file holds that contest's captions")
+    strict: bool = field(False, "exit non-zero when anything was quarantined")
+
+    def __post_init__(self):
+        if not self.input or not self.output:
+            raise ValueError("data build needs --input and --output")
+        if self.combine not in ("sum", "largest"):
+            raise ValueError(f"--combine must be 'sum' or 'largest', not {self.combine!r}")
+        if not 0 <= self.eval_fraction <= 1:
+            raise ValueError("--eval-fraction must be between 0 and 1")
+
+
+class BuildError(RuntimeError):
+    """Nothing usable came out of the input (or --strict and something was rejected)."""
+
+
+def log(message: str) -> None:
+    print(f"[data build] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- output filesystem helpers
+
+def _join(root: str, *parts) -> str:
+    return "/".join([root.rstrip("/"), *map(str, parts)])
+
+
+def _write(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
+    pq.write_table(table, path, filesystem=fs, compression="zstd")
+
+
+def _quarantine_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=readers.QUARANTINE_SCHEMA)
+
+
+# ---------------------------------------------------------------- pass 1: one input file
+
+def _fingerprint(captions: pa.Array) -> list[int]:
+    """A sample of caption hashes (1 in 8, chosen by hash so every file samples the same captions)."""
+    import pandas as pd
+
+    keys = text.caption_key(captions).to_numpy(zero_copy_only=False)
+    hashes = pd.util.hash_array(keys, categorize=False)
+    return sorted(int(h) for h in np.unique(hashes[hashes % 8 == 0]))
+
+
+def stage_file(item: dict, output: str) -> dict:
+    """Read one file, stage its rows per contest, and return a JSON summary for the planner."""
+    fs, root = readers.open_filesystem(output)
+    in_fs, _ = readers.open_filesystem(item["uri"])
+    path, index = item["path"], item["index"]
+    result = {"index": index, "path": path, "error": None, "groups": [], "warnings": [], "stats": {}}
+    try:
+        read = readers.read_file(in_fs, path)
+    except readers.InputFileError as err:
+        result["error"] = str(err)
+        return result
+    result.update(kind=read.kind, warnings=read.warnings, stats=read.stats, quarantined=len(read.quarantine))
+    if read.quarantine:
+        _write(_quarantine_table(read.quarantine), fs, _join(root, "quarantine", f"rows-{index:06d}.parquet"))
+    table, suffix = (read.captions, "") if read.captions is not None else (read.lookup, ".lookup")
+    contests = table["contest"].to_numpy()
+    for contest in np.unique(contests):
+        part = table.filter(pa.array(contests == contest))
+        staged = _join(root, "_staging", f"{int(contest):06d}", f"{index:06d}{suffix}.parquet")
+        _write(part, fs, staged)
+        group = {"contest": int(contest), "staged": staged, "lookup": bool(suffix), "rows": part.num_rows}
+        if not suffix:
+            sums = {name: int(pc.sum(part[name]).as_py() or 0) for name in readers.COUNT_COLUMNS}
+            group.update(sums, votes=sum(sums.values()))
+            if pc.any(pc.is_valid(part["caption"])).as_py():
+                group["fingerprint"] = _fingerprint(part["caption"].drop_null())
+        result["groups"].append(group)
+    return result
+
+
+# ---------------------------------------------------------------- between passes: the planner
+
+def _find_foreign_captions(groups: list[dict], min_overlap: float) -> dict[int, str]:
+    """Groups (by position in `groups`) whose captions are mostly another, earlier contest's."""
+    owners = defaultdict(list)
+    for g_index, group in enumerate(groups):
+        for h in group.get("fingerprint", ()):
+            owners[h].append(g_index)
+    shared = Counter()
+    for members in owners.values():
+        if 1 < len(members) <= 50:  # a caption in dozens of files is a stock phrase, not a copy
+            for a in members:
+                for b in members:
+                    if groups[a]["contest"] < groups[b]["contest"]:
+                        shared[(a, b)] += 1
+    foreign = {}
+    for (a, b), count in sorted(shared.items()):
+        size = min(len(groups[a]["fingerprint"]), len(groups[b]["fingerprint"]))
+        if size >= 20 and count / size >= min_overlap and b not in foreign:
+            foreign[b] = (f"captions are contest {groups[a]['contest']}'s ({count / size:.0%} of sampled "
+                          f"captions shared with {PurePosixPath(groups[a]['path']).name}); "
+                          f"contest {groups[b]['contest']}'s own ratings are not in this file")
+    return foreign
+
+
+def _load_contexts(paths: list[str]) -> dict[int, dict]:
+    """Cartoon context per contest; an earlier file's non-empty field wins over a later one's."""
+    import pyarrow.csv as pacsv
+
+    contexts: dict[int, dict] = {}
+    for path in paths:
+        try:
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise BuildError(f"{path}: cannot read descriptions: {err}") from None
+        if "contest" not in table.column_names:
+            raise BuildError(f"{path}: descriptions need a 'contest' column, found {table.column_names}")
+        fields = [k for k, _ in prompts.CONTEXT_FIELDS if k in table.column_names]
+        if not fields:
+            raise BuildError(f"{path}: no context columns; expected any of "
+                             f"{[k for k, _ in prompts.CONTEXT_FIELDS]}")
+        for row in table.select(["contest", *fields]).to_pylist():
+            if row["contest"] is None:
+                continue
+            context = contexts.setdefault(int(row["contest"]), {})
+            for key in fields:
+                if row[key] is not None and str(row[key]).strip() and not context.get(key):
+                    context[key] = " ".join(str(row[key]).split())
+    return contexts
+
+
+def _load_splits(path: str | None) -> dict[int, str]:
+    if not path:
+        return {}
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise BuildError(f"{path}: cannot read splits: {err}") from None
+    splits = {}
+    for name, split in (("train", "train"), ("validation", "eval"), ("test", "eval")):
+        for contest in data.get(name, []):
+            splits[int(contest)] = split
+    if not splits:
+        raise BuildError(f"{path}: no 'train', 'validation' or 'test' lists")
+    return splits
+
+
+def hash_split(contest: int, eval_fraction: float) -> str:
+    """Stable split for contests no splits file lists: the same contest always lands on the same side."""
+    bucket = int(hashlib.sha256(f"contest-{contest}".encode()).hexdigest()[:8], 16) % 10_000
+    return "eval" if bucket < eval_fraction * 10_000 else "train"
+
+
+def _find_images(images: str | None, warnings: list[str]) -> dict[int, str]:
+    """Image file name per contest. Byte-identical images of two contests (NEXT's 607.jpg is 605's
+    cartoon) stay with the earlier contest; the later one gets none, with a warning."""
+    if not images:
+        return {}
+    fs, root = readers.open_filesystem(images)
+    found, owner_of_digest = {}, {}
+    entries = sorted(fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)), key=lambda e: e.path)
+    for entry in entries:
+        name = PurePosixPath(entry.path).name
+        contest = readers.contest_from_name(name)
+        if contest is None or not name.lower().endswith((".jpg", ".jpeg", ".png")) or contest in found:
+            continue
+        with fs.open_input_stream(entry.path) as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        if digest in owner_of_digest:
+            warnings.append(f"{entry.path}: identical to contest {owner_of_digest[digest]}'s image; "
+                            f"contest {contest} gets no image")
+            continue
+        owner_of_digest[digest] = contest
+        found[contest] = name
+    return dict(sorted(found.items()))
+
+
+# ---------------------------------------------------------------- pass 2: one contest
+
+def _combine(parts: list[pa.Table], lookups: list[pa.Table], contest: int) -> tuple[pa.Table, list[dict], int]:
+    """All staged rows of a contest -> one row per distinct caption (counts summed)."""
+    captions = pa.concat_tables(parts)
+    quarantine = []
+    missing = pc.is_null(captions["caption"])
+    if pc.any(missing).as_py():
+        lookup = (pa.concat_tables(lookups).group_by("caption_id", use_threads=False)
+                  .aggregate([("caption", "first")]).rename_columns(["caption_id", "lookup_caption"])
+                  if lookups else pa.table({"caption_id": pa.array([], pa.string()),
+                                            "lookup_caption": pa.array([], pa.string())}))
+        joined = captions.join(lookup, "caption_id", join_type="left outer")
+        joined = joined.set_column(joined.schema.get_field_index("caption"), "caption",
+                                   pc.coalesce(joined["caption"], joined["lookup_caption"])).drop(["lookup_caption"])
+        orphan = pc.is_null(joined["caption"])
+        for row in joined.filter(orphan).to_pylist():
+            quarantine.append({"source": row["source"], "row": row["row"], "contest": contest,
+                               "reason": f"caption_id {row['caption_id']} has no text in any captions file",
+                               "record": json.dumps(row, default=str)})
+        captions = joined.filter(pc.invert(orphan))
+    votes = pc.add(pc.add(captions["funny"], captions["somewhat_funny"]), captions["unfunny"])
+    keyed = captions.append_column("key", text.caption_key(captions["caption"])).append_column("votes", votes)
+    # The spelling with the most votes names a caption submitted several times.
+    keyed = keyed.sort_by([("key", "ascending"), ("votes", "descending"), ("caption", "ascending")])
+    merged = keyed.group_by("key", use_threads=False).aggregate([
+        ("caption", "first"), ("funny", "sum"), ("somewhat_funny", "sum"), ("unfunny", "sum")])
+    merged = merged.rename_columns([n.removesuffix("_first").removesuffix("_sum") for n in merged.column_names])
+    return merged, quarantine, keyed.num_rows - merged.num_rows
+
+
+def rank_captions(table: pa.Table) -> pa.Table:
+    """Means and standard errors from the counts, sorted best first.
+
+    mean = (1*unfunny + 2*somewhat + 3*funny) / n; se = max(sd/sqrt(n), 1/sqrt(n(n-1))) with the sample
+    sd (ddof=1), as NEXT computes `precision`; se is NaN for a single vote (no pair can use it)."""
+    f = table["funny"].to_numpy().astype(np.float64)
+    s = table["somewhat_funny"].to_numpy().astype(np.float64)
+    u = table["unfunny"].to_numpy().astype(np.float64)
+    n = f + s + u
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = (u + 2 * s + 3 * f) / n
+        variance = (u + 4 * s + 9 * f - n * mean ** 2) / (n - 1)
+        se = np.maximum(np.sqrt(np.maximum(variance, 0) / n), 1 / np.sqrt(n * (n - 1)))
+    se[n < 2] = np.nan
+    table = table.drop(["key"]).append_column("votes", pa.array(n.astype(np.int64))) \
+        .append_column("mean", pa.array(mean)).append_column("se", pa.array(se))
+    table = table.sort_by([("mean", "descending"), ("votes", "descending"), ("caption", "ascending")])
+    ordered_mean = table["mean"].to_numpy()
+    # Competition ranking: equal means share the better rank, as in the NEXT files.
+    rank = np.searchsorted(-ordered_mean, -ordered_mean, side="left") + 1
+    return table.append_column("rank", pa.array(rank.astype(np.int64))) \
+        .append_column("caption_id", pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)))
+
+
+def _text_rows(contest: int, prompt: str, captions: pa.Array) -> pa.Table:
+    k = len(captions)
+    prompt_column = pa.repeat(pa.scalar(prompt, pa.string()), k)
+    return pa.table({"contest": pa.repeat(pa.scalar(contest, pa.int32()), k), "prompt": prompt_column,
+                     "completion": captions,
+                     "text": pc.binary_join_element_wise(prompt_column, captions, " ")})
+
+
+def build_contest(plan: dict, cfg: dict) -> dict:
+    """Every dataset for one contest, written under the output root; returns counts as JSON."""
+    fs, root = readers.open_filesystem(cfg["output"])
+    contest, split = plan["contest"], plan["split"]
+    parts = [pq.read_table(p, filesystem=fs) for p in plan["parts"]]
+    lookups = [pq.read_table(p, filesystem=fs) for p in plan["lookups"]]
+    merged, quarantine, duplicates = _combine(parts, lookups, contest)
+    out = {"contest": contest, "split": split, "merged_same_text": duplicates, "quarantined": len(quarantine),
+           "counts": {}, "references": [], "prompt": None}
+    if quarantine:
+        _write(_quarantine_table(quarantine), fs, _join(root, "quarantine", f"contest-{contest:06d}.parquet"))
+    ranked = rank_captions(merged)
+    n = ranked.num_rows
+    out["captions"], out["votes"] = n, int(pc.sum(ranked["votes"]).as_py() or 0)
+    if n == 0:
+        return out
+
+    def write(dataset: str, table: pa.Table) -> None:
+        out["counts"][dataset] = table.num_rows
+        if table.num_rows:
+            _write(table, fs, _join(root, dataset, split, f"{contest:06d}.parquet"))
+
+    context = plan["context"]
+    simple, long = prompts.simple_prompt(context), prompts.long_prompt(context)
+    out["prompt"] = {"contest": contest, "prompt": simple, "prompt_long": long, "image": plan["image"],
+                     "has_context": bool(prompts.context_lines(context))}
+    contest_col = pa.repeat(pa.scalar(contest, pa.int32()), n)
+    split_col = pa.repeat(pa.scalar(split, pa.string()), n)
+    write("captions", pa.table({
+        "contest": contest_col, "caption_id": ranked["caption_id"], "caption": ranked["caption"],
+        "funny": ranked["funny"], "somewhat_funny": ranked["somewhat_funny"], "unfunny": ranked["unfunny"],
+        "votes": ranked["votes"], "mean": ranked["mean"], "se": ranked["se"], "rank": ranked["rank"],
+        "split": split_col}))
+
+    # Separate random streams per dataset: changing one sample size never changes another dataset.
+    sft_rng = np.random.default_rng([cfg["seed"], contest, 0])
+    pick = sft_rng.choice(n, size=min(n, cfg["sft_per_contest"]), replace=False)
+    sampled = ranked["caption"].take(pa.array(pick))
+    write("sft", _text_rows(contest, long, sampled))
+    write("sft_simple", _text_rows(contest, simple, sampled))
+
+    mean, se = ranked["mean"].to_numpy(), ranked["se"].to_numpy()
+    chosen, rejected = sample_pairs(mean, se, cfg["max_pairs_per_contest"], cfg["sigma"],
+                                    np.random.default_rng([cfg["seed"], contest, 1]))
+    k = len(chosen)
+    write("pairs", pa.table({
+        "contest": pa.repeat(pa.scalar(contest, pa.int32()), k),
+        "prompt": pa.repeat(pa.scalar(simple, pa.string()), k),
+        "chosen": ranked["caption"].take(pa.array(chosen)), "rejected": ranked["caption"].take(pa.array(rejected)),
+        "chosen_mean": pa.array(mean[chosen]), "rejected_mean": pa.array(mean[rejected]),
+        "chosen_se": pa.array(se[chosen]), "rejected_se": pa.array(se[rejected])}))
+
+    if plan["image"]:
+        top = min(n, cfg["llava_per_contest"])
+        write("llava_sft", pa.table({
+            "contest": pa.repeat(pa.scalar(contest, pa.int32()), top),
+            "image": pa.repeat(pa.scalar(plan["image"], pa.string()), top),
+            "prompt": pa.repeat(pa.scalar(prompts.image_prompt(), pa.string()), top),
+            "caption": ranked["caption"].slice(0, top), "rank": ranked["rank"].slice(0, top)}))
+
+    if split == "eval":
+        starts = dict(REFERENCE_GROUPS, median=max(n // 2 - GROUP_SIZE // 2, 0))
+        captions, means = ranked["caption"].to_pylist(), mean.tolist()
+        for group, start in starts.items():
+            if start + GROUP_SIZE <= n:
+                out["references"] += [{"contest": contest, "group": group, "rank": pos + 1,
+                                       "caption": captions[pos], "mean": means[pos]}
+                                      for pos in range(start, start + GROUP_SIZE)]
+            else:
+                out.setdefault("missing_groups", []).append(group)
+    return out
+
+
+# ---------------------------------------------------------------- the driver
+
+def _excluded(path: str, patterns: list[str]) -> bool:
+    name = PurePosixPath(path).name
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
+
+
+def _run_json(row: dict, fn, kwargs: dict) -> dict:
+    # Items travel as JSON: their nested, ragged fields would not fit one Arrow schema.
+    return {"key": row["key"], "result": json.dumps(fn(json.loads(row["item"]), **kwargs))}
+
+
+def _ray_map(items: list[dict], fn, sizes: list[int], **kwargs) -> list[dict]:
+    """Run `fn` over `items` as a streaming Ray Data map; results come back in item order.
+
+    Items are dealt largest first into about two blocks per CPU of the cluster: one task per item
+    would cost more in scheduling than the work itself, and equal blocks keep every CPU busy."""
+    import ray
+    import ray.data
+
+    if not items:
+        return []
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_blocks = max(1, min(len(items), 2 * cpus))
+    by_size = sorted(range(len(items)), key=lambda k: -sizes[k])
+    order = [k for b in range(n_blocks) for k in by_size[b::n_blocks]]
+    rows = [{"key": k, "item": json.dumps(items[k])} for k in order]
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    results = ds.map(_run_json, fn_kwargs={"fn": fn, "kwargs": kwargs}).take_all()
+    return [json.loads(r["result"]) for r in sorted(results, key=lambda r: r["key"])]
+
+
+def _clear_output(fs: pafs.FileSystem, root: str) -> None:
+    """A rebuild replaces every dataset: stale contest files from an earlier run must not survive."""
+    for name in (*DATASETS, "_staging"):
+        info = fs.get_file_info(_join(root, name))
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+    fs.create_dir(root, recursive=True)
+
+
+def run(cfg: BuildConfig) -> dict:
+    from humor_ray.cluster import init_ray
+
+    started = time.perf_counter()
+    splits = _load_splits(cfg.splits)
+    contexts = _load_contexts(cfg.descriptions)
+    warnings: list[str] = []
+    images = _find_images(cfg.images, warnings)
+    in_fs, paths = readers.list_input_files(cfg.input)
+    input_uri_prefix = cfg.input if "://" in cfg.input else ""
+    excluded = [p for p in paths if _excluded(p, cfg.exclude)]
+    paths = [p for p in paths if not _excluded(p, cfg.exclude)]
+    if not paths:
+        raise BuildError(f"{cfg.input}: no rating files (.csv, .csv.gz, .parquet) found"
+                         + (f"; {len(excluded)} excluded by --exclude" if excluded else ""))
+    out_fs, root = readers.open_filesystem(cfg.output)
+    _clear_output(out_fs, root)
+
+    init_ray()
+    ray_ready = time.perf_counter()
+    log(f"pass 1/2: reading {len(paths)} files ({len(excluded)} excluded)")
+    sizes = [info.size or 0 for info in in_fs.get_file_info(paths)]
+    files = _ray_map([{"index": i, "path": p, "uri": input_uri_prefix or p} for i, p in enumerate(paths)],
+                     stage_file, sizes, output=cfg.output)
+    read_done = time.perf_counter()
+
+    quarantined_files = []
+    for f in files:
+        warnings += f["warnings"]
+        if f["error"]:
+            quarantined_files.append({"source": f["path"], "reason": f["error"]})
+            log(f"skipped: {f['error']}")
+    groups = [dict(g, path=f["path"]) for f in files for g in f["groups"] if not g["lookup"]]
+    rejected = {}
+    for g_index, g in enumerate(groups):
+        if g["votes"] >= MIN_VOTES_FOR_CORRUPTION_CHECK and g["unfunny"] > cfg.corrupt_unfunny_share * g["votes"]:
+            rejected[g_index] = (f"corrupted vote counts: {g['unfunny'] / g['votes']:.2%} of {g['votes']:,} votes "
+                                 f"are 'unfunny' and {g['funny']:,} 'funny' (a known NEXT bug)")
+    for g_index, reason in _find_foreign_captions(groups, cfg.duplicate_overlap).items():
+        rejected.setdefault(g_index, reason)
+    for g_index, reason in sorted(rejected.items()):
+        g = groups[g_index]
+        quarantined_files.append({"source": g["path"], "reason": f"contest {g['contest']}: {reason}"})
+        log(f"skipped {PurePosixPath(g['path']).name}: contest {g['contest']}: {reason}")
+
+    usable = defaultdict(list)
+    for g_index, g in enumerate(groups):
+        if g_index not in rejected:
+            usable[g["contest"]].append(g)
+    lookups = defaultdict(list)
+    for f in files:
+        for g in f["groups"]:
+            if g["lookup"]:
+                lookups[g["contest"]].append(g["staged"])
+    plans = []
+    for contest in sorted(usable):
+        chosen = usable[contest]
+        if cfg.combine == "largest":  # the file with most votes; ties go to the first by name
+            chosen = [max(chosen, key=lambda g: (g["votes"], [-ord(c) for c in g["path"]]))]
+        plans.append({"contest": contest, "parts": [g["staged"] for g in chosen],
+                      "lookups": lookups.get(contest, []),
+                      "split": splits.get(contest) or hash_split(contest, cfg.eval_fraction),
+                      "context": contexts.get(contest, {}), "image": images.get(contest)})
+    if not plans:
+        raise BuildError("nothing usable remains: every file was rejected (see the messages above)")
+
+    log(f"pass 2/2: building datasets for {len(plans)} contests")
+    votes = defaultdict(int)
+    for g in groups:
+        votes[g["contest"]] += g["votes"]
+    built = _ray_map(plans, build_contest, [votes[p["contest"]] for p in plans], cfg=dataclasses.asdict(cfg))
+    build_done = time.perf_counter()
+
+    by_split = {s: [b for b in built if b["split"] == s and b["captions"]] for s in SPLITS}
+    for split, rows in by_split.items():
+        prompt_rows = [b["prompt"] for b in rows]
+        if prompt_rows:
+            _write(pa.Table.from_pylist(prompt_rows), out_fs, _join(root, "prompts", split, "prompts.parquet"))
+    references = [r for b in by_split["eval"] for r in b["references"]]
+    if references:
+        _write(pa.Table.from_pylist(references), out_fs, _join(root, "references", "eval", "references.parquet"))
+    if quarantined_files:
+        _write(pa.Table.from_pylist([dict(f, row=None, contest=None, record=None) for f in quarantined_files],
+                                    schema=readers.QUARANTINE_SCHEMA),
+               out_fs, _join(root, "quarantine", "files.parquet"))
+    out_fs.delete_dir(_join(root, "_staging"))
+
+    report = _report(cfg, paths, excluded, files, built, quarantined_files, warnings, splits)
+    report["seconds"] = {"ray_start": round(ray_ready - started, 2), "read": round(read_done - ray_ready, 2),
+                         "build": round(build_done - read_done, 2),
+                         "total": round(time.perf_counter() - started, 2)}
+    with out_fs.open_output_stream(_join(root, "report.json")) as handle:
+        handle.write(json.dumps(report, indent=2).encode())
+    _print_summary(report, cfg.output)
+    if cfg.strict and (report["quarantined"]["rows"] or report["quarantined"]["files"]):
+        raise BuildError(f"--strict: {report['quarantined']['rows']} rows and {report['quarantined']['files']} "
+                         f"files were quarantined (see {_join(cfg.output, 'quarantine')})")
+    return report
+
+
+def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, splits) -> dict:
+    scrubbed, reasons, kinds = Counter(), Counter(), Counter()
+    rows_read = means_off = 0
+    for f in files:
+        scrubbed.update(f["stats"].get("scrubbed", {}))
+        rows_read += f["stats"].get("rows", 0)
+        means_off += f["stats"].get("means_off", 0)
+        kinds[f.get("kind", "unreadable")] += 1
+    quarantine_dir = _join(cfg.output, "quarantine")
+    fs, root = readers.open_filesystem(quarantine_dir)
+    row_files = [e.path for e in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                 if not e.path.endswith("files.parquet")]
+    for path in row_files:
+        reasons.update(pq.read_table(path, filesystem=fs, columns=["reason"])["reason"].to_pylist())
+    datasets = {name: {s: sum(b["counts"].get(name, 0) for b in built if b["split"] == s) for s in SPLITS}
+                for name in ("captions", "pairs", "sft", "sft_simple", "llava_sft")}
+    with_ratings = [b for b in built if b["captions"]]
+    datasets["prompts"] = {s: sum(1 for b in with_ratings if b["split"] == s) for s in SPLITS}
+    datasets["references"] = {"eval": sum(len(b["references"]) for b in built)}
+    eval_listed = sorted(c for c, s in splits.items() if s == "eval")
+    rated = {b["contest"] for b in with_ratings}
+    return {
+        "input": cfg.input, "output": cfg.output, "seed": cfg.seed,
+        "files": {"found": len(paths) + len(excluded), "excluded": [PurePosixPath(p).name for p in excluded],
+                  "read": len(paths), "by_kind": dict(kinds), "quarantined": len(quarantined_files)},
+        "contests": {"total": len(with_ratings),
+                     "train": sum(1 for b in with_ratings if b["split"] == "train"),
+                     "eval": sum(1 for b in with_ratings if b["split"] == "eval"),
+                     "without_context": sorted(b["contest"] for b in with_ratings if not b["prompt"]["has_context"]),
+                     "without_image": sorted(b["contest"] for b in with_ratings if not b["prompt"]["image"]),
+                     "eval_listed_without_ratings": [c for c in eval_listed if c not in rated],
+                     "missing_reference_groups": {str(b["contest"]): b["missing_groups"]
+                                                  for b in built if b.get("missing_groups")}},
+        "captions": {"rows_read": rows_read, "kept": sum(b["captions"] for b in built),
+                     "merged_same_text": sum(b["merged_same_text"] for b in built),
+                     "given_means_recomputed_differently": means_off},
+        "votes": sum(b["votes"] for b in built),
+        "scrubbed": dict(scrubbed),
+        "quarantined": {"rows": sum(reasons.values()), "files": len(quarantined_files),
+                        "rows_by_reason": dict(reasons.most_common()), "file_reasons": quarantined_files},
+        "warnings": warnings,
+        "datasets": datasets,
+    }
+
+
+def _print_summary(report: dict, output: str) -> None:
+    d, c = report["datasets"], report["contests"]
+    log(f"done in {report['seconds']['total']} s: {c['total']} contests ({c['train']} train, {c['eval']} eval), "
+        f"{report['captions']['kept']:,} captions, {report['votes']:,} votes")
+    log(f"pairs {d['pairs']['train']:,} train / {d['pairs']['eval']:,} eval; sft {d['sft']['train']:,} / "
+        f"{d['sft']['eval']:,}; llava {d['llava_sft']['train']:,} / {d['llava_sft']['eval']:,}; "
+        f"references {d['references']['eval']:,}")
+    q = report["quarantined"]
+    log(f"quarantined {q['rows']:,} rows and {q['files']} files; scrubbed {report['scrubbed']}; "
+        f"{len(c['without_context'])} contests without context, {len(c['without_image'])} without image")
+    log(f"report: {_join(output, 'report.json')}")

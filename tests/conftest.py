@@ -1,0 +1,34 @@
+"""Shared test set-up: offline, real data from ../shared/data (or $HUMOR_RAY_DATA), one local Ray."""
+
+import os
+
+# Set before anything imports transformers, datasets or Ray.
+os.environ.update({
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+})
+
+import pytest  # noqa: E402
+
+from humor_ray.config import data_root  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_data():
+    root = data_root()
+    if not (root / "summaries").is_dir():
+        pytest.fail(f"the real contest data is not at {root}: set HUMOR_RAY_DATA to its folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs seconds on two cores)."""
+    import ray
+
+    from humor_ray.cluster import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
