@@ -16,7 +16,12 @@ from pathlib import Path
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem the user can fix (bad input, bad flag, no network). The CLI prints the message alone,
+    without a traceback, and exits non-zero."""
+
+
+class ConfigError(UserError, ValueError):
     """A config file or flag that cannot be used; the message says which and why."""
 
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from humor_ray.config import field
+from humor_ray.config import UserError, field
 from humor_ray.data import prompts, readers, text
 from humor_ray.data.pairs import sample_pairs
 
@@ -68,7 +68,7 @@ class BuildConfig:
             raise ValueError("--eval-fraction must be between 0 and 1")
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError):
     """Nothing usable came out of the input (or --strict and something was rejected)."""
 
 

@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from humor_ray.config import UserError
 from humor_ray.data import text
 
 # Other releases' names for our columns.
@@ -49,7 +50,7 @@ SUPPORTED_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 _CONTEST_IN_NAME = re.compile(r"^(\d+)")
 
 
-class InputFileError(Exception):
+class InputFileError(UserError):
     """A whole file cannot be used. The message starts with the file's path."""
 
 
