@@ -48,6 +48,11 @@ def run(cfg: DemoConfig) -> dict:
     print(f"[demo] stage 1: data build from {data} -> {datasets}", file=sys.stderr)
     build_cfg = parse_config(build.BuildConfig, ["--config", str(REPO / "jobs" / "data.yaml"),
                                                  "--output", str(datasets)], "humor-ray data build")
+    # The upstream download has no paper split or Humor-in-AI descriptions: use what is there.
+    build_cfg.descriptions = [d for d in build_cfg.descriptions if Path(d).is_file()]
+    if build_cfg.splits and not Path(build_cfg.splits).is_file():
+        print(f"[demo] no split file at {build_cfg.splits}: contests are split by hash", file=sys.stderr)
+        build_cfg.splits = None
     report = build.run(build_cfg)
     print(f"[demo] done. Datasets: {datasets.resolve()}  Report: {(datasets / 'report.json').resolve()}",
           file=sys.stderr)
