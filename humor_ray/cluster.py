@@ -28,6 +28,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env},
                  log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
+    # address="local": never attach to some other cluster this machine happens to run.
+    ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
              runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True,
              configure_logging=True, logging_level="WARNING")

@@ -7,6 +7,9 @@ os.environ.update({
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # For the local S3 server in test_object_store; Ray workers inherit them when Ray starts.
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
 })
 
 import pytest  # noqa: E402

@@ -49,6 +49,10 @@ def head_node(tmp_path):
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=60)
+    # `ray start` records its cluster for later `ray.init()` calls; ours is gone.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+        current.unlink()
 
 
 def test_data_build_submitted_as_a_ray_job(head_node, real_data, tmp_path):

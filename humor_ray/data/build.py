@@ -515,9 +515,8 @@ def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, spl
         rows_read += f["stats"].get("rows", 0)
         means_off += f["stats"].get("means_off", 0)
         kinds[f.get("kind", "unreadable")] += 1
-    quarantine_dir = _join(cfg.output, "quarantine")
-    fs, root = readers.open_filesystem(quarantine_dir)
-    row_files = [e.path for e in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    fs, root = readers.open_filesystem(cfg.output)
+    row_files = [e.path for e in fs.get_file_info(pafs.FileSelector(_join(root, "quarantine"), allow_not_found=True))
                  if not e.path.endswith("files.parquet")]
     for path in row_files:
         reasons.update(pq.read_table(path, filesystem=fs, columns=["reason"])["reason"].to_pylist())

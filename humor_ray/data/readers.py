@@ -84,8 +84,11 @@ def list_input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     import os
 
     pattern = None
-    if any(ch in uri for ch in "*?["):
-        uri, pattern = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+    # A URI's query (`?endpoint_override=...`) configures the filesystem; it is not a glob.
+    location, query = uri.split("?", 1) if "://" in uri and "?" in uri else (uri, "")
+    if any(ch in location for ch in "*?["):
+        location, pattern = location.rsplit("/", 1) if "/" in location else (".", location)
+        uri = location + (f"?{query}" if query else "")
     fs, root = open_filesystem(uri)
     if "://" not in uri:
         root = os.path.abspath(root)

@@ -3,7 +3,7 @@
 It writes what a raw-votes release looks like, for scale tests of `data build` (250M ratings):
 - `votes/<contest>_votes_<shard:03d>.parquet`: one row per rating, columns `contest` int32,
   `caption_id` int32, `rating` int8 (1 unfunny, 2 somewhat funny, 3 funny), and with `--participants`
-  also `participant` int32 and `timestamp` timestamp[s];
+  also `participant` int32 and `timestamp` (whole seconds; Parquet reads it back as timestamp[ms]);
 - `captions/<contest>_captions.parquet`: the lookup `contest` int32, `caption_id` int32, `caption` string.
 
 Per contest: draw each caption's latent funniness, then its number of votes (adaptive sampling gives
@@ -44,7 +44,9 @@ MIN_VOTES_PER_CAPTION = 4                 # lowest contest average (3.8, contest
 RATING_SHARES = (0.7312, 0.1921, 0.0767)  # share of all votes that are 1, 2, 3
 CAPTION_MEAN_QUANTILES = {0.1: 1.042, 0.25: 1.115, 0.5: 1.195, 0.75: 1.277, 0.9: 1.363, 0.99: 1.600}
 VOTES_REL_QUANTILES = {0.1: 0.384, 0.5: 0.822, 0.9: 1.247, 0.99: 4.874}  # votes / contest mean
-DUPLICATE_SHARE = 0.011                   # captions whose text repeats an earlier one (any case)
+DUPLICATE_SHARE = 0.009                   # captions that copy another's text: with the templates'
+#                                           accidental repeats (~0.2%), 1.1% of a contest's captions
+#                                           repeat a text (any case), as measured
 PERSONAL_DATA_SHARE = 1 / 15_000          # captions carrying an e-mail address, URL or phone number
 
 # The model. A caption's latent funniness z ~ N(0, 1) + LATENT_TAIL * max(z, 0)^2 (a few captions are
@@ -93,13 +95,20 @@ WORDS = {
              "the new guy", "the parrot", "the hedge fund", "the podcast", "the minotaur", "the bear",
              "the snowman", "the yoga instructor", "the Uber driver", "the giraffe", "the union",
              "the wine list", "the group chat", "the Roomba", "the plumber", "the mermaid", "the alpaca",
-             "the stock market", "my ex", "the accountant", "the gym", "the elevator", "the time machine"),
+             "the stock market", "my ex", "the accountant", "the gym", "the elevator", "the time machine",
+             "the headhunter", "the cloud", "the moose", "the pharaoh", "the focus group", "the butler",
+             "the chatbot", "the barista", "the grim reaper", "the tooth fairy", "the dinosaur",
+             "the valet", "the life coach", "the dentist", "the lobster", "the astronaut", "the cactus",
+             "the mime", "the referee", "the cable guy", "the snake", "the auditor", "the unicorn",
+             "the ghost", "the mayor", "the landlady"),
     "adj": ("overrated", "gluten-free", "tax deductible", "non-negotiable", "a metaphor", "artisanal",
             "on sabbatical", "in therapy", "remote now", "unionized", "still buffering", "vegan",
             "out of office", "under review", "organic", "recyclable", "on strike", "in escrow",
             "trending", "self-aware", "on a cleanse", "behind schedule", "in a better place",
             "fully vested", "off the grid", "on the fence", "between jobs", "carbon neutral",
-            "emotionally unavailable", "pre-owned", "locally sourced", "under new management"),
+            "emotionally unavailable", "pre-owned", "locally sourced", "under new management",
+            "in rehab", "on probation", "a registered nonprofit", "in witness protection", "keto",
+            "on a podcast", "in beta", "going through something"),
     "done": ("taken the stairs", "read the fine print", "called a plumber", "asked for directions",
              "brought snacks", "hired a consultant", "signed the waiver", "stayed in Ohio",
              "ordered the salad", "fed the fish", "canceled the subscription", "rented a canoe",
@@ -110,69 +119,97 @@ WORDS = {
                "bring snacks", "hire a consultant", "sign the waiver", "order the salad", "feed the fish",
                "cancel the subscription", "rent a canoe", "update the software", "reply all",
                "skip leg day", "negotiate", "work from home", "try the fish", "speak to the manager",
-               "follow your dreams", "go viral", "downsize", "leave a review", "rebrand", "unplug it"),
+               "follow your dreams", "go viral", "downsize", "leave a review", "rebrand", "unplug it",
+               "read the room", "split the check", "file an extension", "ask for a raise",
+               "take the scenic route", "feed the meter", "ignore the warning signs", "get a second opinion",
+               "check the weather", "mute yourself", "trust the process", "call your mother",
+               "read the terms and conditions", "circle back", "think outside the box", "buy local"),
     "place": ("in Brooklyn", "at the office", "on the subway", "in the Hamptons", "at brunch",
               "in couples therapy", "at the DMV", "in accounting", "on Mars", "at the zoo",
               "in the suburbs", "in Vermont", "at the board meeting", "on the first date", "in the lobby",
               "at the wedding", "in the break room", "at Thanksgiving", "on LinkedIn", "in Paris",
-              "at the museum", "in the cloud", "at the open house", "in Philadelphia"),
+              "at the museum", "in the cloud", "at the open house", "in Philadelphia", "at the gym",
+              "in the waiting room", "on the cruise", "at the reunion", "in the Senate", "at the bakery",
+              "in New Jersey", "on Zoom", "at the car wash", "in the Arctic", "at the buffet",
+              "in the lab", "at the airport", "on the golf course", "in the boardroom", "at the beach"),
     "time": ("since Tuesday", "all week", "since the merger", "since the divorce", "since the pandemic",
              "all morning", "for three fiscal quarters", "since the Jurassic", "since the reboot",
-             "ever since the wedding", "for a while now", "since the last election", "all summer"),
+             "ever since the wedding", "for a while now", "since the last election", "all summer",
+             "since brunch", "for six generations", "since the layoffs", "all night", "since the audit",
+             "since the Renaissance", "since you got that podcast"),
     "later": ("after lunch", "next quarter", "in the spring", "never", "after my nap", "on Monday",
-              "when the tide goes out", "after the audit", "in another life", "once the dust settles"),
+              "when the tide goes out", "after the audit", "in another life", "once the dust settles",
+              "after the merger", "in a few centuries", "when pigs fly", "after the sequel", "next fall"),
     "thing": ("a tax write-off", "performance art", "a support group", "a pyramid scheme", "a startup",
               "a cry for help", "team building", "a side hustle", "a zoning issue", "a phase", "cardio",
               "a loophole", "a midlife crisis", "a learning experience", "a pilot program", "networking",
               "a conflict of interest", "self-care", "an open concept", "a soft launch", "a rental",
-              "a family tradition", "a gray area", "a personal day", "a teachable moment"),
+              "a family tradition", "a gray area", "a personal day", "a teachable moment",
+              "a hostile takeover", "a vision board", "an emotional support animal", "a power move",
+              "a rebrand", "an art installation", "a team-building exercise", "a gender reveal",
+              "an intervention", "a bucket list item", "a trust fall", "a staycation", "a tax shelter",
+              "a lifestyle choice", "a reality show", "a nonprofit", "a trial separation", "a hobby",
+              "a coping mechanism", "a walking meeting"),
     "plural": ("snacks", "fewer stairs", "a pension", "dental", "an open bar", "parking", "fewer sharks",
                "casual Fridays", "more legroom", "a window seat", "breadsticks", "stock options",
-               "a quieter neighborhood", "fewer meetings", "a second opinion", "better lighting"),
+               "a quieter neighborhood", "fewer meetings", "a second opinion", "better lighting",
+               "free refills", "lifeguards", "a ramp", "fewer clowns", "air conditioning", "a moat",
+               "name tags", "complimentary towels", "an exit strategy", "fewer wolves", "a bathroom",
+               "assigned seating", "more candles", "a safe word", "a union rep", "better Wi-Fi",
+               "hors d'oeuvres", "a dress code", "fewer snakes"),
     "doing": ("circling", "waiting for a table", "renegotiating", "working from home", "meaning to call you",
               "going in circles", "on hold", "rebranding", "downsizing", "in a meeting", "on a waitlist",
-              "pivoting", "trying to cancel", "looking for parking"),
+              "pivoting", "trying to cancel", "looking for parking", "stuck in traffic", "in mediation",
+              "trying to unsubscribe", "on a juice cleanse", "in the wrong line", "hiding from the landlord"),
+    # Most captions have no coda: the blanks weight the list.
+    "coda": ("", "", "", "", "", "", "", "", " again", " for once", " this time", " in this economy",
+             " on a Tuesday", " right now", " anymore", " today", " already", " at this hour",
+             " for the third time", " as usual", " these days", " this late in the quarter", " before lunch",
+             " without a permit", " on my watch", " in front of the kids", " on a weeknight",
+             " during the audit", " at these prices", " in my own home", " after everything",
+             " in broad daylight", " on company time", " while we're young", " if you must know",
+             " in this weather", " before the holidays", " for tax reasons", " on principle", " at my age"),
     "user": ("jsmith", "captionfan", "m.baker", "funnybone42", "pat.lee", "drollguy", "lucy.w", "tkramer"),
     "domain": ("gmail", "yahoo", "aol", "hotmail", "example", "outlook", "comcast", "icloud"),
 }
 DIGITS = {"area": (201, 990), "exchange": (200, 1000), "line": (1000, 10000)}
 TEMPLATES = (
-    "{who}, I told you we should have {done}.",
-    "I think {noun} is {adj}.",
-    "{interj}, it's just {thing}.",
-    "It's not {thing}, it's {thing}.",
+    "{who}, I told you we should have {done}{coda}.",
+    "I think {noun} is {adj}{coda}.",
+    "{interj}, it's just {thing}{coda}.",
+    "{who}, it's not {thing}, it's {thing}.",
     "{who}, {noun} has been {adj} {time}.",
-    "And this is where we keep {noun}.",
-    "Don't worry, {noun} is {adj}.",
-    "{who}, we need to talk about {noun}.",
-    "I'm sorry, {noun} only works {place}.",
-    "So much for {thing}.",
-    "You should have seen what {noun} did {place}.",
-    "{who}, this is why we can't have nice things.",
-    "Next time, let's just {action}.",
-    "I was told there would be {plural}.",
-    "{interj}, I expected more from {noun}.",
-    "Is this about {noun} again?",
-    "Apparently {noun} is {adj} now.",
-    "My therapist says this is {thing}.",
-    "{who}, have you met {noun}?",
-    "On the bright side, {noun} is {adj}.",
-    "This is what happens when you {action}.",
+    "{who}, and this is where we keep {noun}{coda}.",
+    "Don't worry, {noun} is {adj}{coda}.",
+    "{who}, we need to talk about {noun}{coda}.",
+    "I'm sorry, {noun} only works {place}{coda}.",
+    "{interj}, so much for {thing}{coda}.",
+    "You should have seen what {noun} did {place}{coda}.",
+    "{who}, this is why we can't have {plural} {place}.",
+    "{who}, next time let's just {action}{coda}.",
+    "{interj}, I was told there would be {plural} {place}.",
+    "{interj}, I expected more from {noun}{coda}.",
+    "{who}, is this about {noun}{coda}?",
+    "Apparently {noun} is {adj} {place}.",
+    "My therapist says {noun} is {thing}{coda}.",
+    "{who}, have you met {noun}{coda}?",
+    "On the bright side, {noun} is {adj}{coda}.",
+    "{who}, this is what happens when you {action} {place}.",
     "{who}, please don't {action} {place}.",
-    "I'll have what {noun} is having.",
-    "Say what you will about {noun}, but at least it's {adj}.",
-    "It seemed like a good idea {place}.",
-    "We've been {doing} {time}.",
+    "{interj}, I'll have what {noun} is having{coda}.",
+    "Say what you will about {noun}, but at least it's {adj}{coda}.",
+    "{who}, it seemed like a good idea {place}{coda}.",
+    "{interj}, we've been {doing} {place} {time}.",
     "{interj}, I'm not {adj}, I'm {adj}.",
-    "{who}, it's {thing}.",
-    "Remember when {noun} was {adj}? Good times.",
-    "I specifically asked for {plural}.",
-    "{interj}, {noun} never saw it coming.",
-    "Tell {noun} I'll call back {later}.",
+    "{who}, it's {thing}{coda}.",
+    "Remember when {noun} was {adj} {place}? Good times.",
+    "{who}, I specifically asked for {plural}{coda}.",
+    "{interj}, {noun} never saw it coming{coda}.",
+    "{who}, tell {noun} I'll call back {later}.",
     "{interj}. We'll {action} {later}.",
     "{who}, I think {noun} wants to {action}.",
-    "This is the last time I let {noun} plan {thing}.",
-    "{interj}, the brochure said {place}.",
+    "This is the last time I let {noun} plan {thing}{coda}.",
+    "{interj}, the brochure said {adj} {place}.",
 )
 # Rare captions with personal data, for the scrubber (e-mail, URL, phone number).
 PERSONAL_TEMPLATES = (
@@ -315,8 +352,7 @@ def shard_table(seed: int, contest: int, plan: Contest, shard: int, participants
     columns = {"contest": np.full(len(caption_id), contest, dtype=np.int32), "caption_id": caption_id,
                "rating": rating}
     if participants:
-        votes = int(plan.shard_counts.sum())
-        n_participants = max(1, round(votes / VOTES_PER_PARTICIPANT))
+        n_participants = max(1, round(int(plan.shard_counts.sum()) / VOTES_PER_PARTICIPANT))
         # floor(P * u^2): a few participants rate a lot, most rate a little (contest-local ids).
         columns["participant"] = (n_participants * rng.random(len(caption_id)) ** 2).astype(np.int32)
         # Truncated exponential over the voting window: most votes come early.
@@ -326,6 +362,7 @@ def shard_table(seed: int, contest: int, plan: Contest, shard: int, participants
         seconds = (fraction * window).astype(np.int64)
         order = np.argsort(seconds, kind="stable")
         columns = {name: values[order] for name, values in columns.items()}
+        # timestamp[s]; Parquet has no seconds unit and stores it as whole-second milliseconds.
         columns["timestamp"] = start + seconds[order].astype("timedelta64[s]")
     return pa.table(columns)
 
@@ -337,7 +374,7 @@ def write_shard(output: str, seed: int, contest: int, votes: int, shard: int, pa
     table = shard_table(seed, contest, plan, shard, participants)
     pq.write_table(table, f"{root}/votes/{contest}_votes_{shard:03d}.parquet", filesystem=fs,
                    compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    result = {"contest": contest, "ratings": table.num_rows, "files": 1, "captions": 0}
+    result = {"ratings": table.num_rows, "files": 1, "captions": 0}
     if shard == 0:
         k = plan.shard_counts.shape[1]
         captions = pa.table({"contest": pa.array(np.full(k, contest, dtype=np.int32)),
