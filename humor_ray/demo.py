@@ -21,6 +21,7 @@ class DemoConfig:
     output: str = field("outputs/demo", "where every stage writes")
     data: str | None = field(None, "the contest data; default $HUMOR_RAY_DATA, else a downloaded copy in "
                                    f"{DEFAULT_CACHE}")
+    mirror: str | None = field(None, "download the data from this mirror (URL or folder) instead of upstream")
 
 
 def locate_data(cfg: DemoConfig) -> Path:
@@ -35,7 +36,7 @@ def locate_data(cfg: DemoConfig) -> Path:
     if not (DEFAULT_CACHE / "summaries").is_dir():
         print(f"[demo] HUMOR_RAY_DATA is not set: downloading the public data into {DEFAULT_CACHE}",
               file=sys.stderr)
-        fetch.run(fetch.FetchConfig(output=str(DEFAULT_CACHE)))
+        fetch.run(fetch.FetchConfig(output=str(DEFAULT_CACHE), mirror=cfg.mirror))
     return DEFAULT_CACHE
 
 

@@ -289,34 +289,47 @@ def _read_summary(table: pa.Table, path: str, read: FileRead) -> None:
         read.captions = read.captions.filter(pa.array(~bad))
 
 
+def _checked_integers(table: pa.Table, name: str, low: int, high: int | None) -> tuple[pa.Array, np.ndarray | None]:
+    """(the column as int64, mask of valid rows or None when every row is valid). The common case,
+    a clean integer column, is settled by one min/max pass instead of building masks."""
+    column = table[name]
+    if pa.types.is_integer(column.type) and column.null_count == 0 and len(column):
+        bounds = pc.min_max(column)
+        if bounds["min"].as_py() >= low and (high is None or bounds["max"].as_py() <= high):
+            return column, None
+    values, valid = _as_count(table, name)
+    valid &= (values >= low) & ((values <= high) if high is not None else True)
+    return pa.array(values), valid
+
+
 def _read_votes(table: pa.Table, path: str, read: FileRead) -> None:
-    """Aggregate rating events to per-caption counts (one hash aggregation, no Python loop)."""
+    """Aggregate rating events to per-caption counts with hash aggregations, no Python loop."""
     n = table.num_rows
-    contest, valid_contest = _as_count(table, "contest")
-    rating, valid_rating = _as_count(table, "rating")
-    valid_rating &= (rating >= 1) & (rating <= 3)
     has_text = "caption" in table.column_names
     key_name = "caption" if has_text else "caption_id"
-    key = table[key_name].combine_chunks()
-    valid_key = np.asarray(pc.is_valid(key))
-    bad = ~(valid_contest & valid_rating & valid_key)
-    if bad.any():
-        reason = np.where(~valid_contest, "contest is missing or not a number",
-                          np.where(~valid_rating, "rating is not 1, 2 or 3", f"{key_name} is missing"))
-        _quarantine_rows(read, table, bad, reason, path, contest)
     keys = ["contest", key_name] + (["caption_id"] if has_text and "caption_id" in table.column_names else [])
-    events = pa.table({"contest": pa.array(contest, pa.int32()), "rating": pa.array(rating, pa.int8()),
-                       **{k: table[k] for k in keys[1:]}})
-    if bad.any():
+    contest, valid_contest = _checked_integers(table, "contest", 0, None)
+    rating, valid_rating = _checked_integers(table, "rating", 1, 3)
+    key_missing = table[key_name].null_count > 0
+    events = pa.table({"contest": contest.cast(pa.int32()), **{k: table[k] for k in keys[1:]},
+                       "rating": rating.cast(pa.int8())})
+    if valid_contest is not None or valid_rating is not None or key_missing:
+        ok_contest = np.ones(n, bool) if valid_contest is None else valid_contest
+        ok_rating = np.ones(n, bool) if valid_rating is None else valid_rating
+        ok_key = np.asarray(pc.is_valid(table[key_name]))
+        bad = ~(ok_contest & ok_rating & ok_key)
+        reason = np.where(~ok_contest, "contest is missing or not a number",
+                          np.where(~ok_rating, "rating is not 1, 2 or 3", f"{key_name} is missing"))
+        _quarantine_rows(read, table, bad, reason, path, np.asarray(contest))
         events = events.filter(pa.array(~bad))
-    per_rating = events.group_by(keys + ["rating"], use_threads=False).aggregate([([], "count_all")])
-    counts = {}
+    per_rating = events.group_by(keys + ["rating"]).aggregate([([], "count_all")])
+    # Few rows now (captions x 3): pivot the three ratings into columns.
     for value, name in ((3, "funny"), (2, "somewhat_funny"), (1, "unfunny")):
-        part = per_rating.filter(pc.equal(per_rating["rating"], value))
-        counts[name] = part.select(keys + ["count_all"]).rename_columns(keys + [name])
-    merged = counts["funny"].join(counts["somewhat_funny"], keys, join_type="full outer") \
-        .join(counts["unfunny"], keys, join_type="full outer")
-    merged = merged.sort_by([(k, "ascending") for k in keys])  # joins do not keep an order
+        per_rating = per_rating.append_column(
+            name, pc.if_else(pc.equal(per_rating["rating"], value), per_rating["count_all"], 0))
+    merged = per_rating.group_by(keys).aggregate([(name, "sum") for name in COUNT_COLUMNS])
+    merged = merged.rename_columns([n.removesuffix("_sum") for n in merged.column_names])
+    merged = merged.sort_by([(k, "ascending") for k in keys])  # hash order is not reproducible
     m = merged.num_rows
     caption = (_clean_captions(merged["caption"].combine_chunks(), read) if has_text
                else pa.nulls(m, pa.string()))
@@ -324,7 +337,7 @@ def _read_votes(table: pa.Table, path: str, read: FileRead) -> None:
                   else pa.nulls(m, pa.string()))
     read.captions = pa.table({
         "contest": merged["contest"], "caption": caption, "caption_id": caption_id,
-        **{name: pc.fill_null(merged[name], 0).cast(pa.int64()) for name in COUNT_COLUMNS},
+        **{name: merged[name].cast(pa.int64()) for name in COUNT_COLUMNS},
         "source": pa.repeat(pa.scalar(path, pa.string()), m),
         "row": pa.nulls(m, pa.int64()),
     }, schema=CAPTIONS_SCHEMA)
