@@ -23,12 +23,21 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env},
-                 log_to_driver=True)
+        env = {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
         return
+    # A local cluster's workers inherit this process's environment: cheaper than a runtime_env,
+    # which makes every worker start wait for the runtime-env agent.
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
     # address="local": never attach to some other cluster this machine happens to run.
     ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
-             runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+             include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+
+
+def local_cores() -> int | None:
+    """Physical cores when Ray runs on this machine alone, else None (a cluster sizes itself).
+    A local cluster advertises more logical CPUs than cores; running that many CPU-bound tasks at
+    once only adds contention."""
+    return None if os.environ.get("RAY_ADDRESS") else (os.cpu_count() or 1)
