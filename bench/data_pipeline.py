@@ -147,9 +147,9 @@ def bench_synthetic(sizes: list[int], repeats: int, work: Path, cache: Path) -> 
         def ours():
             out = work / f"synth_out_{n}"
             wall, peak, _ = measured([str(BIN / "humor-ray"), "data", "build", "--input", str(votes_dir),
-                                      "--output", str(out)], env)
+                                      "--output", str(out), "--datasets", "pairs"], env)
             report = json.loads((out / "report.json").read_text())
-            assert report["captions"]["rows_read"] == n, report["captions"]
+            assert report["votes_read"] == n, report["votes_read"]
             processing = report["seconds"]["read"] + report["seconds"]["build"]
             shutil.rmtree(out)
             return {"wall": wall, "processing": processing, "peak_gb": peak / 1e9,

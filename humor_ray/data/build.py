@@ -31,7 +31,8 @@ from humor_ray.data import prompts, readers, text
 from humor_ray.data.pairs import sample_pairs
 
 SPLITS = ("train", "eval")
-DATASETS = ("captions", "pairs", "sft", "sft_simple", "prompts", "llava_sft", "references", "quarantine")
+BUILDABLE = ("captions", "pairs", "sft", "sft_simple", "prompts", "llava_sft", "references")
+DATASETS = (*BUILDABLE, "quarantine")
 REFERENCE_GROUPS = {"top10": 0, "rank200": 199, "rank1000": 999}  # first 0-based position of each group
 GROUP_SIZE = 10
 MIN_VOTES_FOR_CORRUPTION_CHECK = 10_000
@@ -58,6 +59,7 @@ class BuildConfig:
     duplicate_overlap: float = field(0.5, "a file sharing this share of captions with an earlier contest's "
                                           "file holds that contest's captions")
     strict: bool = field(False, "exit non-zero when anything was quarantined")
+    datasets: list[str] = field(list(BUILDABLE), "which datasets to write (default: all)")
 
     def __post_init__(self):
         if not self.input or not self.output:
@@ -66,6 +68,9 @@ class BuildConfig:
             raise ValueError(f"--combine must be 'sum' or 'largest', not {self.combine!r}")
         if not 0 <= self.eval_fraction <= 1:
             raise ValueError("--eval-fraction must be between 0 and 1")
+        unknown = sorted(set(self.datasets) - set(BUILDABLE))
+        if unknown:
+            raise ValueError(f"--datasets: unknown {unknown}; choose from {list(BUILDABLE)}")
 
 
 class BuildError(UserError):
@@ -324,33 +329,37 @@ def build_contest(plan: dict, cfg: dict) -> dict:
     simple, long = prompts.simple_prompt(context), prompts.long_prompt(context)
     out["prompt"] = {"contest": contest, "prompt": simple, "prompt_long": long, "image": plan["image"],
                      "has_context": bool(prompts.context_lines(context))}
-    contest_col = pa.repeat(pa.scalar(contest, pa.int32()), n)
-    split_col = pa.repeat(pa.scalar(split, pa.string()), n)
-    write("captions", pa.table({
-        "contest": contest_col, "caption_id": ranked["caption_id"], "caption": ranked["caption"],
-        "funny": ranked["funny"], "somewhat_funny": ranked["somewhat_funny"], "unfunny": ranked["unfunny"],
-        "votes": ranked["votes"], "mean": ranked["mean"], "se": ranked["se"], "rank": ranked["rank"],
-        "split": split_col}))
+    wanted = set(cfg["datasets"])
+    if "captions" in wanted:
+        write("captions", pa.table({
+            "contest": pa.repeat(pa.scalar(contest, pa.int32()), n), "caption_id": ranked["caption_id"],
+            "caption": ranked["caption"], "funny": ranked["funny"], "somewhat_funny": ranked["somewhat_funny"],
+            "unfunny": ranked["unfunny"], "votes": ranked["votes"], "mean": ranked["mean"], "se": ranked["se"],
+            "rank": ranked["rank"], "split": pa.repeat(pa.scalar(split, pa.string()), n)}))
 
     # Separate random streams per dataset: changing one sample size never changes another dataset.
-    sft_rng = np.random.default_rng([cfg["seed"], contest, 0])
-    pick = sft_rng.choice(n, size=min(n, cfg["sft_per_contest"]), replace=False)
-    sampled = ranked["caption"].take(pa.array(pick))
-    write("sft", _text_rows(contest, long, sampled))
-    write("sft_simple", _text_rows(contest, simple, sampled))
+    if wanted & {"sft", "sft_simple"}:
+        sft_rng = np.random.default_rng([cfg["seed"], contest, 0])
+        pick = sft_rng.choice(n, size=min(n, cfg["sft_per_contest"]), replace=False)
+        sampled = ranked["caption"].take(pa.array(pick))
+        for dataset, prompt in (("sft", long), ("sft_simple", simple)):
+            if dataset in wanted:
+                write(dataset, _text_rows(contest, prompt, sampled))
 
     mean, se = ranked["mean"].to_numpy(), ranked["se"].to_numpy()
-    chosen, rejected = sample_pairs(mean, se, cfg["max_pairs_per_contest"], cfg["sigma"],
-                                    np.random.default_rng([cfg["seed"], contest, 1]))
-    k = len(chosen)
-    write("pairs", pa.table({
-        "contest": pa.repeat(pa.scalar(contest, pa.int32()), k),
-        "prompt": pa.repeat(pa.scalar(simple, pa.string()), k),
-        "chosen": ranked["caption"].take(pa.array(chosen)), "rejected": ranked["caption"].take(pa.array(rejected)),
-        "chosen_mean": pa.array(mean[chosen]), "rejected_mean": pa.array(mean[rejected]),
-        "chosen_se": pa.array(se[chosen]), "rejected_se": pa.array(se[rejected])}))
+    if "pairs" in wanted:
+        chosen, rejected = sample_pairs(mean, se, cfg["max_pairs_per_contest"], cfg["sigma"],
+                                        np.random.default_rng([cfg["seed"], contest, 1]))
+        k = len(chosen)
+        write("pairs", pa.table({
+            "contest": pa.repeat(pa.scalar(contest, pa.int32()), k),
+            "prompt": pa.repeat(pa.scalar(simple, pa.string()), k),
+            "chosen": ranked["caption"].take(pa.array(chosen)),
+            "rejected": ranked["caption"].take(pa.array(rejected)),
+            "chosen_mean": pa.array(mean[chosen]), "rejected_mean": pa.array(mean[rejected]),
+            "chosen_se": pa.array(se[chosen]), "rejected_se": pa.array(se[rejected])}))
 
-    if plan["image"]:
+    if plan["image"] and "llava_sft" in wanted:
         top = min(n, cfg["llava_per_contest"])
         write("llava_sft", pa.table({
             "contest": pa.repeat(pa.scalar(contest, pa.int32()), top),
@@ -358,7 +367,7 @@ def build_contest(plan: dict, cfg: dict) -> dict:
             "prompt": pa.repeat(pa.scalar(prompts.image_prompt(), pa.string()), top),
             "caption": ranked["caption"].slice(0, top), "rank": ranked["rank"].slice(0, top)}))
 
-    if split == "eval":
+    if split == "eval" and "references" in wanted:
         starts = dict(REFERENCE_GROUPS, median=max(n // 2 - GROUP_SIZE // 2, 0))
         captions, means = ranked["caption"].to_pylist(), mean.tolist()
         for group, start in starts.items():
@@ -513,7 +522,7 @@ def run(cfg: BuildConfig) -> dict:
     by_split = {s: [b for b in built if b["split"] == s and b["captions"]] for s in SPLITS}
     for split, rows in by_split.items():
         prompt_rows = [b["prompt"] for b in rows]
-        if prompt_rows:
+        if prompt_rows and "prompts" in cfg.datasets:
             _write(pa.Table.from_pylist(prompt_rows), out_fs, _join(root, "prompts", split, "prompts.parquet"))
     references = [r for b in by_split["eval"] for r in b["references"]]
     if references:
@@ -552,9 +561,12 @@ def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, spl
         reasons.update(pq.read_table(path, filesystem=fs, columns=["reason"])["reason"].to_pylist())
     datasets = {name: {s: sum(b["counts"].get(name, 0) for b in built if b["split"] == s) for s in SPLITS}
                 for name in ("captions", "pairs", "sft", "sft_simple", "llava_sft")}
+    datasets = {name: counts for name, counts in datasets.items() if name in cfg.datasets}
     with_ratings = [b for b in built if b["captions"]]
-    datasets["prompts"] = {s: sum(1 for b in with_ratings if b["split"] == s) for s in SPLITS}
-    datasets["references"] = {"eval": sum(len(b["references"]) for b in built)}
+    if "prompts" in cfg.datasets:
+        datasets["prompts"] = {s: sum(1 for b in with_ratings if b["split"] == s) for s in SPLITS}
+    if "references" in cfg.datasets:
+        datasets["references"] = {"eval": sum(len(b["references"]) for b in built)}
     eval_listed = sorted(c for c, s in splits.items() if s == "eval")
     rated = {b["contest"] for b in with_ratings}
     return {
@@ -573,6 +585,7 @@ def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, spl
                      "merged_same_text": sum(b["merged_same_text"] for b in built),
                      "given_means_recomputed_differently": means_off},
         "votes": sum(b["votes"] for b in built),
+        "votes_read": sum(g.get("votes", 0) for f in files for g in f["groups"]),
         "scrubbed": dict(scrubbed),
         "quarantined": {"rows": sum(reasons.values()), "files": len(quarantined_files),
                         "rows_by_reason": dict(reasons.most_common()), "file_reasons": quarantined_files},
@@ -582,12 +595,11 @@ def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, spl
 
 
 def _print_summary(report: dict, output: str) -> None:
-    d, c = report["datasets"], report["contests"]
+    c = report["contests"]
     log(f"done in {report['seconds']['total']} s: {c['total']} contests ({c['train']} train, {c['eval']} eval), "
         f"{report['captions']['kept']:,} captions, {report['votes']:,} votes")
-    log(f"pairs {d['pairs']['train']:,} train / {d['pairs']['eval']:,} eval; sft {d['sft']['train']:,} / "
-        f"{d['sft']['eval']:,}; llava {d['llava_sft']['train']:,} / {d['llava_sft']['eval']:,}; "
-        f"references {d['references']['eval']:,}")
+    log("; ".join(f"{name} " + " / ".join(f"{n:,} {split}" for split, n in counts.items())
+                  for name, counts in report["datasets"].items()))
     q = report["quarantined"]
     log(f"quarantined {q['rows']:,} rows and {q['files']} files; scrubbed {report['scrubbed']}; "
         f"{len(c['without_context'])} contests without context, {len(c['without_image'])} without image")
