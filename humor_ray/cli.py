@@ -13,6 +13,7 @@ STAGES = {
     ("data", "build"): ("humor_ray.data.build", "BuildConfig"),
     ("data", "synth"): ("humor_ray.data.synth", "SynthConfig"),
     ("data", "fetch"): ("humor_ray.data.fetch", "FetchConfig"),
+    ("sft",): ("humor_ray.train.sft", "Config"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
 }
 

