@@ -34,6 +34,10 @@ def head_node(tmp_path):
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         # Every port of its own: the suite's local Ray already holds the defaults (agent 52365, ...).
+         *(f"--{flag}={free_port()}" for flag in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")),
          "--num-cpus=4", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
@@ -55,7 +59,8 @@ def head_node(tmp_path):
         current.unlink()
 
 
-def test_data_build_submitted_as_a_ray_job(head_node, real_data, tmp_path):
+def test_data_build_submitted_as_a_ray_job(ray_local, head_node, real_data, tmp_path):
+    # `ray_local` runs too, as in the full suite: the two clusters must not collide.
     address, env = head_node
     inputs = tmp_path / "inputs"
     inputs.mkdir()
