@@ -227,3 +227,16 @@ def test_cli_usage_errors(tmp_path):
     result = run_cli("data", "build", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"))
     assert result.returncode == 1 and "nowhere: no such file or directory" in result.stderr
     assert run_cli("nonsense").returncode == 2
+
+
+def test_combine_largest_and_dataset_subset(inputs, real_data, tmp_path, ray_local):
+    import pandas as pd
+
+    files = REAL_FILES[:3]  # contest 508: two round-1 pools and a round-2 pool
+    report = build.run(build.BuildConfig(input=str(inputs / "508-*"), output=str(tmp_path / "o"),
+                                         combine="largest", datasets=["captions", "pairs"]))
+    votes = {name: pd.read_csv(real_data / "summaries" / name)["count"].sum() for name in files}
+    assert report["votes"] == max(votes.values())
+    assert set(report["datasets"]) == {"captions", "pairs"}
+    written = {p.name for p in (tmp_path / "o").iterdir()} - {"quarantine"}
+    assert written == {"captions", "pairs", "report.json"}
