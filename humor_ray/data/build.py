@@ -123,7 +123,8 @@ def stage_file(item: dict, output: str) -> dict:
     except readers.InputFileError as err:
         result["error"] = str(err)
         return result
-    result.update(kind=read.kind, warnings=read.warnings, stats=read.stats, quarantined=len(read.quarantine))
+    result.update(kind=read.kind, warnings=read.warnings, stats=read.stats,
+                  quarantined=dict(Counter(q["reason"] for q in read.quarantine)))
     if read.quarantine:
         _write(_quarantine_table(read.quarantine), fs, _join(root, "quarantine", f"rows-{index:06d}.parquet"))
     table, suffix = (read.captions, "") if read.captions is not None else (read.lookup, ".lookup")
@@ -310,7 +311,8 @@ def build_contest(plan: dict, cfg: dict) -> dict:
     parts = [pq.read_table(p, filesystem=fs) for p in plan["parts"]]
     lookups = [pq.read_table(p, filesystem=fs) for p in plan["lookups"]]
     merged, quarantine, duplicates = _combine(parts, lookups, contest)
-    out = {"contest": contest, "split": split, "merged_same_text": duplicates, "quarantined": len(quarantine),
+    out = {"contest": contest, "split": split, "merged_same_text": duplicates,
+           "quarantined": dict(Counter(q["reason"] for q in quarantine)),
            "counts": {}, "references": [], "prompt": None}
     if quarantine:
         _write(_quarantine_table(quarantine), fs, _join(root, "quarantine", f"contest-{contest:06d}.parquet"))
@@ -513,10 +515,8 @@ def run(cfg: BuildConfig) -> dict:
         raise BuildError("nothing usable remains: every file was rejected (see the messages above)")
 
     log(f"pass 2/2: building datasets for {len(plans)} contests")
-    votes = defaultdict(int)
-    for g in groups:
-        votes[g["contest"]] += g["votes"]
-    built = _ray_map(plans, build_contest, [votes[p["contest"]] for p in plans], cfg=dataclasses.asdict(cfg))
+    sizes = [sum(g["votes"] for g in usable[p["contest"]]) for p in plans]
+    built = _ray_map(plans, build_contest, sizes, cfg=dataclasses.asdict(cfg))
     build_done = time.perf_counter()
 
     by_split = {s: [b for b in built if b["split"] == s and b["captions"]] for s in SPLITS}
@@ -554,11 +554,9 @@ def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, spl
         rows_read += f["stats"].get("rows", 0)
         means_off += f["stats"].get("means_off", 0)
         kinds[f.get("kind", "unreadable")] += 1
-    fs, root = readers.open_filesystem(cfg.output)
-    row_files = [e.path for e in fs.get_file_info(pafs.FileSelector(_join(root, "quarantine"), allow_not_found=True))
-                 if not e.path.endswith("files.parquet")]
-    for path in row_files:
-        reasons.update(pq.read_table(path, filesystem=fs, columns=["reason"])["reason"].to_pylist())
+    # Workers count the rows they quarantine; the files need not be read back.
+    for result in [*files, *built]:
+        reasons.update(result.get("quarantined", {}))
     datasets = {name: {s: sum(b["counts"].get(name, 0) for b in built if b["split"] == s) for s in SPLITS}
                 for name in ("captions", "pairs", "sft", "sft_simple", "llava_sft")}
     datasets = {name: counts for name, counts in datasets.items() if name in cfg.datasets}

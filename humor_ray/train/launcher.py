@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -173,8 +174,6 @@ def _worker_loop(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as restored:
             resume = os.path.join(scratch, "resumed")
-            import shutil
-
             shutil.copytree(os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME), resume)
     if cfg.do_train:
         trainer.train(resume_from_checkpoint=resume)
