@@ -14,6 +14,8 @@ STAGES = {
     ("data", "synth"): ("humor_ray.data.synth", "SynthConfig"),
     ("data", "fetch"): ("humor_ray.data.fetch", "FetchConfig"),
     ("sft",): ("humor_ray.train.sft", "Config"),
+    ("rm",): ("humor_ray.train.rm", "Config"),
+    ("dpo",): ("humor_ray.train.dpo", "Config"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
 }
 

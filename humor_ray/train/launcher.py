@@ -1,9 +1,15 @@
 """One Ray Train launcher for every training stage (sft, rm, dpo).
 
-A stage is a small module with a config dataclass (a `TrainConfig` subclass), the dataset it reads
-and a `make_trainer` that builds its TRL trainer inside a worker. Everything else is here, once:
-Ray Train scaling, storage, checkpoints and automatic restarts; streaming the Parquet datasets to
-the workers through Ray Data shards; LoRA and DeepSpeed; resuming; the final Hugging Face export.
+A stage is a small module that declares:
+- `NAME`, `COLUMNS` (the dataset columns it reads), `CAPTION_COLUMNS` (the ones that follow the prompt
+  and get a separating space), `MODEL_KIND` ("causal_lm" or "reward"), `BEST_METRIC` (name, "min"/"max");
+- `Config`, a `TrainConfig` subclass, and `dataset_name(cfg)`;
+- `make_trainer(cfg, train, evaluation, scratch)`, building its TRL trainer inside a worker. It creates
+  the training arguments BEFORE loading the model: under ZeRO-3 the arguments set up DeepSpeed's
+  partitioned loading, which must be in place when the weights are read.
+Everything else is here, once: Ray Train scaling, storage, checkpoints and automatic restarts;
+streaming the Parquet datasets to the workers through Ray Data shards; LoRA and DeepSpeed; resuming;
+the progress bar; the final Hugging Face export.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from humor_ray.config import UserError, field
+from humor_ray.train.export import save_merged
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3_offload")
 
@@ -67,6 +75,12 @@ class TrainConfig:
         if self.save_steps % self.eval_steps and self.do_eval:
             raise ValueError("--save_steps must be a multiple of --eval_steps, so every checkpoint has fresh "
                              "evaluation metrics")
+        if self.num_workers < 1 or self.max_steps < 1:
+            raise ValueError("--num_workers and --max_steps must be at least 1")
+
+    def base_model(self) -> str:
+        """The model training starts from (DPO may start from an SFT output instead)."""
+        return self.model_name
 
 
 def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
@@ -102,7 +116,9 @@ def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
         report_to=[r for r in cfg.report_to if r != "none"],
         bf16=cfg.use_gpu, use_cpu=not cfg.use_gpu, deepspeed=deepspeed_config(cfg.deepspeed, cfg.use_gpu),
         ddp_backend=None if cfg.use_gpu else "gloo", dataloader_num_workers=0, disable_tqdm=True,
-        accelerator_config={"dispatch_batches": False}, **extra)
+        accelerator_config={"dispatch_batches": False}, ddp_find_unused_parameters=False,
+        # Tokens/s in the logs (all workers together), padding not counted.
+        include_num_input_tokens_seen="non_padding", **extra)
 
 
 def lora_config(cfg: TrainConfig, task_type: str):
@@ -115,44 +131,106 @@ def lora_config(cfg: TrainConfig, task_type: str):
                       task_type=task_type)
 
 
+def split_path(cfg: TrainConfig, stage, split: str) -> str:
+    return os.path.join(cfg.dataset_dir, stage.dataset_name(cfg), split)
+
+
 # ---------------------------------------------------------------- inside a worker
 
-def shard_dataset(shard, columns: list[str], limit: int | None = None):
-    """This worker's part of a Ray Data dataset as an in-memory Hugging Face dataset (Arrow, no copy
-    into Python objects). Each worker holds only its own shard; `limit` keeps the first rows."""
+def _as_dataset(batches, columns: list[str], limit: int | None, caption_columns: tuple[str, ...]):
+    """Arrow record batches as an in-memory Hugging Face dataset (no copy into Python objects), at most
+    `limit` rows. `caption_columns` get a leading space: they are appended to the prompt ("... funny
+    caption:"), and the space makes prompt + caption the same text as the datasets' `text` column."""
     import datasets
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    batches, count = [], 0
-    for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+    def column(batch, name):
         # Parquet hands back dictionary-encoded text; the tokenizers want plain strings.
-        batches.append(pa.table({c: batch[c].cast(pa.string()) for c in columns}))
+        values = batch[name].cast(pa.string())
+        return pc.utf8_replace_slice(values, 0, 0, " ") if name in caption_columns else values
+
+    tables, count = [], 0
+    for batch in batches:
+        tables.append(pa.table({c: column(batch, c) for c in columns}))
         count += batch.num_rows
         if limit is not None and count >= limit:
             break
-    if not batches:
+    if not tables:
         return None
-    table = pa.concat_tables(batches)
+    table = pa.concat_tables(tables)
     return datasets.Dataset(table.slice(0, limit) if limit is not None else table)
+
+
+def shard_dataset(shard, columns: list[str], limit: int | None = None, caption_columns: tuple[str, ...] = ()):
+    """This worker's part of the training data, streamed from its Ray Data shard: each worker holds only
+    its own part, and only the first `limit` rows of it."""
+    return _as_dataset(shard.iter_batches(batch_size=4096, batch_format="pyarrow"), columns, limit, caption_columns)
+
+
+def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_columns: tuple[str, ...] = ()):
+    """The held-out examples every worker evaluates on: `limit` rows drawn at random (seeded) across
+    all evaluation contests. Small by construction, so each worker reads it directly (local or s3://)."""
+    import numpy as np
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(path, format="parquet").to_table(columns=columns)
+    if table.num_rows > limit:
+        rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
+        table = table.take(rows)
+    return _as_dataset(table.to_batches(), columns, None, caption_columns)
+
+
+class _ProgressBoard:
+    """A Ray actor the rank-0 worker posts its step and latest logs to; the driver's progress bar
+    reads it (the driver is blocked in `fit()` and sees nothing else until the run ends)."""
+
+    def __init__(self):
+        self.step, self.total, self.logs = 0, None, {}
+
+    def post(self, step: int, total: int, logs: dict | None) -> None:
+        self.step, self.total = step, total
+        if logs:
+            self.logs.update(logs)
+
+    def read(self) -> tuple[int, int | None, dict]:
+        return self.step, self.total, self.logs
+
+
+def _progress_callback(board):
+    from transformers import TrainerCallback
+
+    class PostProgress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            board.post.remote(state.global_step, state.max_steps, None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            board.post.remote(state.global_step, state.max_steps, logs)
+
+    return PostProgress()
 
 
 def _worker_loop(config: dict) -> None:
     import ray.train
     import torch
+    import transformers
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     stage = importlib.import_module(config.pop("_stage_module"))
+    board = config.pop("_progress_board")
     cfg = stage.Config(**config)
     # TensorBoard events next to the run's outputs, where `tensorboard --logdir` finds them.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     torch.set_num_threads(cfg.cpus_per_worker)
+    # TRL still calls the old gradient-checkpointing names; one warning per call floods the logs.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     context = ray.train.get_context()
+    rank = context.get_world_rank()
     if cfg.deepspeed in ("zero3", "zero3_offload") and not cfg.use_gpu:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
     started = time.perf_counter()
-    rank = context.get_world_rank()
 
     def note(message: str) -> None:
         print(f"[{stage.NAME} worker {rank}] {message} ({time.perf_counter() - started:.1f} s)", flush=True)
@@ -160,14 +238,22 @@ def _worker_loop(config: dict) -> None:
     # A run of N steps needs N * batch * accumulation examples per worker; reading and tokenizing the
     # rest of the shard would only cost time (the driver shuffles block order, so they mix contests).
     needed = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    train = shard_dataset(ray.train.get_dataset_shard("train"), stage.COLUMNS, needed)
-    evaluation = (shard_dataset(ray.train.get_dataset_shard("eval"), stage.COLUMNS, cfg.max_eval_examples)
-                  if cfg.do_eval else None)
+    train = shard_dataset(ray.train.get_dataset_shard("train"), stage.COLUMNS, needed, stage.CAPTION_COLUMNS)
+    if train is None:
+        raise TrainError(f"worker {rank} got no training rows: the {stage.dataset_name(cfg)} train split is empty")
+    evaluation = (eval_dataset(split_path(cfg, stage, "eval"), stage.COLUMNS, cfg.max_eval_examples, cfg.seed,
+                               stage.CAPTION_COLUMNS) if cfg.do_eval else None)
     note(f"data: {len(train):,} train rows, {len(evaluation) if evaluation else 0:,} eval rows")
     scratch = tempfile.mkdtemp(prefix=f"humor_ray_{stage.NAME}_")
+    transformers.set_seed(cfg.seed)  # new weights (a reward head, LoRA) start the same on every run
     trainer = stage.make_trainer(cfg, train, evaluation, scratch)
+    if len(trainer.train_dataset) == 0:
+        raise TrainError(f"no training example fits in --max_length {cfg.max_length} tokens; raise it")
     note("trainer ready")
     trainer.add_callback(RayTrainReportCallback())
+    if rank == 0:
+        trainer.add_callback(_progress_callback(board))
+    trainer.remove_callback(transformers.PrinterCallback)  # the driver's progress bar and TensorBoard show the logs
     trainer = prepare_trainer(trainer)
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -175,25 +261,54 @@ def _worker_loop(config: dict) -> None:
         with checkpoint.as_directory() as restored:
             resume = os.path.join(scratch, "resumed")
             shutil.copytree(os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME), resume)
+        note(f"resuming from {checkpoint.path}")
     if cfg.do_train:
         trainer.train(resume_from_checkpoint=resume)
         note("trained")
     metrics = trainer.evaluate() if evaluation is not None else {}
     final = os.path.join(cfg.output_dir, "final")
     trainer.save_model(final)  # every rank takes part (DeepSpeed gathers); rank 0 writes
-    if context.get_world_rank() == 0:
+    if rank == 0:
         trainer.processing_class.save_pretrained(final)
-        stage.export(cfg, trainer, final)
+        serve = save_merged(cfg.base_model(), stage.MODEL_KIND, cfg.new_padding_token, final)
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as handle:
-            json.dump({"eval": metrics, "log_history": trainer.state.log_history}, handle, indent=1)
+            json.dump({"eval": metrics, "log_history": trainer.state.log_history, "model": serve,
+                       "resumed_from": checkpoint.path if checkpoint else None}, handle, indent=1)
+        note(f"final model in {serve}")
 
 
 # ---------------------------------------------------------------- the driver
 
+def _show_progress(board, name: str, stop) -> None:
+    """The driver's progress bar: steps done, loss and the latest evaluation, until `stop` is set."""
+    import ray
+    from tqdm import tqdm
+
+    shown = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "train_tokens_per_second")
+    bar = None
+    while not stop.wait(2.0):
+        try:
+            step, total, logs = ray.get(board.read.remote(), timeout=10)
+        except Exception:  # the board is gone: the run is over
+            break
+        if total is None:
+            continue
+        if bar is None:
+            bar = tqdm(total=total, desc=name, unit="step", file=sys.stderr, mininterval=2.0)
+        bar.update(step - bar.n)
+        bar.set_postfix({k.replace("eval_", "e_"): round(v, 4) for k, v in logs.items()
+                         if k in shown and isinstance(v, (int, float))}, refresh=False)
+    if bar is not None:
+        bar.close()
+
+
 def launch(stage_module: str, cfg: TrainConfig):
     """Run a stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
+    import threading
+
+    import ray
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from humor_ray.cluster import init_ray
@@ -203,30 +318,43 @@ def launch(stage_module: str, cfg: TrainConfig):
     cfg.run_name = cfg.run_name or stage.NAME
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray()
-    data = {}
-    for split in ("train", "eval"):
-        path = os.path.join(cfg.dataset_dir, stage.dataset_name(cfg), split)
-        if not os.path.isdir(path) and "://" not in path:
-            if split == "train" or cfg.do_eval:
-                raise TrainError(f"{path} not found: run `humor-ray data build` first")
-            continue
-        data[split] = ray.data.read_parquet(path, columns=["contest", *stage.COLUMNS])
-        if split == "train":
-            data[split] = data[split].randomize_block_order(seed=cfg.seed)
+    for split in ("train", "eval") if cfg.do_eval else ("train",):
+        path = split_path(cfg, stage, split)
+        if "://" not in path and not os.path.isdir(path):
+            raise TrainError(f"{path} not found: run `humor-ray data build` first")
+    # Same seed, same rows in the same order (block order is shuffled, then kept).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(stage.COLUMNS)
+    train = train.randomize_block_order(seed=cfg.seed)
     storage = cfg.storage_path or os.path.join(cfg.output_dir, "ray")
+    metric, order = stage.BEST_METRIC if cfg.do_eval else (None, "max")
     run_config = RunConfig(
         name=cfg.run_name, storage_path=storage,
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
+        # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always
+        # kept too, for resuming); without it, the newest ones.
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=metric,
+                                           checkpoint_score_order=order),
         failure_config=FailureConfig(max_failures=cfg.max_failures))
-    loop_config = dict(dataclasses.asdict(cfg), _stage_module=stage_module)
+    board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+    loop_config = dict(dataclasses.asdict(cfg), _stage_module=stage_module, _progress_board=board)
     scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})})
     trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config, datasets=data,
-                           dataset_config=DataConfig(datasets_to_split=["train"]))
-    print(f"[{stage.NAME}] {cfg.num_workers} worker(s), model {cfg.model_name}, {cfg.max_steps} steps -> "
+                           run_config=run_config, datasets={"train": train})
+    print(f"[{stage.NAME}] {cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
           f"{cfg.output_dir}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    progress = threading.Thread(target=_show_progress, args=(board, cfg.run_name, stop), daemon=True)
+    progress.start()
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise TrainError(f"{stage.NAME} failed: {err}") from None
+    finally:
+        stop.set()
+        progress.join()
+        ray.kill(board)
+    summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
+    shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
+    print(f"[{stage.NAME}] done: {summary['model']}  eval {shown}", file=sys.stderr, flush=True)
+    return result

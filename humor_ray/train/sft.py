@@ -9,6 +9,9 @@ from humor_ray.train.launcher import TrainConfig, hf_args, launch, lora_config
 
 NAME = "sft"
 COLUMNS = ["prompt", "completion"]
+CAPTION_COLUMNS = ("completion",)
+MODEL_KIND = "causal_lm"
+BEST_METRIC = ("eval_loss", "min")
 
 
 @dataclasses.dataclass
@@ -17,27 +20,20 @@ class Config(TrainConfig):
     simple_prompt: bool = field(False, "train on the four-line prompt (the form DPO uses) instead of the long one")
 
 
+def dataset_name(cfg: Config) -> str:
+    return "sft_simple" if cfg.simple_prompt else "sft"
+
+
 def make_trainer(cfg: Config, train, evaluation, scratch: str):
     from trl import SFTConfig, SFTTrainer
 
     from humor_ray.models import registry
 
-    model, tokenizer = registry.load_model(cfg.model_name, new_padding_token=cfg.new_padding_token)
     # Prompt-completion rows: TRL masks the prompt, so the loss is on the caption alone.
     args = hf_args(cfg, SFTConfig, scratch, max_length=cfg.max_length, completion_only_loss=True)
+    model, tokenizer = registry.load_model(cfg.base_model(), new_padding_token=cfg.new_padding_token)
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                       processing_class=tokenizer, peft_config=lora_config(cfg, "CAUSAL_LM"))
-
-
-def export(cfg: Config, trainer, final: str) -> None:
-    """With LoRA, `final` holds the adapter; `final/merged` the merged model that vLLM loads."""
-    from humor_ray.train.export import save_merged
-
-    save_merged(trainer, final)
-
-
-def dataset_name(cfg: Config) -> str:
-    return "sft_simple" if cfg.simple_prompt else "sft"
 
 
 def run(cfg: Config):

@@ -1,0 +1,79 @@
+"""`humor-ray rm`: a Bradley-Terry reward model on the preference pairs.
+
+The model reads the prompt WITH the cartoon's context, then the caption: the same text it scores later
+in best-of-N and PPO (the original trained on captions alone and scored with context). Pairwise accuracy
+on the held-out contests' pairs is reported at every evaluation and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from humor_ray.config import field
+from humor_ray.train.launcher import TrainConfig, hf_args, launch, lora_config
+
+NAME = "rm"
+COLUMNS = ["prompt", "chosen", "rejected"]
+CAPTION_COLUMNS = ()  # `encode` joins prompt and caption itself
+MODEL_KIND = "reward"
+BEST_METRIC = ("eval_accuracy", "max")
+
+
+@dataclasses.dataclass
+class Config(TrainConfig):
+    """Reward model: (prompt with context, caption) -> a scalar; chosen should outscore rejected."""
+    model_name: str = field("minilm", "a preset (minilm, tiny, smollm2-135m), a Hugging Face id (a RewardBench "
+                            "model such as weqweasdas/RM-Mistral-7B) or a local path")
+    center_rewards_coefficient: float | None = field(None, "pull rewards towards zero (TRL's option)")
+
+
+def dataset_name(cfg: Config) -> str:
+    return "pairs"
+
+
+def encode(tokenizer, prompts: list[str], captions: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of prompt + caption, at most `max_length`, never cutting the caption: a long prompt
+    loses its beginning (its end, "funny caption:", and the caption are what the score depends on).
+    Encoders (BERT-like) get `[CLS] prompt [SEP] caption [SEP]`; decoders prompt, " caption", end-of-text."""
+    if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"
+        try:
+            return tokenizer(prompts, captions, truncation="only_first", max_length=max_length)["input_ids"]
+        finally:
+            tokenizer.truncation_side = side
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    caption_ids = tokenizer([" " + c for c in captions], add_special_tokens=False)["input_ids"]
+    encoded = []
+    for head, tail in zip(prompt_ids, caption_ids):
+        tail = tail[: max_length // 2] + [tokenizer.eos_token_id]
+        encoded.append(head[max(0, len(head) - (max_length - len(tail))):] + tail)
+    return encoded
+
+
+def _tokenized(dataset, tokenizer, max_length: int):
+    import datasets
+
+    if dataset is None:
+        return None
+    prompts = list(dataset["prompt"])
+    return datasets.Dataset.from_dict({
+        "chosen_ids": encode(tokenizer, prompts, list(dataset["chosen"]), max_length),
+        "rejected_ids": encode(tokenizer, prompts, list(dataset["rejected"]), max_length)})
+
+
+def make_trainer(cfg: Config, train, evaluation, scratch: str):
+    from trl import RewardConfig, RewardTrainer
+
+    from humor_ray.models import registry
+
+    args = hf_args(cfg, RewardConfig, scratch, max_length=cfg.max_length,
+                   center_rewards_coefficient=cfg.center_rewards_coefficient)
+    model, tokenizer = registry.load_model(cfg.base_model(), kind="reward", new_padding_token=cfg.new_padding_token)
+    return RewardTrainer(model=model, args=args, train_dataset=_tokenized(train, tokenizer, cfg.max_length),
+                         eval_dataset=_tokenized(evaluation, tokenizer, cfg.max_length), processing_class=tokenizer,
+                         peft_config=lora_config(cfg, "SEQ_CLS"))
+
+
+def run(cfg: Config):
+    return launch(__name__, cfg)

@@ -1,0 +1,155 @@
+"""The training stages on Ray Train (local Ray, CPU), on real SFT data and real preference pairs."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from humor_ray.data import build
+from humor_ray.train import dpo, rm, sft
+
+pytestmark = pytest.mark.timeout(900)
+
+# Small runs: a few steps, every one logged, evaluation and a checkpoint every second step.
+SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
+             max_eval_examples=16, max_length=256, max_failures=0, report_to=["none"])
+
+
+@pytest.fixture(scope="module")
+def datasets_dir(tmp_path_factory, real_data, ray_local):
+    out = tmp_path_factory.mktemp("datasets")
+    build.run(build.BuildConfig(
+        input=str(real_data / "summaries" / "53[06]_LilUCB.csv"), output=str(out),
+        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
+        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
+        datasets=["sft_simple", "pairs"]))
+    return out
+
+
+def metrics_of(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def steps_logged(metrics, key="loss"):
+    return [entry["step"] for entry in metrics["log_history"] if key in entry]
+
+
+def test_sft_trains_checkpoints_exports_and_resumes_on_rerun(tmp_path, datasets_dir):
+    out = tmp_path / "sft"
+    config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
+                  lora_r=8, lora_alpha=16, **SMALL)
+    sft.run(sft.Config(**config))
+    assert len(list((out / "ray" / "sft").glob("checkpoint_*/checkpoint"))) == 2
+    first = metrics_of(out)
+    assert steps_logged(first) == [1, 2, 3, 4] and first["resumed_from"] is None
+    assert "eval_loss" in first["eval"] and first["eval"]["eval_num_tokens"] > 0
+    assert any("train_tokens_per_second" in entry for entry in first["log_history"])
+    # LoRA: the adapter in final/, the merged model (what vLLM serves) in final/merged.
+    assert (out / "final" / "adapter_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged")
+    assert merged.config.num_hidden_layers == 2 and not hasattr(merged, "peft_config")
+
+    # The same command with more steps continues from the latest checkpoint (step 4), not from zero.
+    sft.run(sft.Config(**{**config, "max_steps": 6}))
+    second = metrics_of(out)
+    assert second["resumed_from"]
+    assert steps_logged(second) == [1, 2, 3, 4, 5, 6]
+
+
+def test_reward_model_reports_pairwise_accuracy(tmp_path, datasets_dir):
+    out = tmp_path / "rm"
+    rm.run(rm.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="minilm", learning_rate=5e-5,
+                     **SMALL))
+    metrics = metrics_of(out)
+    evaluations = [entry for entry in metrics["log_history"] if "eval_accuracy" in entry]
+    assert sorted({entry["step"] for entry in evaluations}) == [2, 4]  # at every evaluation
+    assert 0.0 <= metrics["eval"]["eval_accuracy"] <= 1.0  # and at the end
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.num_labels == 1
+
+
+def test_reward_input_keeps_the_caption_and_the_end_of_a_long_prompt():
+    from humor_ray.models import registry
+
+    prompt = "scene: an office\n" + "description: " + "a very long description " * 100 + "\nfunny caption:"
+    for spec in ("minilm", "tiny"):
+        tokenizer = registry.load_tokenizer(spec)
+        (ids,) = rm.encode(tokenizer, [prompt], ["I said the quarterly report, not the quarterly rapport."], 64)
+        text = tokenizer.decode(ids)
+        assert len(ids) <= 64, spec
+        assert "rapport" in text and "funny caption" in text and "scene" not in text, (spec, text)
+
+
+def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir):
+    out = tmp_path / "dpo"
+    dpo.run(dpo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", lora_r=8,
+                       new_padding_token=True, beta=0.1, loss_type=["sigmoid", "sft"], **SMALL))
+    metrics = metrics_of(out)
+    assert steps_logged(metrics) == [1, 2, 3, 4]
+    assert "eval_rewards/accuracies" in metrics["eval"] and "eval_rewards/margins" in metrics["eval"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final" / "merged")
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert merged.get_input_embeddings().num_embeddings >= len(tokenizer)
+
+
+def test_two_workers_under_zero3(tmp_path, datasets_dir):
+    out = tmp_path / "zero3"
+    sft.run(sft.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
+                       num_workers=2, deepspeed="zero3", **SMALL))
+    metrics = metrics_of(out)
+    assert steps_logged(metrics) == [1, 2, 3, 4]
+    from transformers import AutoModelForCausalLM
+
+    # Saved whole (gathered from both workers' partitions), not as empty ZeRO-3 placeholders.
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.get_input_embeddings().weight.shape[0] > 1000
+
+
+def _train_workers():
+    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+
+
+def test_a_killed_worker_is_restarted_and_training_resumes(tmp_path, datasets_dir):
+    out = tmp_path / "killed"
+    config = sft.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
+                        **{**SMALL, "max_steps": 40, "eval_steps": 5, "save_steps": 5, "per_device_train_batch_size": 8,
+                           "max_failures": 1})
+    killed = []
+
+    def registered_checkpoints():
+        # Ray Train's own record of the checkpoints it holds (a checkpoint folder alone may be half-reported).
+        try:
+            snapshot = json.loads((out / "ray" / "sft" / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return len(snapshot["checkpoint_results"])
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if registered_checkpoints():
+                for worker in _train_workers():
+                    os.kill(worker.pid, signal.SIGKILL)
+                    killed.append(worker.pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    sft.run(config)
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    metrics = metrics_of(out)
+    assert metrics["resumed_from"], "the restarted worker did not resume from a checkpoint"
+    steps = steps_logged(metrics)
+    assert steps[-1] == 40 and steps == sorted(set(steps))
