@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # No model or dataset hub at run time; workers get the same settings as the driver.
 OFFLINE_ENV = {
@@ -17,8 +18,9 @@ OFFLINE_ENV = {
 MIN_LOCAL_CPUS = 4
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local one; with
+    `dashboard`, the local one serves the Ray dashboard (Train runs are watched there)."""
     import ray
 
     if ray.is_initialized():
@@ -32,8 +34,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     # address="local": never attach to some other cluster this machine happens to run.
-    ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
-             include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    context = ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
+                       include_dashboard=dashboard, log_to_driver=True, logging_level="WARNING")
+    if dashboard and context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr, flush=True)
 
 
 def local_cores() -> int | None:

@@ -27,11 +27,12 @@ def real_data():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (starting Ray costs seconds on two cores)."""
+    """One local Ray for the whole session (starting Ray costs seconds on two cores), with the
+    dashboard as the training stages start it (Ray Train queries the cluster's state through it)."""
     import ray
 
     from humor_ray.cluster import init_ray
 
-    init_ray()
+    init_ray(dashboard=True)
     yield ray
     ray.shutdown()

@@ -41,13 +41,14 @@ def steps_logged(metrics, key="loss"):
 def test_sft_trains_checkpoints_exports_and_resumes_on_rerun(tmp_path, datasets_dir):
     out = tmp_path / "sft"
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
-                  lora_r=8, lora_alpha=16, **SMALL)
+                  lora_r=8, lora_alpha=16, **{**SMALL, "report_to": ["tensorboard"]})
     sft.run(sft.Config(**config))
     assert len(list((out / "ray" / "sft").glob("checkpoint_*/checkpoint"))) == 2
     first = metrics_of(out)
     assert steps_logged(first) == [1, 2, 3, 4] and first["resumed_from"] is None
     assert "eval_loss" in first["eval"] and first["eval"]["eval_num_tokens"] > 0
     assert any("train_tokens_per_second" in entry for entry in first["log_history"])
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events written"
     # LoRA: the adapter in final/, the merged model (what vLLM serves) in final/merged.
     assert (out / "final" / "adapter_config.json").is_file()
     from transformers import AutoModelForCausalLM
@@ -86,6 +87,9 @@ def test_reward_input_keeps_the_caption_and_the_end_of_a_long_prompt():
         text = tokenizer.decode(ids)
         assert len(ids) <= 64, spec
         assert "rapport" in text and "funny caption" in text and "scene" not in text, (spec, text)
+        # A caption longer than the whole budget still gives a valid input (real captions can be).
+        (ids,) = rm.encode(tokenizer, [prompt], ["ha " * 200], 64)
+        assert len(ids) <= 64 and "funny caption" in tokenizer.decode(ids)
 
 
 def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir):
@@ -153,3 +157,34 @@ def test_a_killed_worker_is_restarted_and_training_resumes(tmp_path, datasets_di
     assert metrics["resumed_from"], "the restarted worker did not resume from a checkpoint"
     steps = steps_logged(metrics)
     assert steps[-1] == 40 and steps == sorted(set(steps))
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="multiple of --eval_steps"):
+        sft.Config(output_dir=str(tmp_path), dataset_dir=str(tmp_path), eval_steps=3, save_steps=4)
+    with pytest.raises(ValueError, match="--report_to nonsense"):
+        sft.Config(output_dir=str(tmp_path), dataset_dir=str(tmp_path), report_to=["nonsense"])
+    with pytest.raises(ValueError, match="--deepspeed"):
+        sft.Config(output_dir=str(tmp_path), dataset_dir=str(tmp_path), deepspeed="zero9")
+
+
+def test_missing_datasets_say_what_to_run(tmp_path):
+    from humor_ray.train.launcher import TrainError
+
+    with pytest.raises(TrainError, match="run `humor-ray data build` first"):
+        rm.run(rm.Config(output_dir=str(tmp_path / "out"), dataset_dir=str(tmp_path / "nothing")))
+
+
+def test_dpo_cuts_long_prompts_from_the_front():
+    import datasets
+    import pyarrow as pa
+
+    from humor_ray.models import registry
+
+    tokenizer = registry.load_tokenizer("tiny")
+    rows = datasets.Dataset(pa.table({"prompt": ["scene: " + "word " * 300 + "funny caption:", "funny caption:"],
+                                      "chosen": [" a", " b"], "rejected": [" c", " d"]}))
+    cut = dpo._cut_prompts(rows, tokenizer, 16)
+    assert len(tokenizer(cut[0]["prompt"], add_special_tokens=False)["input_ids"]) <= 16
+    assert cut[0]["prompt"].endswith("funny caption:") and "scene" not in cut[0]["prompt"]
+    assert cut[1] == {"prompt": "funny caption:", "chosen": " b", "rejected": " d"}

@@ -39,13 +39,19 @@ def dataset_name(cfg: Config) -> str:
 def _cut_prompts(dataset, tokenizer, max_prompt_length: int):
     """Prompts longer than `max_prompt_length` tokens lose their beginning. Prompts repeat per contest,
     so each distinct one is tokenized once."""
+    import datasets
+    import pyarrow as pa
+
     if dataset is None:
         return None
+    prompts = list(dataset["prompt"])
     cut = {}
-    for prompt in set(list(dataset["prompt"])):
+    for prompt in set(prompts):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         cut[prompt] = prompt if len(ids) <= max_prompt_length else tokenizer.decode(ids[-max_prompt_length:])
-    return dataset.map(lambda row: {"prompt": cut[row["prompt"]]})
+    table = dataset.data.table
+    return datasets.Dataset(table.set_column(table.column_names.index("prompt"), "prompt",
+                                             pa.array([cut[p] for p in prompts], pa.string())))
 
 
 def make_trainer(cfg: Config, train, evaluation, scratch: str):

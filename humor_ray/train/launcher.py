@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -77,6 +78,13 @@ class TrainConfig:
                              "evaluation metrics")
         if self.num_workers < 1 or self.max_steps < 1:
             raise ValueError("--num_workers and --max_steps must be at least 1")
+        trackers = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
+        for tracker in self.report_to:
+            if tracker != "none" and tracker not in trackers:
+                raise ValueError(f"--report_to {tracker}: use tensorboard, mlflow, wandb or none")
+            if tracker in trackers and importlib.util.find_spec(trackers[tracker]) is None:
+                raise ValueError(f"--report_to {tracker} needs the {trackers[tracker]} package: "
+                                 f"pip install {trackers[tracker]}")
 
     def base_model(self) -> str:
         """The model training starts from (DPO may start from an SFT output instead)."""
@@ -137,35 +145,37 @@ def split_path(cfg: TrainConfig, stage, split: str) -> str:
 
 # ---------------------------------------------------------------- inside a worker
 
-def _as_dataset(batches, columns: list[str], limit: int | None, caption_columns: tuple[str, ...]):
-    """Arrow record batches as an in-memory Hugging Face dataset (no copy into Python objects), at most
-    `limit` rows. `caption_columns` get a leading space: they are appended to the prompt ("... funny
-    caption:"), and the space makes prompt + caption the same text as the datasets' `text` column."""
+def as_dataset(table, columns: list[str], caption_columns: tuple[str, ...] = ()):
+    """An Arrow table as an in-memory Hugging Face dataset (no copy into Python objects).
+    `caption_columns` get a leading space: they are appended to the prompt ("... funny caption:"),
+    and the space makes prompt + caption the same text as the datasets' `text` column."""
     import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    def column(batch, name):
+    def column(name):
         # Parquet hands back dictionary-encoded text; the tokenizers want plain strings.
-        values = batch[name].cast(pa.string())
+        values = table[name].cast(pa.string())
         return pc.utf8_replace_slice(values, 0, 0, " ") if name in caption_columns else values
 
-    tables, count = [], 0
-    for batch in batches:
-        tables.append(pa.table({c: column(batch, c) for c in columns}))
-        count += batch.num_rows
-        if limit is not None and count >= limit:
-            break
-    if not tables:
+    return datasets.Dataset(pa.table({c: column(c) for c in columns}))
+
+
+def shard_dataset(shard, columns: list[str], limit: int | None = None, caption_columns: tuple[str, ...] = (),
+                  seed: int = 0):
+    """This worker's part of the training data, streamed from its Ray Data shard (each worker holds
+    only its own part, as Arrow). With `limit`, a seeded uniform sample of that many rows: blocks are
+    whole contests, so the first rows alone would cover only a few cartoons."""
+    import numpy as np
+    import pyarrow as pa
+
+    batches = [batch.select(columns) for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow")]
+    if not batches:
         return None
-    table = pa.concat_tables(tables)
-    return datasets.Dataset(table.slice(0, limit) if limit is not None else table)
-
-
-def shard_dataset(shard, columns: list[str], limit: int | None = None, caption_columns: tuple[str, ...] = ()):
-    """This worker's part of the training data, streamed from its Ray Data shard: each worker holds only
-    its own part, and only the first `limit` rows of it."""
-    return _as_dataset(shard.iter_batches(batch_size=4096, batch_format="pyarrow"), columns, limit, caption_columns)
+    table = pa.concat_tables(batches)
+    if limit is not None and table.num_rows > limit:
+        table = table.take(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
+    return as_dataset(table, columns, caption_columns)
 
 
 def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_columns: tuple[str, ...] = ()):
@@ -178,7 +188,7 @@ def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_c
     if table.num_rows > limit:
         rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
         table = table.take(rows)
-    return _as_dataset(table.to_batches(), columns, None, caption_columns)
+    return as_dataset(table, columns, caption_columns)
 
 
 class _ProgressBoard:
@@ -235,10 +245,11 @@ def _worker_loop(config: dict) -> None:
     def note(message: str) -> None:
         print(f"[{stage.NAME} worker {rank}] {message} ({time.perf_counter() - started:.1f} s)", flush=True)
 
-    # A run of N steps needs N * batch * accumulation examples per worker; reading and tokenizing the
-    # rest of the shard would only cost time (the driver shuffles block order, so they mix contests).
+    # A run of N steps needs N * batch * accumulation examples per worker; tokenizing the rest of the
+    # shard would only cost time.
     needed = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    train = shard_dataset(ray.train.get_dataset_shard("train"), stage.COLUMNS, needed, stage.CAPTION_COLUMNS)
+    train = shard_dataset(ray.train.get_dataset_shard("train"), stage.COLUMNS, needed, stage.CAPTION_COLUMNS,
+                          seed=cfg.seed + rank)
     if train is None:
         raise TrainError(f"worker {rank} got no training rows: the {stage.dataset_name(cfg)} train split is empty")
     evaluation = (eval_dataset(split_path(cfg, stage, "eval"), stage.COLUMNS, cfg.max_eval_examples, cfg.seed,
@@ -316,12 +327,12 @@ def launch(stage_module: str, cfg: TrainConfig):
     stage = importlib.import_module(stage_module)
     cfg.output_dir = str(Path(cfg.output_dir).resolve()) if "://" not in cfg.output_dir else cfg.output_dir
     cfg.run_name = cfg.run_name or stage.NAME
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    init_ray()
     for split in ("train", "eval") if cfg.do_eval else ("train",):
         path = split_path(cfg, stage, split)
         if "://" not in path and not os.path.isdir(path):
             raise TrainError(f"{path} not found: run `humor-ray data build` first")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    init_ray(dashboard=True)
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(stage.COLUMNS)

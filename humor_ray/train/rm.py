@@ -32,22 +32,24 @@ def dataset_name(cfg: Config) -> str:
 
 
 def encode(tokenizer, prompts: list[str], captions: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of prompt + caption, at most `max_length`, never cutting the caption: a long prompt
-    loses its beginning (its end, "funny caption:", and the caption are what the score depends on).
-    Encoders (BERT-like) get `[CLS] prompt [SEP] caption [SEP]`; decoders prompt, " caption", end-of-text."""
-    if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
-        side = tokenizer.truncation_side
-        tokenizer.truncation_side = "left"
-        try:
-            return tokenizer(prompts, captions, truncation="only_first", max_length=max_length)["input_ids"]
-        finally:
-            tokenizer.truncation_side = side
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    caption_ids = tokenizer([" " + c for c in captions], add_special_tokens=False)["input_ids"]
+    """Token ids of prompt + caption, at most `max_length`. A long prompt loses its beginning (its end,
+    "funny caption:", and the caption are what the score depends on); a caption keeps at most half the
+    room. Encoders (BERT-like) read `[CLS] prompt [SEP] caption [SEP]`; decoders prompt, " caption",
+    end-of-text (the score is read at the last token)."""
+    encoder = tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+    if encoder:
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        caption_ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
+        start, middle, end = [tokenizer.cls_token_id], [tokenizer.sep_token_id], [tokenizer.sep_token_id]
+    else:
+        prompt_ids = tokenizer(prompts)["input_ids"]  # with the model's begin-of-text token, if it uses one
+        caption_ids = tokenizer([" " + c for c in captions], add_special_tokens=False)["input_ids"]
+        start, middle, end = [], [], [tokenizer.eos_token_id]
     encoded = []
     for head, tail in zip(prompt_ids, caption_ids):
-        tail = tail[: max_length // 2] + [tokenizer.eos_token_id]
-        encoded.append(head[max(0, len(head) - (max_length - len(tail))):] + tail)
+        tail = tail[: max_length // 2]
+        room = max_length - len(start) - len(middle) - len(end) - len(tail)
+        encoded.append(start + head[max(0, len(head) - room):] + middle + tail + end)
     return encoded
 
 

@@ -1,0 +1,99 @@
+"""Ray Train overhead: the SFT stage through the launcher (1 Ray Train worker) against plain
+single-process TRL with the same model, trainer, data and steps, in the same run.
+
+    python bench/train_overhead.py --datasets DIR [--model tiny] [--steps 60] [--repeats 3]
+
+Steady-state tokens/s is measured between the log at step --warmup and the last step, from the
+trainer's own logs (tokens seen, time since training began), so start-up stays out of it; the time
+outside the training loop (start-up, data, the final save) is reported separately.
+DIR holds the datasets of `humor-ray data build` (sft_simple is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from humor_ray.train import sft
+from humor_ray.train.launcher import as_dataset
+
+
+def steady_tokens_per_second(log_history: list[dict], warmup: int) -> float:
+    """Tokens per second between the first log at or after step `warmup` and the last log."""
+    logs = [e for e in log_history if "loss" in e and "num_input_tokens_seen" in e and "train_runtime" in e]
+    first = next(e for e in logs if e["step"] >= warmup)
+    last = logs[-1]
+    return (last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["train_runtime"] - first["train_runtime"])
+
+
+def config(args, output_dir: str, **extra) -> sft.Config:
+    return sft.Config(output_dir=output_dir, dataset_dir=args.datasets, model_name=args.model, simple_prompt=True,
+                      max_steps=args.steps, logging_steps=1, save_steps=args.steps, do_eval=False,
+                      per_device_train_batch_size=args.batch, max_length=256, max_failures=0, report_to=["none"],
+                      cpus_per_worker=args.threads, **extra)
+
+
+def run_on_ray(args) -> tuple[float, float]:
+    out = tempfile.mkdtemp(prefix="overhead_ray_")
+    started = time.perf_counter()
+    sft.run(config(args, out))
+    wall = time.perf_counter() - started
+    history = json.loads(Path(out, "metrics.json").read_text())["log_history"]
+    return steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history)
+
+
+def run_plain(args) -> tuple[float, float]:
+    """What a user would write without Ray: read the Parquet, build the same TRL trainer, train, save."""
+    import pyarrow.dataset as pds
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = tempfile.mkdtemp(prefix="overhead_plain_")
+    cfg = config(args, out)
+    started = time.perf_counter()
+    table = pds.dataset(os.path.join(args.datasets, "sft_simple", "train"), format="parquet").to_table(
+        columns=sft.COLUMNS)
+    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[: cfg.max_steps * cfg.per_device_train_batch_size]
+    train = as_dataset(table.take(rows), sft.COLUMNS, sft.CAPTION_COLUMNS)
+    trainer = sft.make_trainer(cfg, train, None, out)
+    trainer.train()
+    trainer.save_model(os.path.join(out, "final"))
+    wall = time.perf_counter() - started
+    history = trainer.state.log_history
+    return steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", required=True)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    results = {"plain TRL (1 process)": [], "Ray Train (1 worker)": []}
+    for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
+        results["plain TRL (1 process)"].append(run_plain(args))
+        results["Ray Train (1 worker)"].append(run_on_ray(args))
+    print(f"\n{args.model}, {args.steps} steps x {args.batch} examples, {args.threads} threads, "
+          f"median of {args.repeats}")
+    print(f"{'':24}{'steady tokens/s':>16}{'outside training (s)':>22}")
+    medians = {}
+    for name, runs in results.items():
+        medians[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        print(f"{name:24}{medians[name][0]:>16,.0f}{medians[name][1]:>22.1f}")
+    plain, ray = medians["plain TRL (1 process)"], medians["Ray Train (1 worker)"]
+    print(f"Ray Train / plain: tokens/s {ray[0] / plain[0]:.3f}; extra start-up and shutdown {ray[1] - plain[1]:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Every job spec in jobs/ loads into its stage's config, and the 7B specs keep the paper's recipes."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from humor_ray.cli import STAGES
+from humor_ray.config import parse_config
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def load(spec: Path):
+    stage = spec.stem.split("-")[0]
+    key = ("data", "build") if stage == "data" else (stage,)
+    module_name, config_name = STAGES[key]
+    config_cls = getattr(importlib.import_module(module_name), config_name)
+    required = ["--output", "/tmp/out"] if stage == "data" else ["--output_dir", "/tmp/out", "--dataset_dir", "/tmp/ds"]
+    return parse_config(config_cls, ["--config", str(spec), *required], f"humor-ray {stage}")
+
+
+@pytest.mark.parametrize("spec", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_job_spec_loads(spec, monkeypatch):
+    monkeypatch.setenv("HUMOR_RAY_DATA", "/data")
+    assert load(spec) is not None
+
+
+def effective_batch(cfg):
+    return cfg.num_workers * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+
+
+def test_paper_recipes():
+    sft = load(JOBS / "sft-7b.yaml")
+    assert (sft.model_name, sft.lora_r, sft.lora_alpha, sft.learning_rate, effective_batch(sft), sft.max_length) == (
+        "mistralai/Mistral-7B-Instruct-v0.1", 16, 16, 1.41e-5, 64, 512)
+    dpo = load(JOBS / "dpo-7b.yaml")
+    assert (dpo.beta, dpo.lora_r, dpo.lora_alpha, effective_batch(dpo), dpo.max_steps, dpo.max_prompt_length) == (
+        0.1, 64, 16, 128, 1500, 128)
+    assert dpo.new_padding_token and load(JOBS / "sft-simple-7b.yaml").simple_prompt
+    rm = load(JOBS / "rm-7b.yaml")
+    assert (rm.model_name, rm.lora_r, effective_batch(rm), rm.max_steps) == ("weqweasdas/RM-Mistral-7B", 16, 64, 5000)
+    assert all(load(JOBS / name).use_gpu for name in ("sft-7b.yaml", "dpo-7b.yaml", "rm-7b.yaml"))
