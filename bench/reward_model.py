@@ -49,7 +49,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     metrics = json.loads(Path(run_dir, "metrics.json").read_text())
     train_seconds = max(e.get("train_runtime", 0) for e in metrics["log_history"])
-    curve = [(e["step"], e["eval_accuracy"]) for e in metrics["log_history"] if "eval_accuracy" in e]
+    curve = sorted({e["step"]: e["eval_accuracy"] for e in metrics["log_history"] if "eval_accuracy" in e}.items())
 
     # Baselines on exactly the held-out pairs the model was scored on (same sample, same seed).
     held_out = eval_dataset(os.path.join(datasets, "pairs", "eval"), rm.COLUMNS, cfg.max_eval_examples, cfg.seed)

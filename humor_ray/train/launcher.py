@@ -112,7 +112,11 @@ def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
 
 def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
     """The TRL/transformers arguments that follow from the shared options."""
+    import torch.distributed
+
     evaluate = cfg.do_eval
+    # Inside Ray Train the process group exists already (gloo on CPU); a single plain process has none.
+    distributed_cpu = not cfg.use_gpu and torch.distributed.is_initialized()
     return args_class(
         output_dir=output_dir, run_name=cfg.run_name, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -123,7 +127,7 @@ def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
         eval_steps=cfg.eval_steps if evaluate else None,
         report_to=[r for r in cfg.report_to if r != "none"],
         bf16=cfg.use_gpu, use_cpu=not cfg.use_gpu, deepspeed=deepspeed_config(cfg.deepspeed, cfg.use_gpu),
-        ddp_backend=None if cfg.use_gpu else "gloo", dataloader_num_workers=0, disable_tqdm=True,
+        ddp_backend="gloo" if distributed_cpu else None, dataloader_num_workers=0, disable_tqdm=True,
         accelerator_config={"dispatch_batches": False}, ddp_find_unused_parameters=False,
         # Tokens/s in the logs (all workers together), padding not counted.
         include_num_input_tokens_seen="non_padding", **extra)
@@ -276,7 +280,12 @@ def _worker_loop(config: dict) -> None:
     if cfg.do_train:
         trainer.train(resume_from_checkpoint=resume)
         note("trained")
-    metrics = trainer.evaluate() if evaluation is not None else {}
+    metrics = {}
+    if evaluation is not None:
+        # The last step's evaluation already ran when --eval_steps divides --max_steps: reuse it.
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        fresh = last is not None and last["step"] == trainer.state.global_step
+        metrics = {k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate()
     final = os.path.join(cfg.output_dir, "final")
     trainer.save_model(final)  # every rank takes part (DeepSpeed gathers); rank 0 writes
     if rank == 0:
