@@ -92,9 +92,11 @@ def test_reward_input_keeps_the_caption_and_the_end_of_a_long_prompt():
         assert len(ids) <= 64 and "funny caption" in tokenizer.decode(ids)
 
 
-def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir):
+def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir, monkeypatch):
     out = tmp_path / "dpo"
-    dpo.run(dpo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", lora_r=8,
+    # Relative paths, as typed on a command line: the workers run elsewhere and must still find them.
+    monkeypatch.chdir(tmp_path)
+    dpo.run(dpo.Config(output_dir="dpo", dataset_dir=os.path.relpath(datasets_dir, tmp_path), model_name="tiny", lora_r=8,
                        new_padding_token=True, beta=0.1, loss_type=["sigmoid", "sft"], **SMALL))
     metrics = metrics_of(out)
     assert steps_logged(metrics) == [1, 2, 3, 4]
@@ -107,10 +109,11 @@ def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir):
     assert merged.get_input_embeddings().num_embeddings >= len(tokenizer)
 
 
-def test_two_workers_under_zero3(tmp_path, datasets_dir):
-    out = tmp_path / "zero3"
+@pytest.mark.parametrize("zero", ["zero3", "zero2", "zero3_offload"])
+def test_two_workers_under_deepspeed(tmp_path, datasets_dir, zero):
+    out = tmp_path / zero
     sft.run(sft.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
-                       num_workers=2, deepspeed="zero3", **SMALL))
+                       num_workers=2, deepspeed=zero, **SMALL))
     metrics = metrics_of(out)
     assert steps_logged(metrics) == [1, 2, 3, 4]
     from transformers import AutoModelForCausalLM

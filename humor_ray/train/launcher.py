@@ -334,7 +334,11 @@ def launch(stage_module: str, cfg: TrainConfig):
     from humor_ray.cluster import init_ray
 
     stage = importlib.import_module(stage_module)
-    cfg.output_dir = str(Path(cfg.output_dir).resolve()) if "://" not in cfg.output_dir else cfg.output_dir
+    # Workers run in other directories (and on other machines): local paths go to them absolute.
+    for name in ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name"):
+        value = getattr(cfg, name, None)
+        if value and "://" not in value and (name.endswith("_dir") or Path(value).exists()):
+            setattr(cfg, name, str(Path(value).resolve()))
     cfg.run_name = cfg.run_name or stage.NAME
     for split in ("train", "eval") if cfg.do_eval else ("train",):
         path = split_path(cfg, stage, split)
