@@ -7,7 +7,6 @@ every core as the alternative use of the same machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -15,28 +14,18 @@ import tempfile
 from pathlib import Path
 
 from humor_ray.train import sft
-from train_overhead import steady_tokens_per_second
+from train_overhead import config, run_options, steady_tokens_per_second
 
 
 def tokens_per_second(args, workers: int, threads: int) -> float:
     out = tempfile.mkdtemp(prefix=f"ddp_{workers}x{threads}_")
-    sft.run(sft.Config(output_dir=out, dataset_dir=args.datasets, model_name=args.model, simple_prompt=True,
-                       max_steps=args.steps, logging_steps=1, save_steps=args.steps, do_eval=False,
-                       per_device_train_batch_size=args.batch, max_length=256, max_failures=0,
-                       report_to=["none"], num_workers=workers, cpus_per_worker=threads))
+    sft.run(config(args, out, workers, threads))
     history = json.loads(Path(out, "metrics.json").read_text())["log_history"]
     return steady_tokens_per_second(history, args.warmup)  # tokens of all workers together
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", required=True)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = run_options(__doc__.splitlines()[0]).parse_args()
     cores = os.cpu_count()
     layouts = {"1 worker x 1 thread": (1, 1), "2 workers x 1 thread": (2, 1), f"1 worker x {cores} threads": (1, cores)}
     runs = {name: [] for name in layouts}

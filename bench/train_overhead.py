@@ -33,11 +33,26 @@ def steady_tokens_per_second(log_history: list[dict], warmup: int) -> float:
     return (last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["train_runtime"] - first["train_runtime"])
 
 
-def config(args, output_dir: str, **extra) -> sft.Config:
+def config(args, output_dir: str, workers: int = 1, threads: int | None = None) -> sft.Config:
+    """The SFT run every training benchmark times: the same steps, batch and data, no evaluation,
+    one save at the end (outside the steady-state window)."""
     return sft.Config(output_dir=output_dir, dataset_dir=args.datasets, model_name=args.model, simple_prompt=True,
                       max_steps=args.steps, logging_steps=1, save_steps=args.steps, do_eval=False,
                       per_device_train_batch_size=args.batch, max_length=256, max_failures=0, report_to=["none"],
-                      cpus_per_worker=args.threads, **extra)
+                      num_workers=workers, cpus_per_worker=threads or args.threads)
+
+
+def run_options(description: str) -> argparse.ArgumentParser:
+    """The options every training benchmark shares."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--datasets", required=True)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser
 
 
 def run_on_ray(args) -> tuple[float, float]:
@@ -71,15 +86,7 @@ def run_plain(args) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", required=True)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = run_options(__doc__.splitlines()[0]).parse_args()
     results = {"plain TRL (1 process)": [], "Ray Train (1 worker)": []}
     for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
         results["plain TRL (1 process)"].append(run_plain(args))
