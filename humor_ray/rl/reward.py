@@ -1,0 +1,105 @@
+"""The reward-model actor: scores (prompt with the cartoon's context, caption) in its own process
+(on a cluster, on its own GPU or a share of one).
+
+`--reward_model` is the output of `humor-ray rm` (its directory, or the model inside it), any reward
+model directory, or `builtin:vowel_share`: a rule with a known optimum (1.0, every letter a vowel)
+for checking that a policy-optimisation run really optimises, without a trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from humor_ray.config import UserError
+
+BUILTIN = {"builtin:vowel_share"}
+
+
+def vowel_share(caption: str) -> float:
+    letters = [c for c in caption.lower() if c.isascii() and c.isalpha()]
+    return sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0
+
+
+def resolve_reward_model(spec: str) -> str:
+    """A builtin name, or the directory of the reward model to load (local paths made absolute)."""
+    if spec in BUILTIN:
+        return spec
+    path = Path(spec).expanduser()
+    if (path / "metrics.json").is_file():  # a `humor-ray rm` output directory: the model it exported
+        return json.loads((path / "metrics.json").read_text())["model"]
+    if path.is_dir():
+        from humor_ray.models import registry
+
+        return registry.resolve(str(path.resolve()))
+    if spec.startswith("builtin:"):
+        raise UserError(f"unknown builtin reward {spec!r}: use one of {', '.join(sorted(BUILTIN))}")
+    raise UserError(f"--reward_model {spec}: no such directory (train one with `humor-ray rm`, or use "
+                    f"{', '.join(sorted(BUILTIN))})")
+
+
+class RewardModel:
+    """Scores captions. Used directly, or as a Ray actor (`start_reward_actor`)."""
+
+    def __init__(self, spec: str, max_length: int = 512, batch_size: int = 32, device: str | None = None):
+        self.spec = spec
+        self.max_length, self.batch_size = max_length, batch_size
+        if spec in BUILTIN:
+            return
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(spec)
+        self.model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=torch.float32)
+        self.model.to(self.device).eval()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, prompts: list[str], captions: list[str]) -> list[float]:
+        if self.spec == "builtin:vowel_share":
+            return [vowel_share(c) for c in captions]
+        import torch
+
+        from humor_ray.train.rm import encode
+
+        scores: list[float] = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(prompts), self.batch_size):
+            ids = encode(self.tokenizer, prompts[start:start + self.batch_size],
+                         captions[start:start + self.batch_size], self.max_length)
+            width = max(len(row) for row in ids)
+            # Right padding: the reward is read at each sequence's last real token.
+            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.device)
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids], device=self.device)
+            with torch.no_grad():
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+
+def start_reward_actor(spec: str, *, max_length: int = 512, num_cpus: float = 1, num_gpus: float = 0):
+    import ray
+
+    actor = ray.remote(RewardModel).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
+                                            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}})
+    return actor.remote(spec, max_length)
+
+
+def score_with_retries(actor, prompts: list[str], captions: list[str], retries: int = 5) -> tuple[list[float], int]:
+    """Scores from the reward actor; a failed call (the actor crashed and is restarting, or a transient
+    error) is retried with backoff. Returns (scores, failed attempts)."""
+    import ray
+
+    for attempt in range(retries + 1):
+        try:
+            return ray.get(actor.score.remote(prompts, captions)), attempt
+        except Exception as err:  # noqa: BLE001 - retried; the last failure is raised
+            if attempt == retries:
+                raise RuntimeError(f"the reward model failed {retries + 1} times: {err}") from err
+            print(f"[reward] scoring failed ({type(err).__name__}); retry {attempt + 1}/{retries}", flush=True)
+            time.sleep(min(30.0, 2.0 ** attempt))
+    raise AssertionError("unreachable")
