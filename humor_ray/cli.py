@@ -8,7 +8,7 @@ import sys
 
 from humor_ray.config import UserError, parse_config
 
-# Stage name -> (module, config class). A module loads only when its stage runs.
+# Stage name -> (module, config class[, function, default "run"]). A module loads only when its stage runs.
 STAGES = {
     ("data", "build"): ("humor_ray.data.build", "BuildConfig"),
     ("data", "synth"): ("humor_ray.data.synth", "SynthConfig"),
@@ -17,6 +17,10 @@ STAGES = {
     ("rm",): ("humor_ray.train.rm", "Config"),
     ("dpo",): ("humor_ray.train.dpo", "Config"),
     ("ppo",): ("humor_ray.rl.ppo", "Config"),
+    ("generate",): ("humor_ray.infer.generate", "GenerateConfig"),
+    ("bon",): ("humor_ray.infer.generate", "BonConfig", "run_bon"),
+    ("judge",): ("humor_ray.eval.benchmark", "JudgeConfig"),
+    ("report",): ("humor_ray.eval.report", "ReportConfig"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
 }
 
@@ -33,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     if key not in STAGES:
         print(usage(), file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    module_name, config_name = STAGES[key]
+    module_name, config_name, *function = STAGES[key]
     module = importlib.import_module(module_name)
+    run = getattr(module, function[0] if function else "run")
     prog = "humor-ray " + " ".join(key)
     try:
-        module.run(parse_config(getattr(module, config_name), argv[len(key):], prog))
+        run(parse_config(getattr(module, config_name), argv[len(key):], prog))
     except (UserError, ValueError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1

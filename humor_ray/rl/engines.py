@@ -53,6 +53,7 @@ class Sample:
     logprobs: list[float]
     text: str
     version: int
+    finished: bool = True  # False when it ran into max_new_tokens
 
 
 def first_line(text: str) -> str:
@@ -122,7 +123,8 @@ class VLLMEngine(_Engine):
             for completion in output.outputs:
                 ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-                samples.append(Sample(index, prompt_ids[index], ids, logprobs, completion.text, self._version))
+                samples.append(Sample(index, prompt_ids[index], ids, logprobs, completion.text, self._version,
+                                      completion.finish_reason != "length"))
         return samples
 
     def load_weights(self, state: dict, version: int) -> int:
@@ -176,14 +178,15 @@ class HFEngine(_Engine):
         taken = logprobs.gather(-1, out.sequences[:, width:, None]).squeeze(-1).tolist()
         samples = []
         for row, ids in enumerate(generated):
-            length = len(ids)
+            length, finished = len(ids), False
             for position, token in enumerate(ids):
                 if token == self.tokenizer.eos_token_id or (decoding.stop_at_newline and token in self.newline_tokens):
-                    length = position + 1
+                    length, finished = position + 1, True
                     break
             ids = ids[:length]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            samples.append(Sample(row // n, prompt_ids[row // n], ids, taken[row][:length], text, self._version))
+            samples.append(Sample(row // n, prompt_ids[row // n], ids, taken[row][:length], text, self._version,
+                                  finished))
         return samples
 
     def load_weights(self, state: dict, version: int) -> int:

@@ -254,12 +254,16 @@ def _broadcast(obj, rank: int):
     return box[0]
 
 
-def _read_prompts(cfg: Config) -> list[str]:
+def _read_prompts(cfg: Config) -> tuple[list[str], list[str]]:
+    """(what the policy reads, what the reward model reads) per training contest. The reward model
+    always reads the simple prompt (the cartoon's context lines), as it was trained on the pairs."""
     import pyarrow.dataset as pds
 
     column = "prompt" if cfg.simple_prompt else "prompt_long"
-    table = pds.dataset(os.path.join(cfg.dataset_dir, "prompts", "train"), format="parquet").to_table(columns=[column])
-    return [p for p in table[column].to_pylist() if p]
+    table = pds.dataset(os.path.join(cfg.dataset_dir, "prompts", "train"), format="parquet").to_table(
+        columns=list(dict.fromkeys([column, "prompt"])))
+    rows = [(p, r) for p, r in zip(table[column].to_pylist(), table["prompt"].to_pylist()) if p]
+    return [p for p, _ in rows], [r for _, r in rows]
 
 
 def _worker_loop(config: dict) -> None:
@@ -319,7 +323,7 @@ def _worker_loop(config: dict) -> None:
             value_model = ray.train.torch.prepare_model(value_model, move_to_device=False)
     kl_control = alg.AdaptiveKL(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
     moments = alg.RunningMoments(*state["moments"])
-    prompts = _read_prompts(cfg)
+    prompts, reward_prompts = _read_prompts(cfg)
     if not prompts:
         raise UserError(f"{cfg.dataset_dir}/prompts/train has no prompts: run `humor-ray data build` with prompts")
     pool = EnginePool(engines)
@@ -359,8 +363,8 @@ def _worker_loop(config: dict) -> None:
 
         begin = time.perf_counter()
         captions = [first_line(s.text) for s in samples]
-        scores, reward_retries = score_with_retries(reward_actor, [step_prompts[s.prompt_index] for s in samples],
-                                                    captions)
+        scores, reward_retries = score_with_retries(
+            reward_actor, [reward_prompts[chosen[s.prompt_index]] for s in samples], captions)
         scores = torch.tensor(scores, dtype=torch.float32, device=device)
         times["score"] = time.perf_counter() - begin
 

@@ -1,0 +1,379 @@
+"""`humor-ray judge`: win rates of generated captions against human captions of four ranks.
+
+Per evaluation contest, a method's 10 captions are compared with four groups of 10 human captions
+(ranks 1-10, 200-209, 1000-1009 and the median ten; `references/eval` of the data stage). Judges:
+- `rm`: the reward model (offline): the group with the higher mean reward of prompt-with-context +
+  caption is funnier. Symmetric, so each contest is one judgment.
+- `llm`, protocol `overall` (the paper's): an OpenAI-compatible model reads the cartoon's description
+  and two groups, few-shot with human top-10 vs #1000-1009 examples from TRAINING contests, and answers
+  A or B; asked in both orders. The decision uses the log-probabilities of A and B against a threshold
+  fitted on reference comparisons (human top-10 vs #1000-1009 of the evaluation contests, both orders):
+  the median P(A), which cancels the judge's preference for a position.
+- `llm`, protocol `best_pick`: with the cartoon image, the judge picks the funniest caption of each
+  group, then says which of the two picks is funnier (both orders); ties by position cancel out.
+The judge-reliability check (can it tell human top-10 from #1000-1009?) is reported beside the win rates.
+Confidence intervals: 95%, bootstrap over contests (the two orders of a contest stay together).
+
+Generations: our `humor-ray generate`/`bon` output directories, wide CSV files (contest_number, prompt,
+caption1..N, or the paper's release with columns 0..9 and contest_num) or a directory of them (the
+paper's released generations, one file per method; its human_* files are skipped).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from humor_ray.config import UserError, field
+
+GROUPS = ("top10", "rank200", "rank1000", "median")
+JUDGES = ("rm", "llm")
+PROTOCOLS = ("overall", "best_pick")
+
+
+@dataclasses.dataclass
+class JudgeConfig:
+    """Win rates of methods' captions against human captions."""
+    dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts, captions)")
+    generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs or directories of them")
+    output_dir: str = field(None, "where judgments and win rates go")
+    judge: str = field("rm", "rm (the reward model, offline) or llm (an OpenAI-compatible endpoint)")
+    reward_model: str | None = field(None, "for --judge rm: a `humor-ray rm` output or reward model directory")
+    reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as trained)")
+    base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str | None = field(None, "for --judge llm: the judge model")
+    api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the API key (never logged or written)")
+    protocol: str = field("overall", "overall (text, few-shot, both orders) or best_pick (with the image)")
+    shots: int = field(5, "few-shot examples from training contests (overall)")
+    images_dir: str | None = field(None, "cartoon images (best_pick); default: the data root's images/")
+    concurrency: int = field(16, "requests in flight")
+    cache_dir: str | None = field(None, "answers cache (default <output_dir>/cache): a rerun sends nothing already answered")
+    price_per_mtok_in: float = field(0.0, "USD per million prompt tokens, for the cost count")
+    price_per_mtok_out: float = field(0.0, "USD per million completion tokens")
+    dry_run: bool = field(False, "print what would be sent and its cost; send nothing")
+    max_contests: int | None = field(None, "only the first this many evaluation contests")
+    bootstrap: int = field(2000, "bootstrap resamples for the confidence intervals")
+    seed: int = field(2024, "seed for few-shot choice and the bootstrap")
+
+    def __post_init__(self):
+        if not self.dataset_dir or not self.generations or not self.output_dir:
+            raise ValueError("judge needs --dataset_dir, --generations and --output_dir")
+        if self.judge not in JUDGES:
+            raise ValueError(f"--judge must be one of {JUDGES}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {PROTOCOLS}")
+        if self.judge == "rm" and not self.reward_model:
+            raise ValueError("--judge rm needs --reward_model")
+        if self.judge == "llm" and not (self.base_url and self.model):
+            raise ValueError("--judge llm needs --base_url and --model")
+
+
+# ---------------------------------------------------------------- inputs
+
+def read_generations(paths: list[str]):
+    """A long table (contest, method, sample, caption) from every generation source."""
+    import pandas as pd
+
+    from humor_ray.eval.diversity import read_released, read_wide
+
+    frames = []
+    for spec in paths:
+        path = Path(spec)
+        if (path / "captions.parquet").is_file():
+            frames.append(pd.read_parquet(path / "captions.parquet", columns=["contest", "method", "sample", "caption"]))
+        elif path.is_dir():
+            frames.append(read_released(path))
+        elif path.is_file():
+            frames.append(read_wide(path, path.stem))
+        else:
+            raise UserError(f"--generations {spec}: no such file or directory")
+    table = pd.concat(frames, ignore_index=True)
+    table = table[~table["method"].str.startswith("human")]
+    table = table[table["caption"].fillna("").str.strip() != ""]
+    return table.assign(contest=table["contest"].astype(int))
+
+
+def read_references(dataset_dir: str):
+    import pandas as pd
+
+    path = os.path.join(dataset_dir, "references", "eval")
+    if not os.path.isdir(path):
+        raise UserError(f"{path} not found: run `humor-ray data build` with the references dataset")
+    return pd.read_parquet(path).sort_values(["contest", "group", "rank"])
+
+
+def read_context(dataset_dir: str, split: str):
+    """contest -> (simple prompt: the cartoon's context lines, image path) for a split."""
+    import pandas as pd
+
+    table = pd.read_parquet(os.path.join(dataset_dir, "prompts", split))
+    return {int(r.contest): (r.prompt, r.image) for r in table.itertuples()}
+
+
+def few_shot_groups(dataset_dir: str, shots: int, seed: int) -> list[tuple[str, list[str], list[str]]]:
+    """(context, top-10, #1000-1009) of `shots` training contests, for the overall judge's examples."""
+    import pandas as pd
+
+    context = read_context(dataset_dir, "train")
+    captions = pd.read_parquet(os.path.join(dataset_dir, "captions"), columns=["contest", "caption", "rank", "split"])
+    captions = captions[(captions["split"] == "train")]
+    usable = sorted(c for c, n in captions.groupby("contest").size().items() if n >= 1010 and int(c) in context)
+    rng = np.random.default_rng(seed)
+    examples = []
+    for contest in rng.choice(usable, min(shots, len(usable)), replace=False) if usable else []:
+        ranked = captions[captions["contest"] == contest].sort_values("rank")["caption"].tolist()
+        examples.append((context[int(contest)][0], ranked[:10], ranked[999:1009]))
+    return examples
+
+
+# ---------------------------------------------------------------- statistics
+
+def bootstrap_ci(wins_by_contest: list[list[float]], resamples: int, seed: int) -> tuple[float, float, float]:
+    """(win rate, 95% low, 95% high); contests are resampled whole."""
+    per = [np.asarray(w, dtype=float) for w in wins_by_contest if len(w)]
+    if not per:
+        return math.nan, math.nan, math.nan
+    sums = np.array([w.sum() for w in per])
+    counts = np.array([len(w) for w in per])
+    rate = sums.sum() / counts.sum()
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(per), size=(resamples, len(per)))
+    rates = sums[draws].sum(1) / counts[draws].sum(1)
+    low, high = np.percentile(rates, [2.5, 97.5])
+    return float(rate), float(low), float(high)
+
+
+# ---------------------------------------------------------------- the reward-model judge
+
+def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
+    """One judgment per (method or reference group, human group, contest): mean rewards compared."""
+    from humor_ray.rl.reward import RewardModel, resolve_reward_model
+
+    context = read_context(cfg.dataset_dir, "eval")
+    model = RewardModel(resolve_reward_model(cfg.reward_model), cfg.reward_max_length)
+    pairs = []  # (kind, name, contest, captions)
+    for (method, contest), rows in generations.groupby(["method", "contest"]):
+        pairs.append(("method", method, int(contest), rows.sort_values("sample")["caption"].tolist()))
+    for (group, contest), rows in references.groupby(["group", "contest"]):
+        pairs.append(("human", group, int(contest), rows["caption"].tolist()))
+    pairs = [p for p in pairs if p[2] in context]
+    flat_prompts = [context[c][0] for _, _, c, caps in pairs for _ in caps]
+    flat_captions = [cap for _, _, _, caps in pairs for cap in caps]
+    print(f"[judge] scoring {len(flat_captions):,} captions with the reward model", file=sys.stderr, flush=True)
+    scores = model.score(flat_prompts, flat_captions)
+    means, start = {}, 0
+    for kind, name, contest, caps in pairs:
+        means[(kind, name, contest)] = float(np.mean(scores[start:start + len(caps)]))
+        start += len(caps)
+    out = []
+    for (kind, name, contest), value in means.items():
+        for group in GROUPS:
+            human = means.get(("human", group, contest))
+            if human is None or (kind == "human" and name == group):
+                continue
+            out.append({"contest": contest, "method": name if kind == "method" else f"human_{name}",
+                        "against": group, "order": "-", "win": float(value > human),
+                        "score": value, "against_score": human})
+    return out
+
+
+# ---------------------------------------------------------------- the LLM judge
+
+OVERALL_SYSTEM = ("You judge The New Yorker Cartoon Caption Contest. You read a description of a cartoon and two "
+                  "groups of ten captions, and say which group is funnier overall. Answer with one letter: A or B.")
+
+
+def _groups_text(context: str, group_a: list[str], group_b: list[str]) -> str:
+    lines = [f"Cartoon:\n{context.removesuffix('funny caption:').strip()}", "", "Group A:"]
+    lines += [f"{i + 1}. {c}" for i, c in enumerate(group_a)] + ["", "Group B:"]
+    lines += [f"{i + 1}. {c}" for i, c in enumerate(group_b)] + ["", "Which group is funnier, A or B?"]
+    return "\n".join(lines)
+
+
+def overall_request(context: str, group_a: list[str], group_b: list[str], shots) -> dict:
+    messages = [{"role": "system", "content": OVERALL_SYSTEM}]
+    for k, (shot_context, top, low) in enumerate(shots):
+        # Alternate where the better group stands, so the examples teach no position.
+        a, b, answer = (top, low, "A") if k % 2 == 0 else (low, top, "B")
+        messages += [{"role": "user", "content": _groups_text(shot_context, a, b)},
+                     {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": _groups_text(context, group_a, group_b)})
+    return {"messages": messages, "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+
+
+def prob_a(answer: dict) -> float:
+    """P(A) against P(B) from the first answer token's top log-probs (0.5 if neither appears)."""
+    best = {"A": -math.inf, "B": -math.inf}
+    first = (answer.get("logprobs") or [{}])[0]
+    for option in first.get("top_logprobs") or [{"token": first.get("token", ""), "logprob": first.get("logprob", 0.0)}]:
+        token = option["token"].strip().upper()
+        if token in best:
+            best[token] = max(best[token], option["logprob"])
+    if best["A"] == best["B"] == -math.inf:
+        text = (answer.get("content") or "").strip().upper()[:1]
+        return {"A": 1.0, "B": 0.0}.get(text, 0.5)
+    top = max(best.values())
+    a, b = math.exp(best["A"] - top), math.exp(best["B"] - top)
+    return a / (a + b)
+
+
+def _image_part(images_dir: str, image: str | None) -> list[dict]:
+    if not image:
+        return []
+    path = Path(images_dir) / image
+    if not path.is_file():
+        return []
+    kind = "png" if path.suffix.lower() == ".png" else "jpeg"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return [{"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{data}"}}]
+
+
+def pick_request(context: str, image_parts: list[dict], captions: list[str]) -> dict:
+    text = (f"Cartoon:\n{context.removesuffix('funny caption:').strip()}\n\nCaptions:\n"
+            + "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions))
+            + "\n\nWhich caption is the funniest? Answer with its number only.")
+    content = [*image_parts, {"type": "text", "text": text}] if image_parts else text
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 3, "temperature": 0}
+
+
+def _picked(answer: dict, captions: list[str]) -> str:
+    digits = "".join(ch for ch in (answer.get("content") or "") if ch.isdigit())
+    index = int(digits) - 1 if digits else 0
+    return captions[index] if 0 <= index < len(captions) else captions[0]
+
+
+def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict], dict]:
+    from humor_ray.config import data_root
+    from humor_ray.eval.client import JudgeClient
+
+    context = read_context(cfg.dataset_dir, "eval")
+    humans = {(g, int(c)): rows["caption"].tolist() for (g, c), rows in references.groupby(["group", "contest"])}
+    methods = {(m, int(c)): rows.sort_values("sample")["caption"].tolist()
+               for (m, c), rows in generations.groupby(["method", "contest"])}
+    contests = sorted({c for _, c in humans} & set(context))
+    # Every comparison: (name, group, contest) -> its captions vs the human group's; the reference
+    # comparisons (human top10 vs rank1000) fit the threshold and measure the judge's reliability.
+    comparisons = [(m, g, c, caps, humans[(g, c)]) for (m, c), caps in methods.items() for g in GROUPS
+                   if (g, c) in humans and c in context]
+    comparisons += [("human_top10", "rank1000", c, humans[("top10", c)], humans[("rank1000", c)])
+                    for c in contests if ("top10", c) in humans and ("rank1000", c) in humans]
+    client = JudgeClient(cfg.base_url, cfg.model, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
+                         concurrency=cfg.concurrency, price_per_mtok_in=cfg.price_per_mtok_in,
+                         price_per_mtok_out=cfg.price_per_mtok_out, api_key_env=cfg.api_key_env)
+    if cfg.protocol == "overall":
+        shots = few_shot_groups(cfg.dataset_dir, cfg.shots, cfg.seed)
+        requests = []
+        for _, _, c, ours, theirs in comparisons:
+            requests.append(overall_request(context[c][0], ours, theirs, shots))  # ours as A
+            requests.append(overall_request(context[c][0], theirs, ours, shots))  # ours as B
+        if cfg.dry_run:
+            return [], client.dry_run(requests)
+        answers = client.complete_many(requests)
+        p_a = [prob_a(a) for a in answers]
+        reference = [p for i, comparison in enumerate(comparisons) if comparison[0] == "human_top10"
+                     for p in (p_a[2 * i], p_a[2 * i + 1])]
+        threshold = float(np.median(reference)) if reference else 0.5
+        out = []
+        for i, (name, group, contest, _, _) in enumerate(comparisons):
+            first, second = p_a[2 * i], p_a[2 * i + 1]
+            out.append({"contest": contest, "method": name, "against": group, "order": "AB",
+                        "win": float(first > threshold), "score": first, "against_score": threshold})
+            out.append({"contest": contest, "method": name, "against": group, "order": "BA",
+                        "win": float(second <= threshold), "score": second, "against_score": threshold})
+        return out, {"threshold": threshold, **client.stats()}
+    # best_pick: the funniest caption of each group, then the better of the two picks.
+    images_dir = cfg.images_dir or str(data_root() / "images")
+    groups = {}
+    for _, _, c, ours, theirs in comparisons:
+        for caps in (ours, theirs):
+            groups[(c, tuple(caps))] = caps
+    keys = list(groups)
+    pick_requests = [pick_request(context[c][0], _image_part(images_dir, context[c][1]), list(caps)) for c, caps in keys]
+    if cfg.dry_run:
+        return [], client.dry_run(pick_requests)
+    picks = {key: _picked(a, list(key[1])) for key, a in zip(keys, client.complete_many(pick_requests))}
+    duel_requests = []
+    for _, _, c, ours, theirs in comparisons:
+        mine, other = picks[(c, tuple(ours))], picks[(c, tuple(theirs))]
+        duel_requests.append(overall_request(context[c][0], [mine], [other], []))
+        duel_requests.append(overall_request(context[c][0], [other], [mine], []))
+    p_a = [prob_a(a) for a in client.complete_many(duel_requests)]
+    out = []
+    for i, (name, group, contest, _, _) in enumerate(comparisons):
+        out.append({"contest": contest, "method": name, "against": group, "order": "AB",
+                    "win": float(p_a[2 * i] > 0.5), "score": p_a[2 * i], "against_score": 0.5})
+        out.append({"contest": contest, "method": name, "against": group, "order": "BA",
+                    "win": float(p_a[2 * i + 1] < 0.5), "score": p_a[2 * i + 1], "against_score": 0.5})
+    return out, client.stats()
+
+
+# ---------------------------------------------------------------- driver
+
+def win_rates(judgments, resamples: int, seed: int) -> list[dict]:
+    import pandas as pd
+
+    table = pd.DataFrame(judgments)
+    rows = []
+    for (method, group), part in table.groupby(["method", "against"]):
+        wins = [g["win"].tolist() for _, g in part.groupby("contest")]
+        rate, low, high = bootstrap_ci(wins, resamples, seed)
+        rows.append({"method": method, "against": group, "win_rate": rate, "ci_low": low, "ci_high": high,
+                     "contests": len(wins), "judgments": int(len(part))})
+    return rows
+
+
+def run(cfg: JudgeConfig) -> dict:
+    import pandas as pd
+
+    generations = read_generations(cfg.generations)
+    references = read_references(cfg.dataset_dir)
+    if cfg.max_contests:
+        keep = sorted(references["contest"].unique())[: cfg.max_contests]
+        references = references[references["contest"].isin(keep)]
+        generations = generations[generations["contest"].isin(keep)]
+    missing = sorted(set(generations["contest"]) - set(references["contest"]))
+    if missing:
+        print(f"[judge] {len(missing)} generated contests have no human references and are skipped: {missing[:10]}",
+              file=sys.stderr)
+    if cfg.judge == "rm":
+        judgments, stats = rm_judgments(cfg, generations, references), {}
+    else:
+        judgments, stats = llm_judgments(cfg, generations, references)
+        if cfg.dry_run:
+            print(json.dumps(stats, indent=1))
+            return stats
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    pd.DataFrame(judgments).to_parquet(os.path.join(cfg.output_dir, "judgments.parquet"))
+    rates = win_rates(judgments, cfg.bootstrap, cfg.seed)
+    reliability = next((r for r in rates if r["method"] == "human_top10" and r["against"] == "rank1000"), None)
+    summary = {"judge": cfg.judge if cfg.judge == "rm" else f"{cfg.model} ({cfg.protocol})",
+               "win_rates": [r for r in rates if not r["method"].startswith("human_")],
+               "reliability": reliability, "references": [r for r in rates if r["method"].startswith("human_")],
+               "stats": stats}
+    Path(cfg.output_dir, "winrates.json").write_text(json.dumps(summary, indent=1))
+    print(format_table(summary), file=sys.stderr, flush=True)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    rates = {(r["method"], r["against"]): r for r in summary["win_rates"]}
+    methods = sorted({m for m, _ in rates})
+    lines = [f"win rate vs human captions ({summary['judge']}), 95% CI", f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS)]
+    for method in methods:
+        cells = []
+        for group in GROUPS:
+            r = rates.get((method, group))
+            cells.append(f"{100 * r['win_rate']:5.1f} [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]" if r else "-")
+        lines.append(f"{method:<14}" + "".join(f"{c:>22}" for c in cells))
+    if summary.get("reliability"):
+        r = summary["reliability"]
+        lines.append(f"judge reliability: human top-10 beats #1000-1009 in {100 * r['win_rate']:.1f}% "
+                     f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] of {r['judgments']} judgments")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""`humor-ray report`: one static HTML file (plus its images) that opens without a server.
+
+- a leaderboard: each method's win rate against the four human groups, with 95% intervals, and the
+  judge's reliability check;
+- diversity beside win rate (a scatter: embedding diversity and EAD against the mean win rate);
+- caption length distributions (words per caption) of every method and of the human top captions;
+- per-contest examples: the cartoon, each method's captions next to the human top captions.
+Plots are drawn with matplotlib into PNG files next to the page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from humor_ray.config import UserError, data_root, field
+from humor_ray.eval.benchmark import GROUPS, read_generations, read_references
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """An HTML report of a benchmark run."""
+    judge_dir: str = field(None, "the output of `humor-ray judge` (winrates.json)")
+    generations: list[str] = field(None, "the generation outputs that were judged")
+    dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts)")
+    output_dir: str = field(None, "where report.html and its images go")
+    images_dir: str | None = field(None, "cartoon images (default: the data root's images/)")
+    examples: int = field(6, "contests shown with their captions")
+    captions_shown: int = field(5, "captions per method and contest in the examples")
+    title: str = field("humor_ray benchmark", "the page title")
+
+    def __post_init__(self):
+        if not (self.judge_dir and self.generations and self.dataset_dir and self.output_dir):
+            raise ValueError("report needs --judge_dir, --generations, --dataset_dir and --output_dir")
+
+
+def _plots(out: Path, summary: dict, diversity: dict, lengths: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    files = {}
+    mean_rate = {}
+    for row in summary["win_rates"]:
+        mean_rate.setdefault(row["method"], []).append(row["win_rate"])
+    methods = sorted(m for m in mean_rate if m in diversity)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "embedding", "embedding diversity (1 - mean cosine)"),
+                           (axes[1], "ead", "EAD (mean of n = 1..5)")):
+        xs = [diversity[m][key] for m in methods]
+        ys = [100 * sum(mean_rate[m]) / len(mean_rate[m]) for m in methods]
+        ax.scatter(xs, ys)
+        for m, x, y in zip(methods, xs, ys):
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean win rate vs the 4 human groups (%)")
+    fig.tight_layout()
+    fig.savefig(out / "diversity.png", dpi=110)
+    plt.close(fig)
+    files["diversity"] = "diversity.png"
+    fig, ax = plt.subplots(figsize=(10, 4))
+    names = list(lengths)
+    ax.boxplot([lengths[n] for n in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("words per caption")
+    fig.tight_layout()
+    fig.savefig(out / "lengths.png", dpi=110)
+    plt.close(fig)
+    files["lengths"] = "lengths.png"
+    return files
+
+
+def _leaderboard(summary: dict) -> str:
+    rates = {(r["method"], r["against"]): r for r in summary["win_rates"]}
+    methods = sorted({m for m, _ in rates}, key=lambda m: -sum(rates[(m, g)]["win_rate"] for g in GROUPS
+                                                               if (m, g) in rates))
+    head = "".join(f"<th>vs {g}</th>" for g in GROUPS)
+    rows = []
+    for m in methods:
+        cells = []
+        for g in GROUPS:
+            r = rates.get((m, g))
+            cells.append(f"<td>{100 * r['win_rate']:.1f}% <small>[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+                         f"</small></td>" if r else "<td>-</td>")
+        rows.append(f"<tr><td>{html.escape(m)}</td>{''.join(cells)}</tr>")
+    table = f"<table id='leaderboard'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+    reliability = summary.get("reliability")
+    if reliability:
+        table += (f"<p>Judge reliability: human top-10 beats human #1000-1009 in {100 * reliability['win_rate']:.1f}% "
+                  f"[{100 * reliability['ci_low']:.1f}, {100 * reliability['ci_high']:.1f}] of "
+                  f"{reliability['judgments']} judgments (chance: 50%).</p>")
+    return table
+
+
+def run(cfg: ReportConfig) -> str:
+    import pandas as pd
+
+    from humor_ray.eval.diversity import method_diversity
+
+    winrates = Path(cfg.judge_dir, "winrates.json")
+    if not winrates.is_file():
+        raise UserError(f"{winrates} not found: run `humor-ray judge` first")
+    summary = json.loads(winrates.read_text())
+    generations = read_generations(cfg.generations)
+    references = read_references(cfg.dataset_dir)
+    out = Path(cfg.output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    diversity_rows = method_diversity(generations[["contest", "method", "caption"]])
+    diversity = {m: {"embedding": v["embedding"], "ead": v["ead"]} for m, v in diversity_rows.items()}
+    lengths = {m: rows["caption"].str.split().str.len().tolist() for m, rows in generations.groupby("method")}
+    lengths["human top10"] = references[references["group"] == "top10"]["caption"].str.split().str.len().tolist()
+    plots = _plots(out, summary, diversity, lengths)
+    div_rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{d['embedding']:.3f}</td><td>{d['ead']:.3f}</td></tr>"
+                       for m, d in sorted(diversity.items()))
+    # Examples: contests every method has captions for, with the cartoon when its image exists.
+    prompts = pd.read_parquet(os.path.join(cfg.dataset_dir, "prompts", "eval"))
+    image_of = dict(zip(prompts["contest"].astype(int), prompts["image"]))
+    common = set(references["contest"].astype(int))
+    for _, rows in generations.groupby("method"):
+        common &= set(rows["contest"].astype(int))
+    images_dir = Path(cfg.images_dir) if cfg.images_dir else data_root() / "images"
+    examples = []
+    for contest in sorted(common)[: cfg.examples]:
+        image_html = ""
+        image = image_of.get(contest)
+        if image and (images_dir / image).is_file():
+            target = out / "images" / f"{contest}{Path(image).suffix}"
+            shutil.copyfile(images_dir / image, target)
+            image_html = f"<img src='images/{target.name}' alt='cartoon {contest}'>"
+        columns = [("human top 10", references[(references["contest"] == contest) &
+                                               (references["group"] == "top10")]["caption"].tolist())]
+        for method, rows in generations[generations["contest"] == contest].groupby("method"):
+            columns.append((method, rows.sort_values("sample")["caption"].tolist()))
+        cells = "".join(f"<div class='col'><h4>{html.escape(name)}</h4><ol>"
+                        + "".join(f"<li>{html.escape(c)}</li>" for c in caps[: cfg.captions_shown]) + "</ol></div>"
+                        for name, caps in columns)
+        examples.append(f"<section class='example'><h3>Contest {contest}</h3>{image_html}<div class='cols'>{cells}</div></section>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(cfg.title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
+img {{ max-width: 100%; }}
+.example img {{ max-height: 320px; }}
+.cols {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+.col {{ flex: 1 1 220px; font-size: 0.9em; }}
+</style></head><body>
+<h1>{html.escape(cfg.title)}</h1>
+<p>Judge: {html.escape(str(summary['judge']))}. Win rate of each method's captions against four groups of human captions
+(ranks 1-10, 200-209, 1000-1009, median), with 95% bootstrap intervals over contests.</p>
+<h2>Leaderboard</h2>
+{_leaderboard(summary)}
+<h2>Diversity and win rate</h2>
+<img id="diversity-plot" src="{plots['diversity']}" alt="diversity against win rate">
+<table id="diversity"><tr><th>method</th><th>embedding diversity</th><th>EAD</th></tr>{div_rows}</table>
+<h2>Caption lengths</h2>
+<img id="lengths-plot" src="{plots['lengths']}" alt="caption length distributions">
+<h2>Examples</h2>
+{''.join(examples) or '<p>No contest has captions from every method.</p>'}
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page)
+    Path(out, "diversity.json").write_text(json.dumps(diversity_rows, indent=1, default=_json_number))
+    print(f"[report] {path}", file=sys.stderr, flush=True)
+    return str(path)
+
+
+def _json_number(value):
+    number = float(value)
+    return None if math.isnan(number) else number

@@ -1,0 +1,287 @@
+"""`humor-ray generate` and `humor-ray bon`: captions for the evaluation contests, as a Ray Data job.
+
+Prompts stream through a pool of engine actors (`map_batches` over vLLM or HF-generate engines, one per
+worker or GPU). Every method uses the paper's decoding; the caption is the generation's first line,
+quotes stripped, with any echo of the prompt's "funny caption:" removed, and never cut inside a word
+(a generation that ran into --max_new_tokens loses its unfinished last word). Empty captions are drawn
+again, up to --max_attempts; what stays empty is reported.
+
+Best-of-N (`bon`) draws --candidates_factor x N captions per contest, scores every one with the reward
+model (prompt with the cartoon's context + caption, in its own Ray Data stage) and keeps the N with the
+highest reward, best first; the kept captions carry their reward.
+
+Outputs in --output_dir: `captions.parquet` (long: contest, method, sample, caption, and reward for bon),
+`<method>.csv` (wide: contest_number, prompt, caption1..N, the layout of the paper's released
+generations), `candidates.parquet` (bon: every scored candidate) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from humor_ray.config import UserError, field
+from humor_ray.rl.engines import ENGINES, Decoding, first_line
+
+# Labels a model may put before its caption, or echo from the prompt's last line.
+_LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """N captions per evaluation contest from one model."""
+    dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/<split>)")
+    output_dir: str = field(None, "where the captions go")
+    model_name: str = field("tiny", "a training output directory (sft, dpo, ppo), a preset or a Hugging Face id")
+    method: str | None = field(None, "the method's name in tables and the report (default: from --model_name)")
+    n: int = field(10, "captions per contest")
+    split: str = field("eval", "prompts split: eval or train")
+    simple_prompt: bool = field(False, "the simple prompt (context lines only) instead of the long instruction prompt")
+    max_contests: int | None = field(None, "only the first this many contests (quick runs)")
+    engine: str = field("vllm", "vllm or hf")
+    num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)")
+    use_gpu: bool = field(False, "one GPU per engine")
+    batch_size: int = field(4, "contests per engine call")
+    temperature: float = field(0.7, "sampling temperature")
+    top_p: float = field(0.95, "nucleus sampling")
+    repetition_penalty: float = field(1.15, "repetition penalty")
+    max_new_tokens: int = field(64, "tokens per generation at most")
+    max_attempts: int = field(3, "draws per caption before an empty one is reported")
+    seed: int = field(2024, "sampling seed")
+
+    def __post_init__(self):
+        if not self.dataset_dir or not self.output_dir:
+            raise ValueError("generation needs --dataset_dir and --output_dir")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {ENGINES}")
+        if min(self.n, self.num_engines, self.batch_size, self.max_attempts) < 1:
+            raise ValueError("--n, --num_engines, --batch_size and --max_attempts must be at least 1")
+
+    def decoding(self) -> Decoding:
+        return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                        max_new_tokens=self.max_new_tokens, stop_at_newline=True)
+
+    def method_name(self) -> str:
+        if self.method:
+            return self.method
+        path = Path(self.model_name)
+        # runs/sft/final -> sft
+        return path.parent.name if path.name in ("final", "merged") else (path.name or str(path))
+
+
+@dataclasses.dataclass
+class BonConfig(GenerateConfig):
+    """Best-of-N: generate factor x N, keep the N the reward model scores highest."""
+    reward_model: str = field(None, "a `humor-ray rm` output directory or a reward model directory")
+    candidates_factor: int = field(5, "candidates per kept caption (the paper: 50 for 10)")
+    reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.reward_model:
+            raise ValueError("bon needs --reward_model")
+        if self.candidates_factor < 1:
+            raise ValueError("--candidates_factor must be at least 1")
+
+    def method_name(self) -> str:
+        return self.method or f"{super().method_name()}_BoN"
+
+
+def clean_caption(text: str, finished: bool) -> str:
+    """The caption in a generation (see the module docstring)."""
+    line = first_line(text)
+    line = _LABEL.sub("", line).strip()
+    if not finished and "\n" not in text:
+        # Ran out of tokens: the last word may be cut; keep whole words only.
+        line = line.rsplit(" ", 1)[0] if " " in line else ""
+    return first_line(line)  # quotes again, after a label came off
+
+
+class CaptionWriter:
+    """A Ray Data actor holding one engine: contests in, `n` clean captions each out."""
+
+    def __init__(self, engine: str, model_dir: str, n: int, decoding: Decoding, max_attempts: int, seed: int):
+        from humor_ray.rl.engines import engine_class
+
+        # On a GPU the engine is alone on it: vLLM may take most of its memory.
+        self.engine = engine_class(engine)(model_dir, 0, None, 0.85 if _gpu() else 0.0, seed)
+        self.n, self.decoding, self.max_attempts = n, decoding, max_attempts
+
+    def __call__(self, batch: dict) -> dict:
+        prompts = list(batch["policy_prompt"])
+        found: list[list[tuple[str, str]]] = [[] for _ in prompts]
+        attempts = [0] * len(prompts)
+        todo = list(range(len(prompts)))
+        while todo:
+            missing = {i: self.n - len(found[i]) for i in todo}
+            # One call per distinct shortfall keeps the engine batched.
+            for count in sorted(set(missing.values())):
+                group = [i for i in todo if missing[i] == count]
+                for sample in self.engine.generate([prompts[i] for i in group], count, self.decoding):
+                    i = group[sample.prompt_index]
+                    caption = clean_caption(sample.text, sample.finished)
+                    if caption and len(found[i]) < self.n:
+                        found[i].append((caption, sample.text))
+            for i in todo:
+                attempts[i] += 1
+            todo = [i for i in todo if len(found[i]) < self.n and attempts[i] < self.max_attempts]
+        out = {"contest": [], "sample": [], "caption": [], "generation": [], "prompt": [], "reward_prompt": []}
+        for i, captions in enumerate(found):
+            for k, (caption, raw) in enumerate(captions):
+                out["contest"].append(int(batch["contest"][i]))
+                out["sample"].append(k)
+                out["caption"].append(caption)
+                out["generation"].append(raw)
+                out["prompt"].append(prompts[i])
+                out["reward_prompt"].append(batch["reward_prompt"][i])
+        return out
+
+
+class RewardScorer:
+    """A Ray Data actor scoring (prompt with context, caption) with the reward model."""
+
+    def __init__(self, spec: str, max_length: int):
+        from humor_ray.rl.reward import RewardModel
+
+        self.model = RewardModel(spec, max_length)
+
+    def __call__(self, batch: dict) -> dict:
+        batch["reward"] = self.model.score(list(batch["reward_prompt"]), list(batch["caption"]))
+        return batch
+
+
+def _gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def read_prompts(cfg: GenerateConfig):
+    """The split's prompts: contest, what the policy reads, what the reward model reads."""
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    path = os.path.join(cfg.dataset_dir, "prompts", cfg.split)
+    if "://" not in path and not os.path.isdir(path):
+        raise UserError(f"{path} not found: run `humor-ray data build` first")
+    table = pds.dataset(path, format="parquet").to_table().sort_by("contest")
+    if cfg.max_contests:
+        table = table.slice(0, cfg.max_contests)
+    column = "prompt" if cfg.simple_prompt else "prompt_long"
+    return pa.table({"contest": table["contest"].cast(pa.int64()), "policy_prompt": table[column],
+                     "reward_prompt": table["prompt"]})
+
+
+def _generate(cfg: GenerateConfig, per_contest: int):
+    """Ray Data: prompts -> engine actors -> caption rows (an Arrow table)."""
+    import ray.data
+
+    from humor_ray.cluster import init_ray
+    from humor_ray.models import registry
+
+    prompts = read_prompts(cfg)
+    model_dir = registry.resolve(cfg.model_name)
+    init_ray()
+    decoding = cfg.decoding()
+    started = time.perf_counter()
+    rows = ray.data.from_arrow(prompts).repartition(max(1, prompts.num_rows // cfg.batch_size)).map_batches(
+        CaptionWriter, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_engines),
+        num_gpus=1 if cfg.use_gpu else 0,
+        fn_constructor_kwargs={"engine": cfg.engine, "model_dir": model_dir, "n": per_contest,
+                               "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed},
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                                  "VLLM_LOGGING_LEVEL": "ERROR"}})
+    return prompts, rows, started
+
+
+def _finish(cfg: GenerateConfig, prompts, table, started: float, extra: dict) -> dict:
+    """Write the long and wide outputs and the summary; report contests short of N captions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    method = cfg.method_name()
+    table = table.sort_by([("contest", "ascending"), ("sample", "ascending")])
+    table = table.append_column("method", pa.repeat(pa.scalar(method), table.num_rows))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    long = table.select(["contest", "method", "sample", "caption", *[c for c in ("reward",) if c in table.column_names],
+                         "generation"])
+    pq.write_table(long, os.path.join(cfg.output_dir, "captions.parquet"))
+    per_contest: dict[int, list[str]] = {}
+    for contest, caption in zip(table["contest"].to_pylist(), table["caption"].to_pylist()):
+        per_contest.setdefault(contest, []).append(caption)
+    prompt_of = dict(zip(prompts["contest"].to_pylist(), prompts["policy_prompt"].to_pylist()))
+    wide = {"contest_number": [], "prompt": [], **{f"caption{k + 1}": [] for k in range(cfg.n)}}
+    for contest in sorted(prompt_of):
+        captions = per_contest.get(contest, [])
+        wide["contest_number"].append(contest)
+        wide["prompt"].append(prompt_of[contest])
+        for k in range(cfg.n):
+            wide[f"caption{k + 1}"].append(captions[k] if k < len(captions) else None)
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(pa.table(wide), os.path.join(cfg.output_dir, f"{method}.csv"))
+    short = {c: cfg.n - len(per_contest.get(c, [])) for c in prompt_of if len(per_contest.get(c, [])) < cfg.n}
+    summary = {"method": method, "model": cfg.model_name, "contests": len(prompt_of), "captions": table.num_rows,
+               "missing_captions": short, "seconds": round(time.perf_counter() - started, 1), **extra}
+    Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))
+    if short:
+        print(f"[{method}] {sum(short.values())} captions still empty after {cfg.max_attempts} draws, in contests "
+              f"{sorted(short)}", file=sys.stderr)
+    print(f"[{method}] {table.num_rows} captions for {len(prompt_of)} contests in {summary['seconds']} s -> "
+          f"{cfg.output_dir}", file=sys.stderr, flush=True)
+    return summary
+
+
+def run(cfg: GenerateConfig) -> dict:
+    prompts, rows, started = _generate(cfg, cfg.n)
+    return _finish(cfg, prompts, _table(rows), started, {})
+
+
+def run_bon(cfg: BonConfig) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from humor_ray.rl.reward import resolve_reward_model
+
+    reward_spec = resolve_reward_model(cfg.reward_model)
+    prompts, rows, started = _generate(cfg, cfg.n * cfg.candidates_factor)
+    scored = _table(rows.map_batches(RewardScorer, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1),
+                                     fn_constructor_kwargs={"spec": reward_spec, "max_length": cfg.reward_max_length}))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    pq.write_table(scored.select(["contest", "sample", "caption", "reward"]),
+                   os.path.join(cfg.output_dir, "candidates.parquet"))
+    # Per contest the N highest rewards, best first (ties: the earlier sample).
+    keep = []
+    contests = scored["contest"].to_numpy()
+    rewards = scored["reward"].to_numpy()
+    samples = scored["sample"].to_numpy()
+    for contest in np.unique(contests):
+        rows_of = np.flatnonzero(contests == contest)
+        order = rows_of[np.lexsort((samples[rows_of], -rewards[rows_of]))]
+        keep.extend(order[: cfg.n].tolist())
+    kept = scored.take(pa.array(keep, pa.int64()))
+    rank = []
+    for contest in np.unique(contests):
+        rank.extend(range(int((kept["contest"].to_numpy() == contest).sum())))
+    kept = kept.set_column(kept.column_names.index("sample"), "sample", pa.array(rank, pa.int64()))
+    return _finish(cfg, prompts, kept, started, {"reward_model": reward_spec, "candidates": scored.num_rows,
+                                                 "mean_reward_kept": float(np.mean(kept["reward"].to_numpy())),
+                                                 "mean_reward_all": float(np.mean(rewards))})
+
+
+def _table(dataset):
+    """Run the Ray Data pipeline; its rows as one Arrow table."""
+    import pyarrow as pa
+    import ray
+
+    tables = [t for t in ray.get(dataset.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        raise UserError("no captions were generated")
+    return pa.concat_tables(tables, promote_options="permissive")

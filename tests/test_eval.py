@@ -1,0 +1,129 @@
+"""Generation, best-of-N, the judges (reward model; an LLM behind a real local OpenAI-compatible HTTP
+server), win rates and the HTML report, on real contests with real prompts and human references."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from humor_ray.data import build
+from humor_ray.eval import benchmark, report
+from humor_ray.eval.diversity import read_wide
+from humor_ray.infer import generate
+from humor_ray.infer.generate import clean_caption
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_captions_are_cleaned_like_a_reader_would():
+    assert clean_caption('Caption: "I said no pickles."\nmore text', finished=True) == "I said no pickles."
+    assert clean_caption("funny caption: Fish are friends", finished=True) == "Fish are friends"
+    # Ran into the token limit: the unfinished last word goes, never a word cut in half.
+    assert clean_caption("I told you the elephant would nev", finished=False) == "I told you the elephant would"
+    assert clean_caption("Incompr", finished=False) == ""
+    assert clean_caption("\n\n", finished=True) == ""
+
+
+@pytest.fixture(scope="module")
+def datasets_dir(tmp_path_factory, real_data, ray_local):
+    """Contests 530-549: training contests for the judge's few-shot examples, six evaluation contests
+    with human references and the cartoons' descriptions."""
+    out = tmp_path_factory.mktemp("eval_datasets")
+    build.run(build.BuildConfig(
+        input=str(real_data / "summaries" / "5[34][0-9]_*.csv"), output=str(out),
+        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
+        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
+        images=str(real_data / "images"), datasets=["prompts", "references", "captions"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, datasets_dir):
+    out = tmp_path_factory.mktemp("generated")
+    summary = generate.run(generate.GenerateConfig(dataset_dir=str(datasets_dir), output_dir=str(out / "tiny"),
+                                                   model_name="tiny", n=4, max_contests=3, max_new_tokens=16))
+    return out / "tiny", summary
+
+
+def test_generate_writes_long_and_wide_captions(generated):
+    out, summary = generated
+    long = pd.read_parquet(out / "captions.parquet")
+    assert summary["contests"] == 3 and summary["method"] == "tiny"
+    assert long.groupby("contest").size().tolist() == [4, 4, 4]
+    assert (long["caption"].str.strip() != "").all() and not long["caption"].str.contains("\n").any()
+    # The wide file reads back through the same reader as the paper's released generations.
+    wide = read_wide(out / "tiny.csv", "tiny")
+    assert sorted(wide["caption"]) == sorted(long["caption"])
+
+
+def test_best_of_n_keeps_the_highest_rewards(tmp_path, datasets_dir):
+    out = tmp_path / "bon"
+    summary = generate.run_bon(generate.BonConfig(
+        dataset_dir=str(datasets_dir), output_dir=str(out), model_name="tiny", n=3, candidates_factor=4,
+        max_contests=2, max_new_tokens=12, reward_model="builtin:vowel_share", engine="hf"))
+    kept = pd.read_parquet(out / "captions.parquet")
+    candidates = pd.read_parquet(out / "candidates.parquet")
+    assert summary["method"] == "tiny_BoN" and summary["mean_reward_kept"] >= summary["mean_reward_all"]
+    for contest, rows in kept.groupby("contest"):
+        pool = candidates[candidates["contest"] == contest]["reward"].sort_values(ascending=False).tolist()
+        assert rows.sort_values("sample")["reward"].tolist() == pytest.approx(pool[:3])
+
+
+def test_reward_model_judge_win_rates_and_report_in_a_browser(tmp_path, datasets_dir, generated, real_data):
+    out, _ = generated
+    judged = tmp_path / "judged"
+    released = tmp_path / "released"
+    released.mkdir()
+    for name in ("sft.csv", "gpt4o.csv"):
+        shutil.copy(real_data / "benchmarks" / "humor_in_ai_examples" / name, released / name)
+    summary = benchmark.run(benchmark.JudgeConfig(
+        dataset_dir=str(datasets_dir), generations=[str(out), str(released)], output_dir=str(judged),
+        judge="rm", reward_model="builtin:vowel_share", bootstrap=200))
+    rates = {(r["method"], r["against"]): r for r in summary["win_rates"]}
+    assert {m for m, _ in rates} == {"tiny", "sft", "gpt4o"}
+    for r in rates.values():
+        assert 0.0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1.0
+    # The released files cover the six evaluation contests built here; ours the first three.
+    assert rates[("sft", "top10")]["contests"] == 6 and rates[("tiny", "top10")]["contests"] == 3
+    assert summary["reliability"]["contests"] == 6
+
+    site = tmp_path / "site"
+    page = report.run(report.ReportConfig(judge_dir=str(judged), generations=[str(out), str(released)],
+                                          dataset_dir=str(datasets_dir), output_dir=str(site), examples=2))
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        view = browser.new_page()
+        view.goto(f"file://{page}")
+        assert view.locator("#leaderboard tr").count() == 1 + 3
+        images = view.locator("img")
+        assert images.count() >= 4  # two plots, two cartoons
+        for i in range(images.count()):
+            assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0"), images.nth(i).get_attribute("src")
+        view.screenshot(path=str(site / "screenshot.png"), full_page=True)
+        browser.close()
+    assert (site / "screenshot.png").stat().st_size > 10_000
+
+
+def test_llm_judge_over_http_asks_both_orders_calibrates_and_caches(tmp_path, datasets_dir, generated):
+    from humor_ray.serve import running_server
+
+    out, _ = generated
+    judged = tmp_path / "llm"
+    with running_server(model="tiny") as base_url:
+        config = dict(dataset_dir=str(datasets_dir), generations=[str(out)], output_dir=str(judged), judge="llm",
+                      base_url=base_url, model="tiny", shots=2, max_contests=3, bootstrap=100, concurrency=4)
+        dry = benchmark.run(benchmark.JudgeConfig(**config, dry_run=True))
+        summary = benchmark.run(benchmark.JudgeConfig(**config))
+        again = benchmark.run(benchmark.JudgeConfig(**config))
+    judgments = pd.read_parquet(judged / "judgments.parquet")
+    ours = judgments[judgments["method"] == "tiny"]
+    assert len(ours) == 3 * 4 * 2 and set(ours["order"]) == {"AB", "BA"}
+    assert 0.0 <= summary["stats"]["threshold"] <= 1.0
+    # 3 contests x (4 groups + the reliability pair) x 2 orders.
+    assert dry["requests_to_send"] == 30
+    assert summary["stats"]["requests_sent"] == 30 and again["stats"]["requests_sent"] == 0
+    assert json.loads((judged / "winrates.json").read_text())["reliability"]["judgments"] == 6
