@@ -21,6 +21,7 @@ STAGES = {
     ("bon",): ("humor_ray.infer.generate", "BonConfig", "run_bon"),
     ("judge",): ("humor_ray.eval.benchmark", "JudgeConfig"),
     ("report",): ("humor_ray.eval.report", "ReportConfig"),
+    ("serve",): ("humor_ray.serve", "ServeConfig"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
 }
 

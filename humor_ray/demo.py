@@ -1,7 +1,10 @@
 """`humor-ray demo`: the main job end to end on local Ray, from the real contest data.
 
-The data stage, then the training stages on CPU with the laptop job specs (short runs): SFT of the
-tiny model, the MiniLM reward model, DPO starting from that SFT. Later stages join here as they land."""
+data -> sft -> rm -> dpo -> ppo -> generate (sft, dpo, ppo) -> best-of-N (sft) -> judge -> report, on
+CPU with the laptop job specs in short runs: the policy is --policy (the tiny preset by default, or
+SmolLM2-135M), the reward model MiniLM. The judge is the reward model (offline) unless --judge_base_url
+names an OpenAI-compatible endpoint. Every stage writes under --output and can be rerun alone with
+the command it prints."""
 
 from __future__ import annotations
 
@@ -25,6 +28,11 @@ class DemoConfig:
                                    f"{DEFAULT_CACHE}")
     mirror: str | None = field(None, "download the data from this mirror (URL or folder) instead of upstream")
     train_steps: int = field(30, "optimizer steps of each training stage (0 skips training)")
+    policy: str = field("tiny", "the policy model: tiny (minutes) or smollm2-135m (SmolLM2, about half an hour here)")
+    ppo_steps: int = field(4, "PPO steps")
+    eval_contests: int = field(8, "evaluation contests captions are generated and judged for")
+    judge_base_url: str | None = field(None, "an OpenAI-compatible endpoint for the LLM judge (default: the reward model judges)")
+    judge_model: str | None = field(None, "the LLM judge's model, with --judge_base_url")
 
 
 def locate_data(cfg: DemoConfig) -> Path:
@@ -61,6 +69,8 @@ def run(cfg: DemoConfig) -> dict:
     print(f"[demo] datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}", file=sys.stderr)
     if cfg.train_steps > 0:
         report["training"] = train(cfg, datasets)
+        report["report"] = evaluate(cfg, datasets)
+        print(f"[demo] report: {Path(report['report']).resolve()}", file=sys.stderr)
     print(f"[demo] done: {Path(cfg.output).resolve()}", file=sys.stderr)
     return report
 
@@ -74,10 +84,11 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
     # Evaluate and checkpoint twice per run; the specs' settings are for longer runs.
     short = ["--dataset_dir", str(datasets), "--max_steps", str(steps), "--eval_steps", str(max(1, steps // 2)),
              "--save_steps", str(max(1, steps // 2)), "--logging_steps", str(max(1, steps // 10))]
+    size = "tiny" if cfg.policy == "tiny" else "smollm2"
     stages = [
-        ("sft", sft, "sft-tiny.yaml", []),
+        ("sft", sft, f"sft-{size}.yaml", []),
         ("rm", rm, "rm-minilm.yaml", ["--max_eval_examples", "500"]),
-        ("dpo", dpo, "dpo-tiny.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
+        ("dpo", dpo, f"dpo-{size}.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
     ]
     results = {}
     for number, (name, module, spec, extra) in enumerate(stages, start=2):
@@ -91,3 +102,46 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
           f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
           f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}", file=sys.stderr)
     return results
+
+
+def _stage(number: int, name: str, function, config_class, spec: str | None, args: list[str]):
+    """One stage as its command line would run it (printed, so it can be rerun alone)."""
+    argv = (["--config", str(REPO / "jobs" / spec)] if spec else []) + args
+    print(f"[demo] stage {number}: humor-ray {name} {' '.join(argv)}", file=sys.stderr, flush=True)
+    return function(parse_config(config_class, argv, f"humor-ray {name}"))
+
+
+def evaluate(cfg: DemoConfig, datasets: Path) -> str:
+    """PPO from the SFT policy, captions from every policy, best-of-N, the judge and the report."""
+    from humor_ray.config import data_root
+    from humor_ray.eval import benchmark, report
+    from humor_ray.infer import generate
+    from humor_ray.rl import ppo
+
+    out = Path(cfg.output)
+    runs, captions = out / "runs", out / "captions"
+    size = "tiny" if cfg.policy == "tiny" else "smollm2"
+    common = ["--dataset_dir", str(datasets)]
+    sft_model, reward = str(runs / "sft" / "final"), str(runs / "rm")
+    # The SFT specs train on the simple prompt; PPO and generation must read the same.
+    prompt = ["--simple_prompt"]
+    _stage(5, "ppo", ppo.run, ppo.Config, f"ppo-{size}.yaml", [*common, *prompt, "--output_dir", str(runs / "ppo"), "--model_name", sft_model,
+                                                "--reward_model", reward, "--reward_max_length", "128",
+                                                "--max_steps", str(cfg.ppo_steps), "--save_steps", str(cfg.ppo_steps)])
+    subset = ["--max_contests", str(cfg.eval_contests)]
+    for name in ("sft", "dpo", "ppo"):
+        _stage(6, "generate", generate.run, generate.GenerateConfig, None, [*common, *subset, *prompt, "--model_name", str(runs / name / "final"),
+                                               "--method", name, "--output_dir", str(captions / name)])
+    _stage(7, "bon", generate.run_bon, generate.BonConfig, None, [*common, *subset, *prompt, "--model_name", sft_model, "--method", "sft_BoN",
+                                      "--reward_model", reward, "--reward_max_length", "128",
+                                      "--output_dir", str(captions / "sft_BoN")])
+    generations = [str(captions / name) for name in ("sft", "dpo", "ppo", "sft_BoN")]
+    released = data_root() / "benchmarks" / "humor_in_ai_examples"
+    if released.is_dir():  # the paper's own generations, judged beside ours
+        generations.append(str(released))
+    judge = (["--judge", "llm", "--base_url", cfg.judge_base_url, "--model", cfg.judge_model or "gpt-4o"]
+             if cfg.judge_base_url else ["--judge", "rm", "--reward_model", reward, "--reward_max_length", "128"])
+    _stage(8, "judge", benchmark.run, benchmark.JudgeConfig, None, [*common, *subset, "--generations", *generations, *judge,
+                                         "--output_dir", str(out / "judge")])
+    return _stage(9, "report", report.run, report.ReportConfig, None, [*common, "--judge_dir", str(out / "judge"), "--generations",
+                                              *generations, "--output_dir", str(out / "report")])

@@ -119,11 +119,16 @@ def test_llm_judge_over_http_asks_both_orders_calibrates_and_caches(tmp_path, da
         dry = benchmark.run(benchmark.JudgeConfig(**config, dry_run=True))
         summary = benchmark.run(benchmark.JudgeConfig(**config))
         again = benchmark.run(benchmark.JudgeConfig(**config))
+        # Best pick sends the cartoon with each group (the local text model leaves the image unread).
+        picked = benchmark.run(benchmark.JudgeConfig(**{**config, "output_dir": str(tmp_path / "pick"),
+                                                        "protocol": "best_pick", "max_contests": 2}))
     judgments = pd.read_parquet(judged / "judgments.parquet")
     ours = judgments[judgments["method"] == "tiny"]
     assert len(ours) == 3 * 4 * 2 and set(ours["order"]) == {"AB", "BA"}
     assert 0.0 <= summary["stats"]["threshold"] <= 1.0
     # 3 contests x (4 groups + the reliability pair) x 2 orders.
-    assert dry["requests_to_send"] == 30
-    assert summary["stats"]["requests_sent"] == 30 and again["stats"]["requests_sent"] == 0
+    assert dry["to_send"] == 30
+    assert summary["stats"]["sent"] == 30 and again["stats"]["sent"] == 0 and again["stats"]["cache_hits"] == 30
     assert json.loads((judged / "winrates.json").read_text())["reliability"]["judgments"] == 6
+    # 2 contests: 5 comparisons x 2 groups of picks (distinct groups only), then 5 x 2 duels.
+    assert picked["stats"]["sent"] > 0 and {r["against"] for r in picked["win_rates"]} == set(benchmark.GROUPS)

@@ -277,9 +277,9 @@ def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, 
 
 
 def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, datasets_dir):
-    """The reward model from `humor-ray rm` scores prompt-with-context + caption; the policy trains a
-    LoRA adapter (its reference is the adapter switched off) with the critic-free RLOO estimator, and
-    resumes when the same command is rerun with more steps."""
+    """The reward model from `humor-ray rm` scores prompt-with-context + caption; two data-parallel
+    trainer workers train a LoRA adapter (its reference is the adapter switched off) with the
+    critic-free RLOO estimator, and resume when the same command is rerun with more steps."""
     from transformers import AutoModelForCausalLM
 
     from humor_ray.train import rm
@@ -292,7 +292,7 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model=str(reward_dir),
                   model_name="tiny", estimator="rloo", samples_per_prompt=4, rollout_batch_size=2,
                   mini_batch_size=8, lora_r=8, lora_alpha=16, learning_rate=1e-3, max_new_tokens=12,
-                  reward_max_length=128, save_steps=1, report_to=["none"], max_failures=0)
+                  reward_max_length=128, save_steps=1, report_to=["none"], max_failures=0, num_workers=2)
     ppo.run(ppo.Config(**config, max_steps=2))
     ppo.run(ppo.Config(**config, max_steps=4))
     metrics = json.loads((out / "metrics.json").read_text())

@@ -167,7 +167,7 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
     flat_prompts = [context[c][0] for _, _, c, caps in pairs for _ in caps]
     flat_captions = [cap for _, _, _, caps in pairs for cap in caps]
     print(f"[judge] scoring {len(flat_captions):,} captions with the reward model", file=sys.stderr, flush=True)
-    scores = model.score(flat_prompts, flat_captions)
+    scores = model.score(flat_prompts, flat_captions, progress=True)
     means, start = {}, 0
     for kind, name, contest, caps in pairs:
         means[(kind, name, contest)] = float(np.mean(scores[start:start + len(caps)]))
@@ -287,7 +287,7 @@ def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict]
                         "win": float(first > threshold), "score": first, "against_score": threshold})
             out.append({"contest": contest, "method": name, "against": group, "order": "BA",
                         "win": float(second <= threshold), "score": second, "against_score": threshold})
-        return out, {"threshold": threshold, **client.stats()}
+        return out, {"threshold": threshold, **dataclasses.asdict(client.stats)}
     # best_pick: the funniest caption of each group, then the better of the two picks.
     images_dir = cfg.images_dir or str(data_root() / "images")
     groups = {}
@@ -311,7 +311,7 @@ def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict]
                     "win": float(p_a[2 * i] > 0.5), "score": p_a[2 * i], "against_score": 0.5})
         out.append({"contest": contest, "method": name, "against": group, "order": "BA",
                     "win": float(p_a[2 * i + 1] < 0.5), "score": p_a[2 * i + 1], "against_score": 0.5})
-    return out, client.stats()
+    return out, dataclasses.asdict(client.stats)
 
 
 # ---------------------------------------------------------------- driver

@@ -59,16 +59,21 @@ class RewardModel:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, prompts: list[str], captions: list[str]) -> list[float]:
+    def score(self, prompts: list[str], captions: list[str], progress: bool = False) -> list[float]:
+        """Rewards of (prompt, caption) pairs; `progress` shows a bar (long scoring runs)."""
         if self.spec == "builtin:vowel_share":
             return [vowel_share(c) for c in captions]
+        import sys
+
         import torch
+        from tqdm import tqdm
 
         from humor_ray.train.rm import encode
 
         scores: list[float] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(prompts), self.batch_size):
+        starts = range(0, len(prompts), self.batch_size)
+        for start in tqdm(starts, desc="reward", unit="batch", file=sys.stderr, disable=not progress):
             ids = encode(self.tokenizer, prompts[start:start + self.batch_size],
                          captions[start:start + self.batch_size], self.max_length)
             width = max(len(row) for row in ids)

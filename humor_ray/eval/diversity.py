@@ -1,0 +1,294 @@
+"""Caption diversity, as in "Humor in AI" (Zhang et al. 2024): every method writes N captions per
+held-out contest, a diversity score is computed per contest over its N captions, then averaged over
+contests. Two scores:
+
+- embedding diversity: 1 - mean pairwise cosine similarity of all-MiniLM-L6-v2 sentence embeddings,
+  which sees paraphrases of one joke as the same joke;
+- EAD-n (Liu et al. 2022, "Rethinking and Refining the Distinct Metric"): distinct n-grams over their
+  expected number for text drawn at random from the vocabulary, which unlike Distinct-n does not
+  fall just because a method writes longer captions.
+
+Tables are pandas DataFrames in a long layout, one row per caption: `contest, method, sample,
+caption`. Generations come in a wide layout, one row per contest (`contest_number`, optional
+`prompt`, `caption1..captionN`); `read_wide` and `read_released` turn those into the long layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from humor_ray.config import UserError, data_root
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_MODEL = "minilm"
+# all-MiniLM-L6-v2's `max_seq_length` (sentence_bert_config.json): longer texts are cut, as there.
+MAX_TOKENS = 256
+# Lowercased words (contractions such as "don't" stay one word) and single punctuation marks.
+TOKEN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+CAPTION_COLUMN = re.compile(r"caption(\d+)")
+LONG_COLUMNS = ["contest", "method", "sample", "caption"]
+RELEASED_DIR = ("benchmarks", "humor_in_ai_examples")
+# The released human captions have no contest column: this file (ours) gives each row's contest.
+HUMAN_INDEX = "human_rows_contest_index.csv"
+
+
+# ---------------------------------------------------------------------------------------- EAD
+
+
+def tokenize(caption: str) -> list[str]:
+    """Lowercased words and punctuation marks, each a token."""
+    return TOKEN.findall(caption.lower())
+
+
+def vocabulary_size(all_captions: Iterable[str]) -> int:
+    """Distinct tokens over every caption of an evaluation: the V of `ead`. Computed once over all
+    methods being compared, so that their EAD scores share one scale."""
+    return len({token for caption in all_captions for token in tokenize(caption)})
+
+
+def ead(captions: Sequence[str], n: int, vocab_size: int) -> float:
+    """Expectation-Adjusted Distinct n-grams of one set of captions:
+    distinct / (V * (1 - ((V - 1) / V) ** C)), with C the number of n-grams (none spans two
+    captions) and V = `vocab_size`. Tokens are `tokenize`'s. Liu et al. take V from the model's
+    tokenizer; we pass the word vocabulary of the whole evaluation (`vocabulary_size`), because our
+    tokens are words and the methods compared use different tokenizers. The denominator is the
+    expected number of distinct n-grams among C drawn uniformly from V (a little under C when C is
+    small against V), so EAD is a little above 1 when nothing repeats. NaN when there is no n-gram."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
+    grams = [gram for caption in captions for gram in _ngrams(tokenize(caption), n)]
+    if not grams:
+        return math.nan
+    # V * (1 - ((V - 1) / V) ** C), written with log1p/expm1 so that a large V loses no precision.
+    expected = 1.0 if vocab_size == 1 else -vocab_size * math.expm1(len(grams) * math.log1p(-1 / vocab_size))
+    return len(set(grams)) / expected
+
+
+def ead_scores(groups: Sequence[Sequence[str]], vocab_size: int,
+               ns: Sequence[int] = (1, 2, 3, 4, 5)) -> dict[int, list[float]]:
+    """EAD-n of every group (one contest's captions), for each n."""
+    return {n: [ead(group, n, vocab_size) for group in groups] for n in ns}
+
+
+def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return list(zip(*(tokens[i:] for i in range(n))))
+
+
+# ---------------------------------------------------------------------------------- embeddings
+
+
+@functools.cache
+def _encoder(spec: str):
+    """(model, tokenizer), loaded once per process: evaluating many methods loads the model once."""
+    from humor_ray.models import registry
+
+    model, tokenizer = registry.load_model(spec, kind="embedding")
+    return model.eval(), tokenizer
+
+
+def embed(texts: Sequence[str], model: str = EMBEDDING_MODEL, batch_size: int = 64) -> torch.Tensor:
+    """Sentence embeddings, one unit-length row per text: the attention-masked mean of the last hidden
+    state, L2-normalised (the definition of all-MiniLM-L6-v2). Texts are batched by length, so that
+    a few long captions do not pad every batch."""
+    encoder, tokenizer = _encoder(model)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), encoder.config.hidden_size)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                              max_length=MAX_TOKENS, return_tensors="pt")
+            hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).float()
+    return out
+
+
+def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_MODEL,
+                        batch_size: int = 64) -> list[float]:
+    """1 - mean cosine similarity over all unordered pairs of a group's non-empty captions, per group
+    (NaN for fewer than two). All groups are embedded together, in batches."""
+    kept = [[c for c in group if c.strip()] for group in groups]
+    vectors = embed([c for group in kept for c in group], model=model, batch_size=batch_size)
+    scores, start = [], 0
+    for group in kept:
+        k = len(group)
+        block = vectors[start:start + k]
+        start += k
+        if k < 2:
+            scores.append(math.nan)
+            continue
+        pairs = torch.triu_indices(k, k, offset=1)
+        similarity = block @ block.T
+        scores.append(1.0 - float(similarity[pairs[0], pairs[1]].double().mean()))
+    return scores
+
+
+# ------------------------------------------------------------------------------ per method
+
+
+def method_diversity(table: pd.DataFrame, model: str = EMBEDDING_MODEL,
+                     batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Per method of a long table (a DataFrame with columns `contest, method, caption`): the means over
+    its contests of embedding diversity (`embedding`) and of EAD-1..5 (`ead_1`..`ead_5`, and their
+    average `ead`), the number of contests and the mean number of captions per contest. One EAD
+    vocabulary, from every caption in the table, serves all methods. Compare methods on the same
+    contests: filter the table first if their contest sets differ."""
+    missing = {"contest", "method", "caption"} - set(table.columns)
+    if missing:
+        raise UserError(f"method_diversity needs columns contest, method, caption; missing: "
+                        f"{', '.join(sorted(missing))}")
+    captions = table[table["caption"].fillna("").str.strip() != ""]
+    vocab = vocabulary_size(captions["caption"])
+    keys, groups = [], []
+    for (method, _), rows in captions.groupby(["method", "contest"], sort=True):
+        keys.append(method)
+        groups.append(rows["caption"].tolist())
+    per_group = {"embedding": embedding_diversity(groups, model=model, batch_size=batch_size)}
+    per_group |= {f"ead_{n}": scores for n, scores in ead_scores(groups, vocab).items()}
+    scores = pd.DataFrame(per_group).assign(method=keys, size=[len(g) for g in groups])
+    result = {}
+    for method, rows in scores.groupby("method", sort=True):
+        ead_means = [float(np.nanmean(rows[f"ead_{n}"])) for n in range(1, 6)]
+        result[str(method)] = {
+            "embedding": float(np.nanmean(rows["embedding"])),
+            **{f"ead_{n}": value for n, value in zip(range(1, 6), ead_means)},
+            "ead": float(np.mean(ead_means)),
+            "contests": len(rows),
+            "captions_per_contest": float(rows["size"].mean()),
+        }
+    return result
+
+
+# ----------------------------------------------------------------------------------- readers
+
+
+def read_wide(path: str | Path, method: str) -> pd.DataFrame:
+    """One CSV file of generations in the wide layout, one row per contest: `contest_number`, an
+    optional `prompt` and `caption1..captionN` (any column order, other columns ignored), as a long
+    table `contest, method, sample, caption`. Captions are stripped; empty ones are dropped and
+    counted in `.attrs["empty_captions"][method]`."""
+    return _wide_to_long(_read_csv(path), Path(path), method)
+
+
+def read_released(path_or_dir: str | Path | None = None) -> pd.DataFrame:
+    """The generations released with "Humor in AI" (a directory of them, default
+    `<data root>/benchmarks/humor_in_ai_examples`, or one file) as one long table; the method is the
+    file name without `.csv`. Besides the wide layout of `read_wide`, two layouts of that release
+    are read: `claude`/`gpt4o` (`contest_num` and captions in columns `0..9`) and `human_*` (columns
+    `0..9`, no contest column; row i is the contest in row i of `human_rows_contest_index.csv`).
+    One known defect is repaired: in `zs.csv` a row with no contest number holds more captions of
+    the contest above, shifted one column left (its first is under `prompt`); its texts fill that
+    row's empty caption cells."""
+    path = Path(path_or_dir) if path_or_dir is not None else data_root().joinpath(*RELEASED_DIR)
+    files = sorted(p for p in path.glob("*.csv") if p.name != HUMAN_INDEX) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{path}: no generation files (*.csv) found")
+    tables = [_wide_to_long(_released_frame(file), file, file.stem) for file in files]
+    table = pd.concat(tables, ignore_index=True)
+    table.attrs["empty_captions"] = {m: n for t in tables for m, n in t.attrs["empty_captions"].items()}
+    return table
+
+
+def _released_frame(path: Path) -> pd.DataFrame:
+    """A released file as a frame in the wide layout (see `read_released`)."""
+    frame = _read_csv(path)
+    numbered = {c: f"caption{int(c) + 1}" for c in frame.columns if c.isdigit()}
+    frame = frame.rename(columns={"contest_num": "contest_number", **numbered})
+    if path.stem.startswith("human_"):
+        frame["contest_number"] = _human_contests(path.parent / HUMAN_INDEX, len(frame))
+    if "contest_number" in frame.columns and "prompt" in frame.columns:
+        frame = _merge_split_rows(frame, path)
+    return frame
+
+
+def _human_contests(index_path: Path, rows: int) -> list[str]:
+    """The contest of each row of a released `human_*` file, from the index file beside it."""
+    index = _read_csv(index_path)
+    if not {"row_index", "contest"} <= set(index.columns):
+        raise UserError(f"{index_path}: needs columns row_index, contest")
+    by_row = dict(zip(index["row_index"].astype(int), index["contest"]))
+    if sorted(by_row) != list(range(rows)):
+        raise UserError(f"{index_path}: does not map rows 0..{rows - 1} of the human caption files")
+    return [by_row[row] for row in range(rows)]
+
+
+def _merge_split_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Rows with no contest number that continue the row above (see `read_released`), folded into it."""
+    caption_columns = sorted((c for c in frame.columns if CAPTION_COLUMN.fullmatch(c)),
+                             key=lambda c: int(c.removeprefix("caption")))
+    frame = frame.copy()
+    for row in reversed(frame.index[frame["contest_number"].str.strip() == ""]):
+        position = frame.index.get_loc(row)
+        if position == 0:
+            raise UserError(f"{path}: row 2 has no contest_number and no row above it to belong to")
+        above = frame.index[position - 1]
+        texts = [t for t in frame.loc[row, ["prompt", *caption_columns]] if t.strip()]
+        empty = [c for c in caption_columns if not frame.at[above, c].strip()]
+        if len(texts) > len(empty):
+            raise UserError(f"{path}: row {position + 2} has no contest_number and more captions "
+                            f"({len(texts)}) than the row above has empty cells ({len(empty)})")
+        for column, text in zip(empty, texts):
+            frame.at[above, column] = text
+        frame = frame.drop(index=row)
+    return frame
+
+
+def _read_csv(path: str | Path) -> pd.DataFrame:
+    """Every cell as text ("NA" is a caption, not a missing value)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise UserError(f"{path}: cannot read it as CSV: {err}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _wide_to_long(frame: pd.DataFrame, path: Path, method: str) -> pd.DataFrame:
+    """The long table of one wide frame, after checking its columns and contest numbers."""
+    caption_columns = [c for c in frame.columns if CAPTION_COLUMN.fullmatch(c)]
+    missing = [what for what, absent in (("contest_number", "contest_number" not in frame.columns),
+                                         ("caption1..captionN", not caption_columns)) if absent]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} of the wide generations layout "
+                        f"(found: {', '.join(frame.columns) or 'none'})")
+    contests = [_contest_number(value, path, row + 2) for row, value in enumerate(frame["contest_number"])]
+    repeated = sorted(set(pd.Series(contests)[pd.Series(contests).duplicated()]))
+    if repeated:
+        raise UserError(f"{path}: contest(s) {', '.join(map(str, repeated))} have more than one row")
+    long = (frame[caption_columns].assign(contest=contests)
+            .melt(id_vars="contest", var_name="sample", value_name="caption"))
+    long["sample"] = long["sample"].str.removeprefix("caption").astype(int)
+    long["caption"] = long["caption"].str.strip()
+    empty = long["caption"] == ""
+    if empty.any():
+        log.warning("%s: %d empty caption(s) dropped", path, int(empty.sum()))
+    long = long[~empty].assign(method=method)[LONG_COLUMNS]
+    long = long.astype({"contest": "int64", "sample": "int64"}).sort_values(["contest", "sample"])
+    long = long.reset_index(drop=True)
+    long.attrs["empty_captions"] = {method: int(empty.sum())}
+    return long
+
+
+def _contest_number(value: str, path: Path, line: int) -> int:
+    """A contest number; the release writes some as floats ("543.0")."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not number.is_integer():
+        raise UserError(f"{path}: line {line}: contest_number {value!r} is not a whole number")
+    return int(number)

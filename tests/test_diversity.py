@@ -1,0 +1,147 @@
+"""Caption diversity: EAD by hand, embedding diversity on clear cases, the paper's released generations."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from humor_ray.config import UserError
+from humor_ray.eval.diversity import (
+    ead, ead_scores, embedding_diversity, method_diversity, read_released, read_wide, tokenize,
+    vocabulary_size,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+RELEASED_METHODS = {"claude", "gpt4o", "zs", "zs_BoN", "sft", "dpo", "ppo", "llava_sft", "llava_zs",
+                    "human_top", "human_200", "human_1000", "human_median"}
+# Embedding every released caption takes minutes on two cores: the real-data check embeds these.
+EMBEDDED_CONTESTS = 8
+
+
+def test_tokenize_and_vocabulary():
+    assert tokenize("Don't panic, Bob!") == ["don't", "panic", ",", "bob", "!"]
+    assert vocabulary_size(["The cat.", "the dog!"]) == 5  # the, cat, ., dog, !
+    assert vocabulary_size([]) == 0
+
+
+def test_ead_by_hand():
+    captions = ["a b a", "b c"]
+    # Unigrams: C = 5 (a b a b c), distinct 3; expected distinct = 10 * (1 - 0.9**5) = 4.0951.
+    assert ead(captions, 1, 10) == pytest.approx(3 / 4.0951)
+    # Bigrams: (a b) (b a) (b c): none spans two captions, so C = 3; 10 * (1 - 0.9**3) = 2.71.
+    assert ead(captions, 2, 10) == pytest.approx(3 / 2.71)
+    # One trigram: 10 * (1 - 0.9) = 1.
+    assert ead(captions, 3, 10) == pytest.approx(1.0)
+    # No 4-gram at all: C == 0.
+    assert math.isnan(ead(captions, 4, 10))
+    assert math.isnan(ead([], 1, 10))
+    assert math.isnan(ead([""], 1, 10))
+
+
+def test_ead_counts_repeats_once():
+    # Bigrams: (the cat) twice, C = 2, distinct 1; 4 * (1 - (3/4)**2) = 1.75.
+    assert ead(["The cat", "the CAT"], 2, 4) == pytest.approx(1 / 1.75)
+    # V = 1: every draw is the same token, one distinct n-gram is expected.
+    assert ead(["x x x"], 1, 1) == pytest.approx(1.0)
+    # Repeating captions lowers EAD; a large V makes it about distinct / C.
+    assert ead(["a b", "a b"], 1, 10**6) == pytest.approx(0.5, rel=1e-5)
+    with pytest.raises(ValueError):
+        ead(["a"], 1, 0)
+
+
+def test_ead_scores_per_group():
+    scores = ead_scores([["a b a", "b c"], ["x"]], vocab_size=10, ns=(1, 2))
+    assert list(scores) == [1, 2]
+    assert scores[1] == pytest.approx([3 / 4.0951, 1 / 1.0])
+    assert scores[2][0] == pytest.approx(3 / 2.71)
+    assert math.isnan(scores[2][1])
+
+
+def test_embedding_diversity():
+    same = ["Honey, the dog ate the homework again."] * 4
+    paraphrases = ["The dog is barking at the mailman.", "A dog barks at the postman.",
+                   "The mailman is being barked at by a dog."]
+    unrelated = ["The dog is barking at the mailman.", "Quarterly tax filings are due in April.",
+                 "Quantum computers use qubits."]
+    same_score, para_score, unrel_score, single = embedding_diversity(
+        [same, paraphrases, unrelated, ["Only one.", "  "]], batch_size=4)
+    assert abs(same_score) < 1e-5
+    assert 0.05 < para_score < 0.5
+    assert unrel_score > para_score + 0.4
+    assert unrel_score <= 1.2
+    assert math.isnan(single)
+
+
+def test_read_wide(tmp_path):
+    path = tmp_path / "ours.csv"
+    pd.DataFrame({"caption2": ["  b ", ""], "contest_number": ["7.0", "5"], "prompt": ["p", "q"],
+                  "caption1": ["a", "NA"]}).to_csv(path, index=False)
+    table = read_wide(path, "ours")
+    assert table.to_dict("records") == [
+        {"contest": 5, "method": "ours", "sample": 1, "caption": "NA"},
+        {"contest": 7, "method": "ours", "sample": 1, "caption": "a"},
+        {"contest": 7, "method": "ours", "sample": 2, "caption": "b"},
+    ]
+    assert table.attrs["empty_captions"] == {"ours": 1}
+
+
+@pytest.mark.parametrize("columns, problem", [
+    ({"contest_number": ["1"], "prompt": ["p"], "cap1": ["a"]}, "caption1..captionN"),
+    ({"prompt": ["p"], "caption1": ["a"]}, "contest_number"),
+    ({"contest_number": [""], "caption1": ["a"]}, "line 2"),
+    ({"contest_number": ["3", "3.0"], "caption1": ["a", "b"]}, "more than one row"),
+])
+def test_read_wide_errors(tmp_path, columns, problem):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame(columns).to_csv(path, index=False)
+    with pytest.raises(UserError, match=problem) as err:
+        read_wide(path, "bad")
+    assert str(path) in str(err.value)
+
+
+def test_read_wide_unreadable(tmp_path):
+    with pytest.raises(UserError, match="missing.csv: cannot read"):
+        read_wide(tmp_path / "missing.csv", "bad")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(UserError, match="empty.csv: cannot read"):
+        read_wide(tmp_path / "empty.csv", "bad")
+
+
+def test_released_generations(real_data):
+    table = read_released()
+    assert set(table["method"]) == RELEASED_METHODS
+    assert list(table.columns) == ["contest", "method", "sample", "caption"]
+    assert (table["caption"].str.strip() == table["caption"]).all() and (table["caption"] != "").all()
+
+    sizes = table.groupby(["method", "contest"]).size()
+    contests = sizes.groupby("method").size()
+    assert contests.to_dict() == {m: 357 if m in ("zs", "dpo") else 91 for m in RELEASED_METHODS}
+    short = sizes[sizes != 10]
+    # sft leaves two captions of contest 746 empty; zs's contest 569 has 9 after repairing its split row.
+    assert short.to_dict() == {("sft", 746): 8, ("zs", 569): 9}
+    assert table.attrs["empty_captions"] == {m: {"sft": 2, "zs": 1}.get(m, 0) for m in RELEASED_METHODS}
+
+    common = set.intersection(*(set(rows["contest"]) for _, rows in table.groupby("method")))
+    assert len(common) == 91 and min(common) == 536 and max(common) == 761
+
+    # EAD of every contest of every method, with one vocabulary for all.
+    vocab = vocabulary_size(table["caption"])
+    assert 10_000 < vocab < 30_000
+    for method, rows in table.groupby("method"):
+        groups = [g["caption"].tolist() for _, g in rows.groupby("contest")]
+        for n, scores in ead_scores(groups, vocab).items():
+            assert all(0.1 < s < 1.1 for s in scores), (method, n)
+
+    sample = table[table["contest"].isin(sorted(common)[:EMBEDDED_CONTESTS])]
+    result = method_diversity(sample)
+    print(f"\nDiversity of the released generations on {EMBEDDED_CONTESTS} shared contests:")
+    print(pd.DataFrame(result).T.sort_index().round(3).to_string())
+    assert set(result) == RELEASED_METHODS
+    for method, row in result.items():
+        assert row["contests"] == EMBEDDED_CONTESTS, method
+        assert 9.5 <= row["captions_per_contest"] <= 10, method
+        assert 0.3 < row["embedding"] < 1.0, method
+        for key in ("ead", "ead_1", "ead_2", "ead_3", "ead_4", "ead_5"):
+            assert 0.3 < row[key] < 1.1, (method, key)
+    assert result["human_top"]["embedding"] > result["zs_BoN"]["embedding"]
