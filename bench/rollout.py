@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ppo_steps", type=int, default=6)
-    parser.add_argument("--ppo_models", nargs="*", default=["tiny", "smollm2-135m"])
+    parser.add_argument("--ppo_models", nargs="*", default=["tiny"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -17,6 +17,8 @@ def load(spec: Path):
     module_name, config_name = STAGES[key]
     config_cls = getattr(importlib.import_module(module_name), config_name)
     required = ["--output", "/tmp/out"] if stage == "data" else ["--output_dir", "/tmp/out", "--dataset_dir", "/tmp/ds"]
+    if stage == "ppo":  # the reward model is a run's output, named on the command line
+        required += ["--reward_model", "/runs/rm"]
     return parse_config(config_cls, ["--config", str(spec), *required], f"humor-ray {stage}")
 
 
@@ -40,4 +42,7 @@ def test_paper_recipes():
     assert dpo.new_padding_token and load(JOBS / "sft-simple-7b.yaml").simple_prompt
     rm = load(JOBS / "rm-7b.yaml")
     assert (rm.model_name, rm.lora_r, effective_batch(rm), rm.max_steps) == ("weqweasdas/RM-Mistral-7B", 16, 64, 5000)
-    assert all(load(JOBS / name).use_gpu for name in ("sft-7b.yaml", "dpo-7b.yaml", "rm-7b.yaml"))
+    assert all(load(JOBS / name).use_gpu for name in ("sft-7b.yaml", "dpo-7b.yaml", "rm-7b.yaml", "ppo-7b.yaml"))
+    ppo = load(JOBS / "ppo-7b.yaml")
+    assert (ppo.num_workers * ppo.rollout_batch_size * ppo.samples_per_prompt, ppo.temperature, ppo.top_p,
+            ppo.repetition_penalty, ppo.lora_r) == (128, 0.7, 0.95, 1.15, 16)

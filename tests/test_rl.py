@@ -236,7 +236,9 @@ def _processes(prefix):
 
 def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, datasets_dir):
     """One run, three crashes: a rollout engine after the first checkpoint, the reward actor after the
-    second, the trainer worker after the third. The run still reaches its last step."""
+    second, the trainer worker after the third. The run still reaches its last step. (A reward actor
+    killed between calls is restarted by Ray before the next one runs; one killed during a call is
+    retried: see the next test.)"""
     out = tmp_path / "faults"
     victims = [("ray::VLLMEngine", 2), ("ray::RewardModel", 4), ("ray::RayTrainWorker", 6)]
     killed = []
@@ -271,9 +273,28 @@ def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, 
     history = metrics["history"]
     assert [m["step"] for m in history] == list(range(1, 13))
     assert sum(m["engine_restarts"] for m in history) >= 1
-    assert sum(m["reward_retries"] for m in history) >= 1
     # The restarted engine was brought up to date before sampling again.
     assert max(m["logprob_gap"] for m in history) < 1e-3
+
+
+def test_a_reward_actor_killed_while_scoring_is_retried(ray_local):
+    import ray
+
+    from humor_ray.models import registry
+    from humor_ray.rl.reward import score_with_retries, start_reward_actor
+
+    actor = start_reward_actor(registry.resolve("minilm"), max_length=128)
+    pid = ray.get(actor.pid.remote())
+    prompts, captions = PROMPTS * 1500, ["A cat walks into a bar.", "I said no pickles.", "Fish are friends."] * 1500
+    killer = threading.Timer(1.0, os.kill, (pid, signal.SIGKILL))
+    killer.start()  # the scoring below takes several seconds: the actor dies in the middle of it
+    try:
+        scores, failed = score_with_retries(actor, prompts, captions)
+    finally:
+        killer.cancel()
+        ray.kill(actor)
+    assert failed >= 1 and len(scores) == len(captions)
+    assert scores[:3] == scores[3:6]  # the same pairs, the same rewards from the restarted actor
 
 
 def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, datasets_dir):
