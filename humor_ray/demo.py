@@ -125,23 +125,26 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     sft_model, reward = str(runs / "sft" / "final"), str(runs / "rm")
     # The SFT specs train on the simple prompt; PPO and generation must read the same.
     prompt = ["--simple_prompt"]
-    _stage(5, "ppo", ppo.run, ppo.Config, f"ppo-{size}.yaml", [*common, *prompt, "--output_dir", str(runs / "ppo"), "--model_name", sft_model,
-                                                "--reward_model", reward, "--reward_max_length", "128",
-                                                "--max_steps", str(cfg.ppo_steps), "--save_steps", str(cfg.ppo_steps)])
+    _stage(5, "ppo", ppo.run, ppo.Config, f"ppo-{size}.yaml", [
+        *common, *prompt, "--output_dir", str(runs / "ppo"), "--model_name", sft_model, "--reward_model", reward,
+        "--reward_max_length", "128", "--max_steps", str(cfg.ppo_steps), "--save_steps", str(cfg.ppo_steps)])
     subset = ["--max_contests", str(cfg.eval_contests)]
+    # Named after the policy: the paper's released generations, judged beside ours, are sft, dpo, ...
+    names = {name: f"{cfg.policy}_{name}" for name in ("sft", "dpo", "ppo", "sft_BoN")}
     for name in ("sft", "dpo", "ppo"):
-        _stage(6, "generate", generate.run, generate.GenerateConfig, None, [*common, *subset, *prompt, "--model_name", str(runs / name / "final"),
-                                               "--method", name, "--output_dir", str(captions / name)])
-    _stage(7, "bon", generate.run_bon, generate.BonConfig, None, [*common, *subset, *prompt, "--model_name", sft_model, "--method", "sft_BoN",
-                                      "--reward_model", reward, "--reward_max_length", "128",
-                                      "--output_dir", str(captions / "sft_BoN")])
-    generations = [str(captions / name) for name in ("sft", "dpo", "ppo", "sft_BoN")]
+        _stage(6, "generate", generate.run, generate.GenerateConfig, None, [
+            *common, *subset, *prompt, "--model_name", str(runs / name / "final"), "--method", names[name],
+            "--output_dir", str(captions / name)])
+    _stage(7, "bon", generate.run_bon, generate.BonConfig, None, [
+        *common, *subset, *prompt, "--model_name", sft_model, "--method", names["sft_BoN"], "--reward_model", reward,
+        "--reward_max_length", "128", "--output_dir", str(captions / "sft_BoN")])
+    generations = [str(captions / name) for name in names]
     released = data_root() / "benchmarks" / "humor_in_ai_examples"
     if released.is_dir():  # the paper's own generations, judged beside ours
         generations.append(str(released))
     judge = (["--judge", "llm", "--base_url", cfg.judge_base_url, "--model", cfg.judge_model or "gpt-4o"]
              if cfg.judge_base_url else ["--judge", "rm", "--reward_model", reward, "--reward_max_length", "128"])
-    _stage(8, "judge", benchmark.run, benchmark.JudgeConfig, None, [*common, *subset, "--generations", *generations, *judge,
-                                         "--output_dir", str(out / "judge")])
-    return _stage(9, "report", report.run, report.ReportConfig, None, [*common, "--judge_dir", str(out / "judge"), "--generations",
-                                              *generations, "--output_dir", str(out / "report")])
+    _stage(8, "judge", benchmark.run, benchmark.JudgeConfig, None, [
+        *common, *subset, "--generations", *generations, *judge, "--output_dir", str(out / "judge")])
+    return _stage(9, "report", report.run, report.ReportConfig, None, [
+        *common, "--judge_dir", str(out / "judge"), "--generations", *generations, "--output_dir", str(out / "report")])

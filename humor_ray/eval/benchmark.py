@@ -83,17 +83,23 @@ def read_generations(paths: list[str]):
 
     from humor_ray.eval.diversity import read_released, read_wide
 
-    frames = []
+    frames, source_of = [], {}
     for spec in paths:
         path = Path(spec)
         if (path / "captions.parquet").is_file():
-            frames.append(pd.read_parquet(path / "captions.parquet", columns=["contest", "method", "sample", "caption"]))
+            frame = pd.read_parquet(path / "captions.parquet", columns=["contest", "method", "sample", "caption"])
         elif path.is_dir():
-            frames.append(read_released(path))
+            frame = read_released(path)
         elif path.is_file():
-            frames.append(read_wide(path, path.stem))
+            frame = read_wide(path, path.stem)
         else:
             raise UserError(f"--generations {spec}: no such file or directory")
+        for method in frame["method"].unique():
+            if method in source_of:
+                raise UserError(f"method {method!r} comes from both {source_of[method]} and {spec}: give one of "
+                                "them another name (`humor-ray generate --method NAME`)")
+            source_of[method] = spec
+        frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     table = table[~table["method"].str.startswith("human")]
     table = table[table["caption"].fillna("").str.strip() != ""]
