@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -511,12 +510,9 @@ def run(cfg: Config):
     from humor_ray.models import registry
     from humor_ray.rl.engines import start_engines
     from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
-    from humor_ray.train.launcher import ProgressBoard, TrainError, show_progress
+    from humor_ray.train.launcher import ProgressBoard, TrainError, absolute_local_paths, fit_with_progress
 
-    for name in ("output_dir", "dataset_dir", "model_name", "reward_model"):
-        value = getattr(cfg, name)
-        if "://" not in value and not value.startswith("builtin:") and (name.endswith("_dir") or Path(value).exists()):
-            setattr(cfg, name, str(Path(value).resolve()))
+    absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "reward_model"))
     prompts_dir = os.path.join(cfg.dataset_dir, "prompts", "train")
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
@@ -547,17 +543,9 @@ def run(cfg: Config):
     print(f"[ppo] {cfg.num_workers} trainer worker(s), {cfg.num_engines} {cfg.engine} engine(s), policy "
           f"{cfg.model_name}, reward {reward_spec}, {cfg.estimator}, {cfg.max_steps} steps -> {cfg.output_dir}",
           file=sys.stderr, flush=True)
-    stop = threading.Event()
-    progress = threading.Thread(target=show_progress, args=(board, cfg.run_name, stop, ("reward", "kl", "gap", "s/step")),
-                                daemon=True)
-    progress.start()
     try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        raise TrainError(f"ppo failed: {err}") from None
+        result = fit_with_progress(trainer, board, cfg.run_name, "ppo", ("reward", "kl", "gap", "s/step"))
     finally:
-        stop.set()
-        progress.join()
         for actor in [*engines, reward_actor, board]:
             ray.kill(actor)
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())

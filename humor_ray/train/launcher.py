@@ -337,10 +337,36 @@ def show_progress(board, name: str, stop, shown: tuple[str, ...] = TRAINER_SHOWN
         bar.close()
 
 
-def launch(stage_module: str, cfg: TrainConfig):
-    """Run a stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
+def absolute_local_paths(cfg, names: tuple[str, ...]) -> None:
+    """Workers run in other directories (and on other machines): local paths go to them absolute.
+    A `*_dir` option is a path even before it exists; any other option only when it names an existing
+    path (a model spec may be a preset or a Hugging Face id instead)."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value and "://" not in value and (name.endswith("_dir") or Path(value).exists()):
+            setattr(cfg, name, str(Path(value).resolve()))
+
+
+def fit_with_progress(trainer, board, run_name: str, stage_name: str, shown: tuple[str, ...] = TRAINER_SHOWN):
+    """`trainer.fit()` with the driver's progress bar reading `board`; a failed run is a TrainError."""
     import threading
 
+    import ray.train
+
+    stop = threading.Event()
+    progress = threading.Thread(target=show_progress, args=(board, run_name, stop, shown), daemon=True)
+    progress.start()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainError(f"{stage_name} failed: {err}") from None
+    finally:
+        stop.set()
+        progress.join()
+
+
+def launch(stage_module: str, cfg: TrainConfig):
+    """Run a stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -349,11 +375,7 @@ def launch(stage_module: str, cfg: TrainConfig):
     from humor_ray.cluster import init_ray
 
     stage = importlib.import_module(stage_module)
-    # Workers run in other directories (and on other machines): local paths go to them absolute.
-    for name in ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name"):
-        value = getattr(cfg, name, None)
-        if value and "://" not in value and (name.endswith("_dir") or Path(value).exists()):
-            setattr(cfg, name, str(Path(value).resolve()))
+    absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name"))
     cfg.run_name = cfg.run_name or stage.NAME
     for split in ("train", "eval") if cfg.do_eval else ("train",):
         path = split_path(cfg, stage, split)
@@ -382,16 +404,9 @@ def launch(stage_module: str, cfg: TrainConfig):
                            run_config=run_config, datasets={"train": train})
     print(f"[{stage.NAME}] {cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
           f"{cfg.output_dir}", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    progress = threading.Thread(target=show_progress, args=(board, cfg.run_name, stop), daemon=True)
-    progress.start()
     try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        raise TrainError(f"{stage.NAME} failed: {err}") from None
+        result = fit_with_progress(trainer, board, cfg.run_name, stage.NAME)
     finally:
-        stop.set()
-        progress.join()
         ray.kill(board)
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
