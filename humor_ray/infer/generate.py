@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 
 from humor_ray.config import UserError, field
-from humor_ray.rl.engines import ENGINES, Decoding, first_line
+from humor_ray.rl.engines import ENGINES, Decoding, DecodingOptions, first_line
 
 # Labels a model may put before its caption, or echo from the prompt's last line.
 _LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
 
 
 @dataclasses.dataclass
-class GenerateConfig:
+class GenerateConfig(DecodingOptions):
     """N captions per evaluation contest from one model."""
     dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/<split>)")
     output_dir: str = field(None, "where the captions go")
@@ -47,9 +47,6 @@ class GenerateConfig:
     num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)")
     use_gpu: bool = field(False, "one GPU per engine")
     batch_size: int = field(4, "contests per engine call")
-    temperature: float = field(0.7, "sampling temperature")
-    top_p: float = field(0.95, "nucleus sampling")
-    repetition_penalty: float = field(1.15, "repetition penalty")
     max_new_tokens: int = field(64, "tokens per generation at most")
     max_attempts: int = field(3, "draws per caption before an empty one is reported")
     seed: int = field(2024, "sampling seed")
@@ -61,10 +58,6 @@ class GenerateConfig:
             raise ValueError(f"--engine must be one of {ENGINES}")
         if min(self.n, self.num_engines, self.batch_size, self.max_attempts) < 1:
             raise ValueError("--n, --num_engines, --batch_size and --max_attempts must be at least 1")
-
-    def decoding(self) -> Decoding:
-        return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                        max_new_tokens=self.max_new_tokens, stop_at_newline=True)
 
     def method_name(self) -> str:
         if self.method:

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from humor_ray.config import UserError
+from humor_ray.config import UserError, field
 
 ENGINES = ("vllm", "hf")
 
@@ -40,6 +40,19 @@ class Decoding:
     # The caption is the first line: generation stops at the first newline.
     stop_at_newline: bool = True
     seed: int | None = None
+
+
+@dataclasses.dataclass
+class DecodingOptions:
+    """The sampling options of every stage that generates (PPO, generate, bon): the paper's decoding."""
+    temperature: float = field(0.7, "sampling temperature")
+    top_p: float = field(0.95, "nucleus sampling")
+    repetition_penalty: float = field(1.15, "repetition penalty")
+    max_new_tokens: int = field(32, "tokens per generation at most (it stops at the first newline)")
+
+    def decoding(self) -> Decoding:
+        return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                        max_new_tokens=self.max_new_tokens, stop_at_newline=True)
 
 
 @dataclasses.dataclass

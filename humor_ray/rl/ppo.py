@@ -29,13 +29,13 @@ from pathlib import Path
 
 from humor_ray.config import UserError, field
 from humor_ray.rl.algorithms import ESTIMATORS
-from humor_ray.rl.engines import ENGINES, Decoding
+from humor_ray.rl.engines import ENGINES, DecodingOptions
 
 PLACEMENTS = ("separate", "colocate")
 
 
 @dataclasses.dataclass
-class Config:
+class Config(DecodingOptions):
     """PPO (or GRPO/RLOO) of a caption policy against a reward model."""
     output_dir: str = field(None, "where checkpoints, logs and the final policy go")
     dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/train)")
@@ -62,10 +62,6 @@ class Config:
     kl_horizon: int = field(10000, "samples over which the KL controller makes a full correction")
     normalize_rewards: bool = field(True, "scale scores by their running mean and standard deviation")
     max_grad_norm: float = field(1.0, "gradient clipping")
-    temperature: float = field(0.7, "sampling temperature")
-    top_p: float = field(0.95, "nucleus sampling")
-    repetition_penalty: float = field(1.15, "repetition penalty")
-    max_new_tokens: int = field(32, "tokens per caption at most (generation stops at the first newline)")
     reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads")
     engine: str = field("vllm", "rollout engine: vllm or hf")
     num_engines: int = field(1, "rollout engine actors")
@@ -107,10 +103,6 @@ class Config:
             raise ValueError("--max_steps, --num_workers, --num_engines, --save_steps and --logging_steps must be at least 1")
         if any(r not in ("tensorboard", "none") for r in self.report_to):
             raise ValueError("--report_to for ppo: tensorboard or none")
-
-    def decoding(self) -> Decoding:
-        return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                        max_new_tokens=self.max_new_tokens, stop_at_newline=True)
 
     def gpu_shares(self) -> tuple[float, float, float]:
         """GPUs for (each engine, the reward actor, each trainer worker)."""
