@@ -58,13 +58,15 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     return wall, peak, out.read()
 
 
-def median_runs(label: str, repeats: int, fn) -> list[dict]:
-    runs = []
+def interleaved_runs(repeats: int, *labelled) -> list[list[dict]]:
+    """Alternate the configurations run by run, so a slow spell of a shared machine hits both."""
+    runs = [[] for _ in labelled]
     for k in range(repeats):
-        runs.append(fn())
-        print(f"  {label} run {k + 1}/{repeats}: " + ", ".join(f"{key}={value:.2f}" if isinstance(value, float)
-                                                           else f"{key}={value}" for key, value in runs[-1].items()),
-              file=sys.stderr, flush=True)
+        for (label, fn), done in zip(labelled, runs):
+            done.append(fn())
+            print(f"  {label} run {k + 1}/{repeats}: " + ", ".join(
+                f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
+                for key, value in done[-1].items()), file=sys.stderr, flush=True)
     return runs
 
 
@@ -99,8 +101,7 @@ def bench_real(repeats: int, work: Path) -> None:
                 "pairs": sum(sizes["pair_rows"].values())}
 
     print("(a) real data: 182 contests -> datasets", file=sys.stderr)
-    base = median_runs("baseline", repeats, baseline)
-    mine = median_runs("humor_ray", repeats, ours)
+    base, mine = interleaved_runs(repeats, ("baseline", baseline), ("humor_ray", ours))
     b_wall, o_wall, o_proc = med(base, "wall"), med(mine, "wall"), med(mine, "processing")
     b_rate, o_rate = med(base, "rows") / b_wall, med(mine, "rows") / o_proc
     print("\n(a) real data -> datasets (medians of %d runs)" % repeats)
@@ -160,8 +161,7 @@ def bench_synthetic(sizes: list[int], repeats: int, work: Path, cache: Path) -> 
             return {"wall": wall, "peak_gb": peak / 1e9}
 
         print(f"(b) {n:,} ratings", file=sys.stderr)
-        base = median_runs("arrow floor", repeats, floor)
-        mine = median_runs("humor_ray", repeats, ours)
+        base, mine = interleaved_runs(repeats, ("arrow floor", floor), ("humor_ray", ours))
         rows.append((n, base, mine))
 
     print("\n(b) synthetic raw votes -> pairs (medians of %d runs)" % repeats)

@@ -11,10 +11,12 @@ Memory stays bounded by the largest single file or contest, however many there a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
 import json
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -91,10 +93,27 @@ def _join(root: str, *parts) -> str:
 _REPEATED = {"contest", "prompt", "prompt_long", "image", "split", "group", "source", "reason"}
 
 
+# Free text: min/max statistics of captions help no reader and cost a string comparison per row.
+_FREE_TEXT = {"caption", "completion", "text", "chosen", "rejected", "prompt_long", "record"}
+
+
 def _write(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
-    pq.write_table(table, path, filesystem=fs, compression="zstd",
-                   use_dictionary=[c for c in table.column_names if c in _REPEATED])
+    pq.write_table(table, path, filesystem=fs, compression="zstd", compression_level=1,
+                   use_dictionary=[c for c in table.column_names if c in _REPEATED],
+                   write_statistics=[c for c in table.column_names if c not in _FREE_TEXT])
+
+
+def _stage(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    """Intermediate rows between the passes: uncompressed Arrow IPC, written and read at memory speed."""
+    fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
+    with fs.open_output_stream(path) as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _read_staged(fs: pafs.FileSystem, path: str) -> pa.Table:
+    with fs.open_input_file(path) as source:
+        return pa.ipc.open_file(source).read_all()
 
 
 def _quarantine_table(rows: list[dict]) -> pa.Table:
@@ -104,12 +123,12 @@ def _quarantine_table(rows: list[dict]) -> pa.Table:
 # ---------------------------------------------------------------- pass 1: one input file
 
 def _fingerprint(captions: pa.Array) -> list[int]:
-    """A sample of caption hashes (1 in 8, chosen by hash so every file samples the same captions)."""
-    import pandas as pd
-
-    keys = text.caption_key(captions).to_numpy(zero_copy_only=False)
-    hashes = pd.util.hash_array(keys, categorize=False)
-    return sorted(int(h) for h in np.unique(hashes[hashes % 8 == 0]))
+    """Hashes of a sample of the captions: those whose key is a multiple of 8 characters long, so
+    every file samples the same captions and only an eighth of them is hashed."""
+    keys = text.caption_key(captions)
+    sample = keys.filter(pc.equal(pc.bit_wise_and(pc.utf8_length(keys), 7), 0))
+    return sorted({int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "little")
+                   for key in sample.to_pylist()})
 
 
 def stage_file(item: dict, output: str) -> dict:
@@ -131,8 +150,8 @@ def stage_file(item: dict, output: str) -> dict:
     contests = table["contest"].to_numpy()
     for contest in np.unique(contests):
         part = table.filter(pa.array(contests == contest))
-        staged = _join(root, "_staging", f"{int(contest):06d}", f"{index:06d}{suffix}.parquet")
-        _write(part, fs, staged)
+        staged = _join(root, "_staging", f"{int(contest):06d}", f"{index:06d}{suffix}.arrow")
+        _stage(part, fs, staged)
         group = {"contest": int(contest), "staged": staged, "lookup": bool(suffix), "rows": part.num_rows}
         if not suffix:
             sums = {name: int(pc.sum(part[name]).as_py() or 0) for name in readers.COUNT_COLUMNS}
@@ -262,14 +281,25 @@ def _combine(parts: list[pa.Table], lookups: list[pa.Table], contest: int) -> tu
                                "reason": f"caption_id {row['caption_id']} has no text in any captions file",
                                "record": json.dumps(row, default=str)})
         captions = joined.filter(pc.invert(orphan))
-    votes = pc.add(pc.add(captions["funny"], captions["somewhat_funny"]), captions["unfunny"])
-    keyed = captions.append_column("key", text.caption_key(captions["caption"])).append_column("votes", votes)
+    keyed = captions.append_column("key", text.caption_key(captions["caption"]))
+    # Most captions occur once: only the keys seen twice or more go through the sort and group-by.
+    codes = pc.dictionary_encode(keyed["key"]).combine_chunks().indices.to_numpy()
+    repeated = np.bincount(codes)[codes] > 1
+    if not repeated.any():
+        return keyed.select(MERGED_COLUMNS), quarantine, 0
+    single, multiple = keyed.filter(pa.array(~repeated)), keyed.filter(pa.array(repeated))
+    votes = pc.add(pc.add(multiple["funny"], multiple["somewhat_funny"]), multiple["unfunny"])
     # The spelling with the most votes names a caption submitted several times.
-    keyed = keyed.sort_by([("key", "ascending"), ("votes", "descending"), ("caption", "ascending")])
-    merged = keyed.group_by("key", use_threads=False).aggregate([
+    multiple = multiple.append_column("votes", votes).sort_by(
+        [("key", "ascending"), ("votes", "descending"), ("caption", "ascending")])
+    merged = multiple.group_by("key", use_threads=False).aggregate([
         ("caption", "first"), ("funny", "sum"), ("somewhat_funny", "sum"), ("unfunny", "sum")])
     merged = merged.rename_columns([n.removesuffix("_first").removesuffix("_sum") for n in merged.column_names])
+    merged = pa.concat_tables([single.select(MERGED_COLUMNS), merged.select(MERGED_COLUMNS)])
     return merged, quarantine, keyed.num_rows - merged.num_rows
+
+
+MERGED_COLUMNS = ["key", "caption", "funny", "somewhat_funny", "unfunny"]
 
 
 def rank_captions(table: pa.Table) -> pa.Table:
@@ -304,12 +334,50 @@ def _text_rows(contest: int, prompt: str, captions: pa.Array) -> pa.Table:
                      "text": pc.binary_join_element_wise(prompt_column, captions, " ")})
 
 
-def build_contest(plan: dict, cfg: dict) -> dict:
-    """Every dataset for one contest, written under the output root; returns counts as JSON."""
+class _DatasetWriter:
+    """Buffers each (dataset, split) across contests and writes it in files of about FLUSH_BYTES:
+    a Parquet file per contest would cost about twice the CPU for the same rows. A file is named
+    after its first contest, so a rebuild from the same input writes the same files."""
+    FLUSH_BYTES = 64 << 20
+
+    def __init__(self, fs: pafs.FileSystem, root: str):
+        self.fs, self.root = fs, root
+        self.buffers: dict[tuple[str, str], list[tuple[int, pa.Table]]] = defaultdict(list)
+        self.sizes: Counter = Counter()
+
+    def add(self, dataset: str, split: str, contest: int, table: pa.Table) -> None:
+        self.buffers[(dataset, split)].append((contest, table))
+        self.sizes[(dataset, split)] += table.nbytes
+        if self.sizes[(dataset, split)] >= self.FLUSH_BYTES:
+            self.flush(dataset, split)
+
+    def flush(self, dataset: str, split: str) -> None:
+        parts = self.buffers.pop((dataset, split), [])
+        self.sizes.pop((dataset, split), None)
+        if parts:
+            _write(pa.concat_tables([table for _, table in parts]), self.fs,
+                   _join(self.root, dataset, split, f"part-{parts[0][0]:06d}.parquet"))
+
+    def close(self) -> None:
+        for dataset, split in sorted(self.buffers):
+            self.flush(dataset, split)
+
+
+def build_contests(plans: list[dict], cfg: dict) -> list[dict]:
+    """Every dataset for a group of contests, written under the output root; counts as JSON."""
     fs, root = readers.open_filesystem(cfg["output"])
+    writer = _DatasetWriter(fs, root)
+    by_contest = {plan["contest"]: build_contest(plan, cfg, fs, root, writer)
+                  for plan in sorted(plans, key=lambda p: p["contest"])}
+    writer.close()
+    return [by_contest[plan["contest"]] for plan in plans]
+
+
+def build_contest(plan: dict, cfg: dict, fs: pafs.FileSystem, root: str, writer: _DatasetWriter) -> dict:
+    """Every dataset row of one contest, handed to `writer`; returns counts as JSON."""
     contest, split = plan["contest"], plan["split"]
-    parts = [pq.read_table(p, filesystem=fs) for p in plan["parts"]]
-    lookups = [pq.read_table(p, filesystem=fs) for p in plan["lookups"]]
+    parts = [_read_staged(fs, p) for p in plan["parts"]]
+    lookups = [_read_staged(fs, p) for p in plan["lookups"]]
     merged, quarantine, duplicates = _combine(parts, lookups, contest)
     out = {"contest": contest, "split": split, "merged_same_text": duplicates,
            "quarantined": dict(Counter(q["reason"] for q in quarantine)),
@@ -325,7 +393,7 @@ def build_contest(plan: dict, cfg: dict) -> dict:
     def write(dataset: str, table: pa.Table) -> None:
         out["counts"][dataset] = table.num_rows
         if table.num_rows:
-            _write(table, fs, _join(root, dataset, split, f"{contest:06d}.parquet"))
+            writer.add(dataset, split, contest, table)
 
     context = plan["context"]
     simple, long = prompts.simple_prompt(context), prompts.long_prompt(context)
@@ -389,53 +457,82 @@ def _excluded(path: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
 
 
-def _run_json(row: dict, fn, kwargs: dict) -> dict:
+def _run_block(batch: dict, fn, kwargs: dict) -> dict:
     # Items travel as JSON: their nested, ragged fields would not fit one Arrow schema.
-    return {"key": row["key"], "result": json.dumps(fn(json.loads(row["item"]), **kwargs))}
+    results = fn([json.loads(item) for item in batch["item"]], **kwargs)
+    return {"key": batch["key"], "result": np.array([json.dumps(r) for r in results], dtype=object)}
 
 
-def _task_pool():
+def stage_files(items: list[dict], output: str) -> list[dict]:
+    return [stage_file(item, output) for item in items]
+
+
+def _task_slots() -> int:
     """How many map tasks run at once: every CPU of a cluster, the cores of a laptop."""
     import ray
-    import ray.data
 
     from humor_ray.cluster import local_cores
 
-    cores = local_cores()
-    size = cores if cores else int(ray.cluster_resources().get("CPU", 1))
-    return size, ray.data.TaskPoolStrategy(size=size)
+    return local_cores() or int(ray.cluster_resources().get("CPU", 1))
 
 
 def _warm_up_workers() -> None:
-    """Start the worker processes and import this module in them before the clock of pass 1 runs:
-    on a two-core laptop this start-up takes several seconds and is not part of the work."""
-    import ray.data
+    """Start a worker process per task slot and import this module in it before the clock of pass 1
+    runs: on a two-core laptop this start-up takes seconds and is not part of the work. The tasks
+    wait a moment so that each lands on its own worker instead of one worker taking them all."""
+    size = _task_slots()
+    _ray_map([{}] * size, _wait_a_moment, [1] * size)
 
-    size, pool = _task_pool()
-    ray.data.range(size, override_num_blocks=size).map(_imported, compute=pool).take_all()
 
-
-def _imported(row: dict) -> dict:
-    return row
+def _wait_a_moment(items: list[dict]) -> list[dict]:
+    time.sleep(0.3)
+    return items
 
 
 def _ray_map(items: list[dict], fn, sizes: list[int], **kwargs) -> list[dict]:
-    """Run `fn` over `items` as a streaming Ray Data map; results come back in item order.
+    """Run `fn` (a list of items -> their results) over `items` as a streaming Ray Data job, one call
+    per block; results come back in item order.
 
-    Items are dealt largest first into two blocks per task slot: one task per item would cost more
-    in scheduling than the work itself, and equal blocks keep every CPU busy."""
+    Items are dealt largest first into two blocks per task slot: a task per item would cost more in
+    scheduling than the work itself, and blocks of equal work keep every CPU busy."""
     import ray.data
 
     if not items:
         return []
-    size, pool = _task_pool()
+    size = _task_slots()
     n_blocks = max(1, min(len(items), 2 * size))
     by_size = sorted(range(len(items)), key=lambda k: -sizes[k])
     order = [k for b in range(n_blocks) for k in by_size[b::n_blocks]]
     rows = [{"key": k, "item": json.dumps(items[k])} for k in order]
-    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
-    results = ds.map(_run_json, fn_kwargs={"fn": fn, "kwargs": kwargs}, compute=pool).take_all()
+    with _all_slots_from_the_start():
+        ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+        results = ds.map_batches(_run_block, batch_size=None, batch_format="numpy",
+                                 fn_kwargs={"fn": fn, "kwargs": kwargs},
+                                 compute=ray.data.TaskPoolStrategy(size=min(size, n_blocks))).take_all()
     return [json.loads(r["result"]) for r in sorted(results, key=lambda r: r["key"])]
+
+
+@contextlib.contextmanager
+def _all_slots_from_the_start():
+    """Ray Data's defaults grow a job's CPU share from one task as it measures throughput, and keep
+    half of the CPUs in reserve per operator: right for long pipelines, but a pass here lasts
+    seconds and has one operator, so it ran mostly one task at a time. Here every task slot
+    starts at once (the previous autoscaler, no per-operator reserve), for this pass only."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    saved_env = os.environ.get("RAY_DATA_CLUSTER_AUTOSCALER")
+    saved_reservation = context.op_resource_reservation_enabled
+    os.environ["RAY_DATA_CLUSTER_AUTOSCALER"] = "V2"
+    context.op_resource_reservation_enabled = False
+    try:
+        yield
+    finally:
+        context.op_resource_reservation_enabled = saved_reservation
+        if saved_env is None:
+            os.environ.pop("RAY_DATA_CLUSTER_AUTOSCALER", None)
+        else:
+            os.environ["RAY_DATA_CLUSTER_AUTOSCALER"] = saved_env
 
 
 def _clear_output(fs: pafs.FileSystem, root: str) -> None:
@@ -471,7 +568,7 @@ def run(cfg: BuildConfig) -> dict:
     log(f"pass 1/2: reading {len(paths)} files ({len(excluded)} excluded)")
     sizes = [info.size or 0 for info in in_fs.get_file_info(paths)]
     files = _ray_map([{"index": i, "path": p, "uri": input_uri_prefix or p} for i, p in enumerate(paths)],
-                     stage_file, sizes, output=cfg.output)
+                     stage_files, sizes, output=cfg.output)
     read_done = time.perf_counter()
 
     quarantined_files = []
@@ -516,7 +613,7 @@ def run(cfg: BuildConfig) -> dict:
 
     log(f"pass 2/2: building datasets for {len(plans)} contests")
     sizes = [sum(g["votes"] for g in usable[p["contest"]]) for p in plans]
-    built = _ray_map(plans, build_contest, sizes, cfg=dataclasses.asdict(cfg))
+    built = _ray_map(plans, build_contests, sizes, cfg=dataclasses.asdict(cfg))
     build_done = time.perf_counter()
 
     by_split = {s: [b for b in built if b["split"] == s and b["captions"]] for s in SPLITS}

@@ -11,22 +11,23 @@ import numpy as np
 
 # Below this many candidate pairs we list them all (exact); above it we draw candidates in batches.
 ENUMERATE_LIMIT = 200_000
-BATCH = 1 << 15
+MIN_BATCH, MAX_BATCH = 1 << 12, 1 << 16
 MAX_BATCHES = 64
 
 
-def _candidate_counts(n: int) -> np.ndarray:
-    """How many j lie below each chosen position i of the top half."""
-    top = n // 2
-    return (n - 1 - np.arange(top)).astype(np.int64)
+def _pair_start(i: np.ndarray, n: int) -> np.ndarray:
+    """Flat index of the first candidate (i, i+1): the n-1, n-2, ... candidates of every earlier i."""
+    return i * (n - 1) - i * (i - 1) // 2
 
 
-def _index_to_pair(index: np.ndarray, cumulative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map a flat candidate index to (i, j) in the triangle of candidates."""
-    i = np.searchsorted(cumulative, index, side="right")
-    start = np.concatenate(([0], cumulative))[i]
-    j = i + 1 + (index - start)
-    return i, j
+def _index_to_pair(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map a flat candidate index to (i, j) in the triangle of candidates, in closed form: the root of
+    the quadratic _pair_start(i) = index, corrected by one where floating point rounds across."""
+    b = 2.0 * n - 1.0
+    i = np.floor((b - np.sqrt(np.maximum(b * b - 8.0 * index, 0.0))) / 2.0).astype(np.int64)
+    i -= _pair_start(i, n) > index
+    i += _pair_start(i + 1, n) <= index
+    return i, i + 1 + (index - _pair_start(i, n))
 
 
 def sample_pairs(mean: np.ndarray, se: np.ndarray, max_pairs: int, sigma: float,
@@ -36,9 +37,7 @@ def sample_pairs(mean: np.ndarray, se: np.ndarray, max_pairs: int, sigma: float,
     empty = (np.empty(0, np.int64), np.empty(0, np.int64))
     if n < 2 or max_pairs <= 0:
         return empty
-    counts = _candidate_counts(n)
-    cumulative = np.cumsum(counts)
-    total = int(cumulative[-1]) if len(cumulative) else 0
+    total = int(_pair_start(np.int64(n // 2), n))  # i runs over the top half
     if total == 0:
         return empty
 
@@ -46,16 +45,18 @@ def sample_pairs(mean: np.ndarray, se: np.ndarray, max_pairs: int, sigma: float,
         return mean[i] - mean[j] > sigma * np.sqrt(se[i] ** 2 + se[j] ** 2)
 
     if total <= ENUMERATE_LIMIT:
-        i, j = _index_to_pair(np.arange(total, dtype=np.int64), cumulative)
+        i, j = _index_to_pair(np.arange(total, dtype=np.int64), n)
         ok = np.flatnonzero(keep(i, j))
         if len(ok) > max_pairs:
             ok = np.sort(rng.choice(ok, size=max_pairs, replace=False))
         return i[ok], j[ok]
 
     chosen = np.empty(0, np.int64)
+    batch, drawn = MIN_BATCH, 0
     for _ in range(MAX_BATCHES):
-        index = rng.integers(0, total, size=BATCH, dtype=np.int64)
-        i, j = _index_to_pair(index, cumulative)
+        index = rng.integers(0, total, size=batch, dtype=np.int64)
+        drawn += batch
+        i, j = _index_to_pair(index, n)
         index = index[keep(i, j)]
         # Distinct, in the order drawn: first occurrences of the new ones.
         merged = np.concatenate((chosen, index))
@@ -63,5 +64,8 @@ def sample_pairs(mean: np.ndarray, se: np.ndarray, max_pairs: int, sigma: float,
         chosen = merged[np.sort(first)]
         if len(chosen) >= max_pairs:
             break
+        # Size the next draw from the share kept so far, with room for rejections and repeats.
+        kept_share = max(len(chosen), 1) / drawn
+        batch = int(min(MAX_BATCH, max(MIN_BATCH, 2 * (max_pairs - len(chosen)) / kept_share)))
     chosen = chosen[:max_pairs]
-    return _index_to_pair(chosen, cumulative)
+    return _index_to_pair(chosen, n)

@@ -55,6 +55,19 @@ def scrub(captions: pa.Array) -> tuple[pa.Array, dict[str, int]]:
     return pc.replace_with_mask(captions, maybe, subset), counts
 
 
+# Anything either step above might change: a caption matching none of it is already clean.
+_MAYBE_UNCLEAN = r"^\s|\s$|\s\s|[\t\n\r\f\v]|" + _MAYBE_PERSONAL
+
+
+def clean(captions: pa.Array) -> tuple[pa.Array, dict[str, int]]:
+    """Whitespace normalised and personal data scrubbed; one scan picks the few rows that need work."""
+    maybe = pc.fill_null(pc.match_substring_regex(captions, pattern=_MAYBE_UNCLEAN), False)
+    if not pc.any(maybe).as_py():
+        return captions, dict.fromkeys(SCRUB_PATTERNS, 0)
+    subset, counts = scrub(normalise_whitespace(captions.filter(maybe)))
+    return pc.replace_with_mask(captions, maybe, subset), counts
+
+
 def caption_key(captions: pa.Array) -> pa.Array:
     """The identity of a caption inside a contest: case and spacing do not make a new caption."""
     return pc.utf8_lower(captions)

@@ -2,7 +2,7 @@
 
 - Rollout engines (`engines.py`): vLLM or HF-generate actors sample captions with the paper's decoding.
 - The reward actor (`reward.py`) scores prompt-with-context + caption.
-- The trainer: Ray Train workers (data-parallel, DDP) that hold the policy, the reference (a frozen
+- The trainer: Ray Train workers (data-parallel: DDP, or DeepSpeed ZeRO, see `learners.py`) that hold the policy, the reference (a frozen
   copy, or the policy with its LoRA adapter disabled) and the value model. Each step a worker draws its
   prompts, has them sampled by the engines and scored by the reward actor, computes log-probs,
   reference log-probs and values, and runs the clipped PPO update; then the new weights go to every
@@ -30,6 +30,8 @@ from pathlib import Path
 from humor_ray.config import UserError, field
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.rl.engines import ENGINES, DecodingOptions
+from humor_ray.rl.learners import unwrap
+from humor_ray.train.launcher import DEEPSPEED_PRESETS
 
 PLACEMENTS = ("separate", "colocate")
 
@@ -73,6 +75,8 @@ class Config(DecodingOptions):
     lora_alpha: int = field(16, "LoRA alpha")
     lora_targets: list[str] = field(["all-linear"], "modules LoRA adapts")
     num_workers: int = field(1, "trainer workers (data-parallel)")
+    deepspeed: str = field("none", "none (DDP), zero2, zero3, zero3_offload or a DeepSpeed JSON file: shards the "
+                                   "optimizer state (zero3: also the weights) of policy and value model across workers")
     use_gpu: bool = field(False, "GPUs for every role (see --placement)")
     cpus_per_worker: int = field(1, "CPUs each trainer worker reserves (and its torch threads)")
     seed: int = field(2024, "seed for prompts, sampling and new weights")
@@ -101,6 +105,8 @@ class Config(DecodingOptions):
                              f"samples_per_prompt = {batch})")
         if min(self.max_steps, self.num_workers, self.num_engines, self.save_steps, self.logging_steps) < 1:
             raise ValueError("--max_steps, --num_workers, --num_engines, --save_steps and --logging_steps must be at least 1")
+        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
+            raise ValueError(f"--deepspeed must be one of {DEEPSPEED_PRESETS} or a .json file")
         if any(r not in ("tensorboard", "none") for r in self.report_to):
             raise ValueError("--report_to for ppo: tensorboard or none")
 
@@ -200,14 +206,10 @@ def _values(value_model, batch, rows):
     return values[:, -width - 1:-1].float()
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
 def policy_weights(policy) -> dict:
     """The policy's full weights under their Hugging Face names, LoRA merged in, on the CPU: what a
     rollout engine loads."""
-    model = _unwrap(policy)
+    model = unwrap(policy)
     if not hasattr(model, "merge_adapter"):
         return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     model.merge_adapter()
@@ -269,6 +271,7 @@ def _worker_loop(config: dict) -> None:
     from humor_ray.models import registry
     from humor_ray.rl import algorithms as alg
     from humor_ray.rl.engines import EnginePool, first_line
+    from humor_ray.rl.learners import make_learner, start_deepspeed
     from humor_ray.rl.reward import score_with_retries
     from humor_ray.train.launcher import quiet_train_reports
 
@@ -296,22 +299,14 @@ def _worker_loop(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     transformers.set_seed(cfg.seed)  # new weights (value head, LoRA) start the same on every run
-    policy, reference, value_model = _build_models(cfg, policy_dir, restored)
-    policy.to(device)
-    if reference is not None:
-        reference.to(device)
-    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
-    if value_model is not None:
-        value_model.to(device)
-        groups.append({"params": [p for p in value_model.parameters() if p.requires_grad],
-                       "lr": cfg.value_learning_rate or cfg.learning_rate})
-    optimizer = torch.optim.AdamW(groups, eps=1e-6)
+    # Alive while training: under ZeRO-3 it makes `from_pretrained` load each weight into its shard.
+    zero3_loading = start_deepspeed(cfg) if cfg.deepspeed != "none" else None
+    # A DeepSpeed checkpoint holds the weights in shards, restored by `learner.load`: build from the base.
+    weights_from = restored if cfg.deepspeed == "none" else None
+    learner = make_learner(cfg, *_build_models(cfg, policy_dir, weights_from), device, world)
     if restored:
-        optimizer.load_state_dict(torch.load(os.path.join(restored, "optimizer.pt"), weights_only=True))
-    if world > 1:
-        policy = ray.train.torch.prepare_model(policy, move_to_device=False)
-        if value_model is not None:
-            value_model = ray.train.torch.prepare_model(value_model, move_to_device=False)
+        learner.load(restored)
+    policy, reference, value_model = learner.policy, learner.reference, learner.value
     kl_control = alg.AdaptiveKL(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
     moments = alg.RunningMoments(*state["moments"])
     prompts, reward_prompts = _read_prompts(cfg)
@@ -330,7 +325,8 @@ def _worker_loop(config: dict) -> None:
     def sync(version: int) -> float:
         """Every engine gets the policy's weights as `version`; returns the seconds it took."""
         begin = time.perf_counter()
-        ref = ray.put(policy_weights(policy)) if rank == 0 else None
+        with learner.whole_weights():
+            ref = ray.put(policy_weights(policy)) if rank == 0 else None
         ref = _broadcast(ref, rank)
         if rank == 0:
             pool.sync(ref, version)
@@ -371,7 +367,7 @@ def _worker_loop(config: dict) -> None:
                 old_logprobs[rows], raw_logprobs[rows], entropy[rows] = _logprobs(policy, batch, rows,
                                                                                    cfg.temperature, raw=True)
                 if reference is None:
-                    with _unwrap(policy).disable_adapter():
+                    with unwrap(policy).disable_adapter():
                         ref_logprobs[rows] = _logprobs(policy, batch, rows, cfg.temperature)
                 else:
                     ref_logprobs[rows] = _logprobs(reference, batch, rows, cfg.temperature)
@@ -408,18 +404,15 @@ def _worker_loop(config: dict) -> None:
             for start in range(0, size, cfg.mini_batch_size):
                 rows = order[start:start + cfg.mini_batch_size].to(device)
                 logprobs = _logprobs(policy, batch, rows, cfg.temperature)
-                loss, clipfrac, approx_kl = alg.policy_loss(logprobs, old_logprobs[rows], advantages[rows],
-                                                            mask[rows], cfg.cliprange)
-                stats["pg_loss"].append(loss.item())
+                pg_loss, clipfrac, approx_kl = alg.policy_loss(logprobs, old_logprobs[rows], advantages[rows],
+                                                               mask[rows], cfg.cliprange)
+                stats["pg_loss"].append(pg_loss.item())
+                v_loss = None
                 if value_model is not None:
                     values = _values(value_model, batch, rows)
                     v_loss = alg.value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.cliprange_value)
                     stats["vf_loss"].append(v_loss.item())
-                    loss = loss + cfg.vf_coef * v_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-                optimizer.step()
+                learner.update(pg_loss, v_loss)
                 stats["clipfrac"].append(clipfrac.item())
                 stats["approx_kl"].append(approx_kl.item())
         times["train"] = time.perf_counter() - begin
@@ -456,24 +449,25 @@ def _worker_loop(config: dict) -> None:
                                                      "gap": gap, "s/step": step_time})
         save = step % cfg.save_steps == 0 or step == cfg.max_steps
         ray_checkpoint = None
-        if save and rank == 0:
+        if save:
             directory = os.path.join(scratch, f"checkpoint-{step}")
             os.makedirs(directory)
-            _unwrap(policy).save_pretrained(os.path.join(directory, "policy"))
-            if value_model is not None:
-                torch.save(_unwrap(value_model).state_dict(), os.path.join(directory, "value.pt"))
-            torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-            Path(directory, "state.json").write_text(json.dumps({
-                "step": step, "kl_coef": kl_control.value, "history": history,
-                "moments": [moments.mean, moments.var, moments.count]}))
-            ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
+            if rank == 0:
+                Path(directory, "state.json").write_text(json.dumps({
+                    "step": step, "kl_coef": kl_control.value, "history": history,
+                    "moments": [moments.mean, moments.var, moments.count]}))
+            # The ranks that wrote files report them; Ray Train merges them into one checkpoint.
+            if learner.save(directory, rank) or rank == 0:
+                ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
         if save or step % cfg.logging_steps == 0:
             ray.train.report(metrics, checkpoint=ray_checkpoint)
-        if ray_checkpoint is not None:
-            shutil.rmtree(ray_checkpoint.path, ignore_errors=True)  # reported = copied to the run's storage
-    if rank == 0:
-        _save_final(cfg, policy, tokenizer, history, checkpoint.path if checkpoint else None)
-        note(f"final policy in {cfg.output_dir}/final")
+        if save:
+            shutil.rmtree(directory, ignore_errors=True)  # reported = copied to the run's storage
+    zero3_loading = None  # noqa: F841 (the final merge loads whole models again)
+    with learner.whole_weights():
+        if rank == 0:
+            _save_final(cfg, policy, tokenizer, history, checkpoint.path if checkpoint else None)
+            note(f"final policy in {cfg.output_dir}/final")
     if writer is not None:
         writer.close()
 
@@ -483,7 +477,7 @@ def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_fro
 
     final = os.path.join(cfg.output_dir, "final")
     shutil.rmtree(final, ignore_errors=True)
-    _unwrap(policy).save_pretrained(final, safe_serialization=True)
+    unwrap(policy).save_pretrained(final, safe_serialization=True)
     tokenizer.save_pretrained(final)
     serve = save_merged(cfg.model_name, "causal_lm", False, final)
     Path(cfg.output_dir, "metrics.json").write_text(json.dumps(

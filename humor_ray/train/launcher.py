@@ -91,12 +91,8 @@ class TrainConfig:
         return self.model_name
 
 
-def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
-    """A DeepSpeed config for the HF Trainer ("auto" values are filled from the training args)."""
-    if preset == "none":
-        return None
-    if preset.endswith(".json"):
-        return preset
+def zero_optimization(preset: str, use_gpu: bool) -> dict:
+    """The `zero_optimization` section of a DeepSpeed preset (zero2, zero3, zero3_offload)."""
     stage = 2 if preset == "zero2" else 3
     zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
     if stage == 3:
@@ -105,7 +101,16 @@ def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
     if preset == "zero3_offload":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+    return zero
+
+
+def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
+    """A DeepSpeed config for the HF Trainer ("auto" values are filled from the training args)."""
+    if preset == "none":
+        return None
+    if preset.endswith(".json"):
+        return preset
+    return {"zero_optimization": zero_optimization(preset, use_gpu), "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
