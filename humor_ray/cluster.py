@@ -11,6 +11,9 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train's print patch copies every print into its logger, including what a library prints into
+    # a captured stream (dill disassembles each function `datasets` fingerprints): pages of bytecode.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 # Ray Train workers beside a Ray Data pipeline deadlock when the logical CPU count is the physical

@@ -1,10 +1,10 @@
 """`humor-ray demo`: the main job end to end on local Ray, from the real contest data.
 
 data -> sft -> rm -> dpo -> ppo -> generate (sft, dpo, ppo) -> best-of-N (sft) -> judge -> report, on
-CPU with the laptop job specs in short runs: the policy is --policy (the tiny preset by default, or
-SmolLM2-135M), the reward model MiniLM. The judge is the reward model (offline) unless --judge_base_url
+CPU with the laptop job specs in short runs: the policy is --policy (SmolLM2-135M by default, or the
+tiny preset), the reward model MiniLM. The judge is the reward model (offline) unless --judge_base_url
 names an OpenAI-compatible endpoint. Every stage writes under --output and can be rerun alone with
-the command it prints."""
+the command it prints, after the minutes elapsed so far."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from humor_ray.config import field, parse_config
@@ -27,12 +28,32 @@ class DemoConfig:
     data: str | None = field(None, "the contest data; default $HUMOR_RAY_DATA, else a downloaded copy in "
                                    f"{DEFAULT_CACHE}")
     mirror: str | None = field(None, "download the data from this mirror (URL or folder) instead of upstream")
-    train_steps: int = field(30, "optimizer steps of each training stage (0 skips training)")
-    policy: str = field("tiny", "the policy model: tiny (minutes) or smollm2-135m (SmolLM2, about half an hour here)")
-    ppo_steps: int = field(4, "PPO steps")
-    eval_contests: int = field(8, "evaluation contests captions are generated and judged for")
+    policy: str = field("smollm2-135m", "the policy model: smollm2-135m (SmolLM2) or tiny (a few minutes)")
+    train_steps: int | None = field(None, "optimizer steps of each training stage (default 8 for SmolLM2, "
+                                          "30 for tiny; 0 skips training)")
+    ppo_steps: int | None = field(None, "PPO steps (default 2 for SmolLM2, 4 for tiny)")
+    eval_contests: int = field(4, "evaluation contests captions are generated and judged for")
     judge_base_url: str | None = field(None, "an OpenAI-compatible endpoint for the LLM judge (default: the reward model judges)")
     judge_model: str | None = field(None, "the LLM judge's model, with --judge_base_url")
+
+    def __post_init__(self):
+        if self.policy not in POLICY_SPECS:
+            raise ValueError(f"--policy must be one of {sorted(POLICY_SPECS)}")
+        tiny = self.policy == "tiny"
+        if self.train_steps is None:
+            self.train_steps = 30 if tiny else 8
+        if self.ppo_steps is None:
+            self.ppo_steps = 4 if tiny else 2
+
+
+# The job specs each policy's stages run (jobs/<stage>-<size>.yaml).
+POLICY_SPECS = {"smollm2-135m": "smollm2", "tiny": "tiny"}
+STARTED = [time.perf_counter()]
+
+
+def log(message: str) -> None:
+    minutes, seconds = divmod(int(time.perf_counter() - STARTED[0]), 60)
+    print(f"[demo {minutes}:{seconds:02d}] {message}", file=sys.stderr, flush=True)
 
 
 def locate_data(cfg: DemoConfig) -> Path:
@@ -45,33 +66,37 @@ def locate_data(cfg: DemoConfig) -> Path:
             raise fetch.FetchError(f"{given} has no summaries/ folder: point HUMOR_RAY_DATA at the contest data")
         return Path(given)
     if not (DEFAULT_CACHE / "summaries").is_dir():
-        print(f"[demo] HUMOR_RAY_DATA is not set: downloading the public data into {DEFAULT_CACHE}",
-              file=sys.stderr)
+        log(f"HUMOR_RAY_DATA is not set: downloading the public data into {DEFAULT_CACHE}")
         fetch.run(fetch.FetchConfig(output=str(DEFAULT_CACHE), mirror=cfg.mirror))
     return DEFAULT_CACHE
 
 
 def run(cfg: DemoConfig) -> dict:
+    from humor_ray.cluster import init_ray
     from humor_ray.data import build
 
+    STARTED[0] = time.perf_counter()
     data = locate_data(cfg)
+    # With the dashboard from the start: the training stages are watched there (and Ray Train asks the
+    # cluster's state through it); the data build alone would start Ray without it.
+    init_ray(dashboard=True)
     os.environ["HUMOR_RAY_DATA"] = str(data)
     datasets = Path(cfg.output) / "datasets"
-    print(f"[demo] stage 1: data build from {data} -> {datasets}", file=sys.stderr)
+    log(f"stage 1: data build from {data} -> {datasets}")
     build_cfg = parse_config(build.BuildConfig, ["--config", str(REPO / "jobs" / "data.yaml"),
                                                  "--output", str(datasets)], "humor-ray data build")
     # The upstream download has no paper split or Humor-in-AI descriptions: use what is there.
     build_cfg.descriptions = [d for d in build_cfg.descriptions if Path(d).is_file()]
     if build_cfg.splits and not Path(build_cfg.splits).is_file():
-        print(f"[demo] no split file at {build_cfg.splits}: contests are split by hash", file=sys.stderr)
+        log(f"no split file at {build_cfg.splits}: contests are split by hash")
         build_cfg.splits = None
     report = build.run(build_cfg)
-    print(f"[demo] datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}", file=sys.stderr)
+    log(f"datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}")
     if cfg.train_steps > 0:
         report["training"] = train(cfg, datasets)
         report["report"] = evaluate(cfg, datasets)
-        print(f"[demo] report: {Path(report['report']).resolve()}", file=sys.stderr)
-    print(f"[demo] done: {Path(cfg.output).resolve()}", file=sys.stderr)
+        log(f"report: {Path(report['report']).resolve()}")
+    log(f"done: {Path(cfg.output).resolve()}")
     return report
 
 
@@ -81,33 +106,49 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
 
     runs = Path(cfg.output) / "runs"
     steps = cfg.train_steps
-    # Evaluate and checkpoint twice per run; the specs' settings are for longer runs.
-    short = ["--dataset_dir", str(datasets), "--max_steps", str(steps), "--eval_steps", str(max(1, steps // 2)),
-             "--save_steps", str(max(1, steps // 2)), "--logging_steps", str(max(1, steps // 10))]
-    size = "tiny" if cfg.policy == "tiny" else "smollm2"
+    # The specs are for longer runs: here one optimizer step per batch, and one evaluation (on fewer
+    # held-out examples) and one checkpoint at the end.
+    short = ["--dataset_dir", str(datasets), "--max_steps", str(steps), "--eval_steps", str(steps),
+             "--save_steps", str(steps), "--logging_steps", str(max(1, steps // 6)),
+             "--gradient_accumulation_steps", "1", "--max_eval_examples", "16"]
+    size = POLICY_SPECS[cfg.policy]
     stages = [
         ("sft", sft, f"sft-{size}.yaml", []),
-        ("rm", rm, "rm-minilm.yaml", ["--max_eval_examples", "500"]),
+        ("rm", rm, "rm-minilm.yaml", ["--max_eval_examples", "300"]),
         ("dpo", dpo, f"dpo-{size}.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
     ]
     results = {}
     for number, (name, module, spec, extra) in enumerate(stages, start=2):
         out = runs / name
-        print(f"[demo] stage {number}: {name} ({spec}, {steps} steps) -> {out}", file=sys.stderr)
-        stage_cfg = parse_config(module.Config, ["--config", str(REPO / "jobs" / spec), *short,
-                                                 "--output_dir", str(out), *extra], f"humor-ray {name}")
-        module.run(stage_cfg)
+        _stage(number, name, module.run, module.Config, spec, [*short, "--output_dir", str(out), *extra])
         results[name] = json.loads((out / "metrics.json").read_text())["eval"]
-    print(f"[demo] sft held-out loss {results['sft'].get('eval_loss', float('nan')):.3f}; reward model held-out "
+    log(f"sft held-out loss {results['sft'].get('eval_loss', float('nan')):.3f}; reward model held-out "
           f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
-          f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}", file=sys.stderr)
+          f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}")
     return results
+
+
+def eval_contests(datasets: Path, released: Path, count: int) -> list[int]:
+    """The first `count` evaluation contests, preferring those every one of the paper's released
+    generations covers, so that ours and theirs are judged on the same cartoons."""
+    import pyarrow.dataset as pds
+
+    from humor_ray.eval.benchmark import read_generations
+
+    contests = sorted(pds.dataset(datasets / "prompts" / "eval", format="parquet").to_table(
+        columns=["contest"])["contest"].to_pylist())
+    covered = set()
+    if released.is_dir():
+        theirs = read_generations([str(released)])
+        covered = set.intersection(*(set(rows["contest"]) for _, rows in theirs.groupby("method")))
+    ordered = [c for c in contests if c in covered] + [c for c in contests if c not in covered]
+    return ordered[:count]
 
 
 def _stage(number: int, name: str, function, config_class, spec: str | None, args: list[str]):
     """One stage as its command line would run it (printed, so it can be rerun alone)."""
     argv = (["--config", str(REPO / "jobs" / spec)] if spec else []) + args
-    print(f"[demo] stage {number}: humor-ray {name} {' '.join(argv)}", file=sys.stderr, flush=True)
+    log(f"stage {number}: humor-ray {name} {' '.join(argv)}")
     return function(parse_config(config_class, argv, f"humor-ray {name}"))
 
 
@@ -120,15 +161,18 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
 
     out = Path(cfg.output)
     runs, captions = out / "runs", out / "captions"
-    size = "tiny" if cfg.policy == "tiny" else "smollm2"
+    size = POLICY_SPECS[cfg.policy]
     common = ["--dataset_dir", str(datasets)]
     sft_model, reward = str(runs / "sft" / "final"), str(runs / "rm")
     # The SFT specs train on the simple prompt; PPO and generation must read the same.
     prompt = ["--simple_prompt"]
     _stage(5, "ppo", ppo.run, ppo.Config, f"ppo-{size}.yaml", [
         *common, *prompt, "--output_dir", str(runs / "ppo"), "--model_name", sft_model, "--reward_model", reward,
-        "--reward_max_length", "128", "--max_steps", str(cfg.ppo_steps), "--save_steps", str(cfg.ppo_steps)])
-    subset = ["--max_contests", str(cfg.eval_contests)]
+        "--reward_max_length", "128", "--max_steps", str(cfg.ppo_steps), "--save_steps", str(cfg.ppo_steps),
+        # Two prompts x 4 captions per step: a step of SmolLM2 with its value model takes ~25 s here.
+        "--rollout_batch_size", "2", "--mini_batch_size", "8", "--forward_batch_size", "8"])
+    released = data_root() / "benchmarks" / "humor_in_ai_examples"
+    subset = ["--contests", *map(str, eval_contests(datasets, released, cfg.eval_contests))]
     # Named after the policy: the paper's released generations, judged beside ours, are sft, dpo, ...
     names = {name: f"{cfg.policy}_{name}" for name in ("sft", "dpo", "ppo", "sft_BoN")}
     for name in ("sft", "dpo", "ppo"):
@@ -139,7 +183,6 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
         *common, *subset, *prompt, "--model_name", sft_model, "--method", names["sft_BoN"], "--reward_model", reward,
         "--reward_max_length", "128", "--output_dir", str(captions / "sft_BoN")])
     generations = [str(captions / name) for name in names]
-    released = data_root() / "benchmarks" / "humor_in_ai_examples"
     if released.is_dir():  # the paper's own generations, judged beside ours
         generations.append(str(released))
     judge = (["--judge", "llm", "--base_url", cfg.judge_base_url, "--model", cfg.judge_model or "gpt-4o"]

@@ -57,6 +57,17 @@ def test_generate_writes_long_and_wide_captions(generated):
     assert sorted(wide["caption"]) == sorted(long["caption"])
 
 
+def test_a_chosen_set_of_contests_is_read_and_an_unknown_one_named(datasets_dir):
+    from humor_ray.config import UserError
+
+    chosen = generate.read_prompts(generate.GenerateConfig(dataset_dir=str(datasets_dir), output_dir="unused",
+                                                           model_name="tiny", contests=[548, 536]))
+    assert chosen["contest"].to_pylist() == [536, 548]
+    with pytest.raises(UserError, match=r"--contests \[9999\]"):
+        generate.read_prompts(generate.GenerateConfig(dataset_dir=str(datasets_dir), output_dir="unused",
+                                                      model_name="tiny", contests=[536, 9999]))
+
+
 def test_best_of_n_keeps_the_highest_rewards(tmp_path, datasets_dir):
     out = tmp_path / "bon"
     summary = generate.run_bon(generate.BonConfig(

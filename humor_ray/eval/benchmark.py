@@ -59,6 +59,7 @@ class JudgeConfig:
     price_per_mtok_out: float = field(0.0, "USD per million completion tokens")
     dry_run: bool = field(False, "print what would be sent and its cost; send nothing")
     max_contests: int | None = field(None, "only the first this many evaluation contests")
+    contests: list[int] = field([], "only these evaluation contests (before --max_contests)")
     bootstrap: int = field(2000, "bootstrap resamples for the confidence intervals")
     seed: int = field(2024, "seed for few-shot choice and the bootstrap")
 
@@ -340,6 +341,12 @@ def run(cfg: JudgeConfig) -> dict:
 
     generations = read_generations(cfg.generations)
     references = read_references(cfg.dataset_dir)
+    if cfg.contests:
+        unknown = sorted(set(cfg.contests) - set(references["contest"]))
+        if unknown:
+            raise UserError(f"--contests {unknown}: no human references in {cfg.dataset_dir}")
+        references = references[references["contest"].isin(cfg.contests)]
+        generations = generations[generations["contest"].isin(cfg.contests)]
     if cfg.max_contests:
         keep = sorted(references["contest"].unique())[: cfg.max_contests]
         references = references[references["contest"].isin(keep)]

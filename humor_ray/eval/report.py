@@ -110,6 +110,11 @@ def run(cfg: ReportConfig) -> str:
     summary = json.loads(winrates.read_text())
     generations = read_generations(cfg.generations)
     references = read_references(cfg.dataset_dir)
+    judgments = Path(cfg.judge_dir, "judgments.parquet")
+    if judgments.is_file():  # diversity, lengths and examples on the contests the win rates come from
+        judged = set(pd.read_parquet(judgments, columns=["contest"])["contest"])
+        generations = generations[generations["contest"].isin(judged)]
+        references = references[references["contest"].isin(judged)]
     out = Path(cfg.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     diversity_rows = method_diversity(generations[["contest", "method", "caption"]])

@@ -43,6 +43,7 @@ class GenerateConfig(DecodingOptions):
     split: str = field("eval", "prompts split: eval or train")
     simple_prompt: bool = field(False, "the simple prompt (context lines only) instead of the long instruction prompt")
     max_contests: int | None = field(None, "only the first this many contests (quick runs)")
+    contests: list[int] = field([], "only these contests (before --max_contests)")
     engine: str = field("vllm", "vllm or hf")
     num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)")
     use_gpu: bool = field(False, "one GPU per engine")
@@ -157,12 +158,18 @@ def _gpu() -> bool:
 def read_prompts(cfg: GenerateConfig):
     """The split's prompts: contest, what the policy reads, what the reward model reads."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
     path = os.path.join(cfg.dataset_dir, "prompts", cfg.split)
     if "://" not in path and not os.path.isdir(path):
         raise UserError(f"{path} not found: run `humor-ray data build` first")
     table = pds.dataset(path, format="parquet").to_table().sort_by("contest")
+    if cfg.contests:
+        unknown = sorted(set(cfg.contests) - set(table["contest"].to_pylist()))
+        if unknown:
+            raise UserError(f"--contests {unknown}: not in {path}")
+        table = table.filter(pc.is_in(table["contest"], pa.array(cfg.contests, table["contest"].type)))
     if cfg.max_contests:
         table = table.slice(0, cfg.max_contests)
     column = "prompt" if cfg.simple_prompt else "prompt_long"
