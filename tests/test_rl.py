@@ -343,17 +343,18 @@ def test_ppo_under_deepspeed_syncs_whole_weights_and_resumes_from_its_shards(tmp
     out = tmp_path / zero
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share",
                   model_name="tiny", simple_prompt=True, rollout_batch_size=2, samples_per_prompt=4,
-                  mini_batch_size=4, max_new_tokens=8, learning_rate=1e-3, save_steps=2, report_to=["none"],
+                  mini_batch_size=4, max_new_tokens=8, learning_rate=1e-3, save_steps=1, report_to=["none"],
                   max_failures=0, num_workers=2, deepspeed=zero)
+    ppo.run(ppo.Config(**config, max_steps=1))
     ppo.run(ppo.Config(**config, max_steps=2))
-    ppo.run(ppo.Config(**config, max_steps=3))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"], "the rerun did not resume from the DeepSpeed checkpoint"
     history = metrics["history"]
-    assert [m["step"] for m in history] == [1, 2, 3]
+    assert [m["step"] for m in history] == [1, 2]
     assert all("vf_loss" in m for m in history)
     assert max(m["logprob_gap"] for m in history) < 1e-3
-    assert [m["engine_version"] for m in history] == [0, 1, 2]
+    # Step 2 sampled from the engines after the resumed policy was synced to them (version 1).
+    assert [m["engine_version"] for m in history] == [0, 1]
     # Every rank wrote its optimizer shard into the one checkpoint Ray Train kept.
     shards = sorted(p.name for p in (out / "ray" / "ppo").glob("checkpoint_*/policy_ds/step/*optim_states.pt"))
     assert len(shards) >= 2 and any("rank_1" in name for name in shards), shards
