@@ -262,6 +262,9 @@ def _find_images(images: str | None, warnings: list[str]) -> dict[int, str]:
 
 # ---------------------------------------------------------------- pass 2: one contest
 
+MERGED_COLUMNS = ["key", "caption", "funny", "somewhat_funny", "unfunny"]
+
+
 def _combine(parts: list[pa.Table], lookups: list[pa.Table], contest: int) -> tuple[pa.Table, list[dict], int]:
     """All staged rows of a contest -> one row per distinct caption (counts summed)."""
     captions = pa.concat_tables(parts)
@@ -297,9 +300,6 @@ def _combine(parts: list[pa.Table], lookups: list[pa.Table], contest: int) -> tu
     merged = merged.rename_columns([n.removesuffix("_first").removesuffix("_sum") for n in merged.column_names])
     merged = pa.concat_tables([single.select(MERGED_COLUMNS), merged.select(MERGED_COLUMNS)])
     return merged, quarantine, keyed.num_rows - merged.num_rows
-
-
-MERGED_COLUMNS = ["key", "caption", "funny", "somewhat_funny", "unfunny"]
 
 
 def rank_captions(table: pa.Table) -> pa.Table:
@@ -343,17 +343,15 @@ class _DatasetWriter:
     def __init__(self, fs: pafs.FileSystem, root: str):
         self.fs, self.root = fs, root
         self.buffers: dict[tuple[str, str], list[tuple[int, pa.Table]]] = defaultdict(list)
-        self.sizes: Counter = Counter()
 
     def add(self, dataset: str, split: str, contest: int, table: pa.Table) -> None:
-        self.buffers[(dataset, split)].append((contest, table))
-        self.sizes[(dataset, split)] += table.nbytes
-        if self.sizes[(dataset, split)] >= self.FLUSH_BYTES:
+        parts = self.buffers[(dataset, split)]
+        parts.append((contest, table))
+        if sum(part.nbytes for _, part in parts) >= self.FLUSH_BYTES:
             self.flush(dataset, split)
 
     def flush(self, dataset: str, split: str) -> None:
         parts = self.buffers.pop((dataset, split), [])
-        self.sizes.pop((dataset, split), None)
         if parts:
             _write(pa.concat_tables([table for _, table in parts]), self.fs,
                    _join(self.root, dataset, split, f"part-{parts[0][0]:06d}.parquet"))

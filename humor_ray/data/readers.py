@@ -38,7 +38,7 @@ COUNT_COLUMNS = ("funny", "somewhat_funny", "unfunny")
 CAPTIONS_SCHEMA = pa.schema([
     ("contest", pa.int32()), ("caption", pa.string()), ("caption_id", pa.string()),
     ("funny", pa.int64()), ("somewhat_funny", pa.int64()), ("unfunny", pa.int64()),
-    ("source", pa.dictionary(pa.int32(), pa.string())), ("row", pa.int64()),  # one path per file: one entry
+    ("source", pa.string()), ("row", pa.int64()),
 ])
 LOOKUP_SCHEMA = pa.schema([("contest", pa.int32()), ("caption_id", pa.string()), ("caption", pa.string())])
 QUARANTINE_SCHEMA = pa.schema([
@@ -194,9 +194,6 @@ def _quarantine_rows(read: FileRead, table: pa.Table, bad: np.ndarray, reason, p
 def _as_count(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(values as int64, valid mask) for a count column that should hold non-negative integers."""
     column = table[name].combine_chunks() if isinstance(table[name], pa.ChunkedArray) else table[name]
-    if pa.types.is_integer(column.type) and column.null_count == 0:  # the common case, no masks needed
-        values = column.cast(pa.int64()).to_numpy()
-        return values, values >= 0
     if pa.types.is_integer(column.type):
         valid = np.asarray(pc.fill_null(pc.greater_equal(column, 0), False))
         return np.asarray(pc.fill_null(column, 0).cast(pa.int64())), valid
@@ -217,11 +214,7 @@ def _resolve_contest(table: pa.Table, path: str, read: FileRead) -> np.ndarray:
     n = table.num_rows
     if "contest" in table.column_names:
         values, valid = _as_count(table, "contest")
-        present = values[valid]
-        if len(present) and present.min() == present.max():  # one contest: no need to sort
-            distinct = present[:1]
-        else:
-            distinct = np.unique(present)
+        distinct = np.unique(values[valid]) if valid.any() else np.array([], dtype=np.int64)
         if len(distinct) > 1:
             if not valid.all():
                 _quarantine_rows(read, table, ~valid, "contest is missing or not a number", path)
@@ -288,15 +281,11 @@ def _read_summary(table: pa.Table, path: str, read: FileRead) -> None:
     read.captions = pa.table({
         "contest": pa.array(contest, pa.int32()), "caption": captions, "caption_id": caption_id,
         "funny": counts["funny"], "somewhat_funny": counts["somewhat_funny"], "unfunny": counts["unfunny"],
-        "source": _repeated_path(path, n),
+        "source": pa.repeat(pa.scalar(path, pa.string()), n),
         "row": pa.array(read.record_numbers),
     }, schema=CAPTIONS_SCHEMA)
     if bad.any():
         read.captions = read.captions.filter(pa.array(~bad))
-
-
-def _repeated_path(path: str, n: int) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([path], pa.string()))
 
 
 def _checked_integers(table: pa.Table, name: str, low: int, high: int | None) -> tuple[pa.Array, np.ndarray | None]:
@@ -348,7 +337,7 @@ def _read_votes(table: pa.Table, path: str, read: FileRead) -> None:
     read.captions = pa.table({
         "contest": merged["contest"], "caption": caption, "caption_id": caption_id,
         **{name: merged[name].cast(pa.int64()) for name in COUNT_COLUMNS},
-        "source": _repeated_path(path, m),
+        "source": pa.repeat(pa.scalar(path, pa.string()), m),
         "row": pa.nulls(m, pa.int64()),
     }, schema=CAPTIONS_SCHEMA)
     read.stats["vote_rows"] = n
