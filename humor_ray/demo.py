@@ -48,11 +48,11 @@ class DemoConfig:
 
 # The job specs each policy's stages run (jobs/<stage>-<size>.yaml).
 POLICY_SPECS = {"smollm2-135m": "smollm2", "tiny": "tiny"}
-STARTED = [time.perf_counter()]
+_started = time.perf_counter()  # reset when a run starts
 
 
 def log(message: str) -> None:
-    minutes, seconds = divmod(int(time.perf_counter() - STARTED[0]), 60)
+    minutes, seconds = divmod(int(time.perf_counter() - _started), 60)
     print(f"[demo {minutes}:{seconds:02d}] {message}", file=sys.stderr, flush=True)
 
 
@@ -75,7 +75,8 @@ def run(cfg: DemoConfig) -> dict:
     from humor_ray.cluster import init_ray
     from humor_ray.data import build
 
-    STARTED[0] = time.perf_counter()
+    global _started
+    _started = time.perf_counter()
     data = locate_data(cfg)
     # With the dashboard from the start: the training stages are watched there (and Ray Train asks the
     # cluster's state through it); the data build alone would start Ray without it.

@@ -339,18 +339,14 @@ def win_rates(judgments, resamples: int, seed: int) -> list[dict]:
 def run(cfg: JudgeConfig) -> dict:
     import pandas as pd
 
+    from humor_ray.infer.generate import choose_contests
+
     generations = read_generations(cfg.generations)
     references = read_references(cfg.dataset_dir)
-    if cfg.contests:
-        unknown = sorted(set(cfg.contests) - set(references["contest"]))
-        if unknown:
-            raise UserError(f"--contests {unknown}: no human references in {cfg.dataset_dir}")
-        references = references[references["contest"].isin(cfg.contests)]
-        generations = generations[generations["contest"].isin(cfg.contests)]
-    if cfg.max_contests:
-        keep = sorted(references["contest"].unique())[: cfg.max_contests]
-        references = references[references["contest"].isin(keep)]
-        generations = generations[generations["contest"].isin(keep)]
+    keep = choose_contests(references["contest"], cfg.contests, cfg.max_contests,
+                           f"the human references of {cfg.dataset_dir}")
+    references = references[references["contest"].isin(keep)]
+    generations = generations[generations["contest"].isin(keep)]
     missing = sorted(set(generations["contest"]) - set(references["contest"]))
     if missing:
         print(f"[judge] {len(missing)} generated contests have no human references and are skipped: {missing[:10]}",

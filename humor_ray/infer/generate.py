@@ -155,6 +155,18 @@ def _gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def choose_contests(available, contests: list[int], max_contests: int | None, source: str) -> list[int]:
+    """The contests a run covers, in order: `contests` when given (each must be in `available`),
+    else all of `available`; then only the first `max_contests`."""
+    chosen = sorted(set(available))
+    if contests:
+        unknown = sorted(set(contests) - set(chosen))
+        if unknown:
+            raise UserError(f"--contests {unknown}: not in {source}")
+        chosen = [c for c in chosen if c in set(contests)]
+    return chosen[:max_contests] if max_contests else chosen
+
+
 def read_prompts(cfg: GenerateConfig):
     """The split's prompts: contest, what the policy reads, what the reward model reads."""
     import pyarrow as pa
@@ -165,13 +177,8 @@ def read_prompts(cfg: GenerateConfig):
     if "://" not in path and not os.path.isdir(path):
         raise UserError(f"{path} not found: run `humor-ray data build` first")
     table = pds.dataset(path, format="parquet").to_table().sort_by("contest")
-    if cfg.contests:
-        unknown = sorted(set(cfg.contests) - set(table["contest"].to_pylist()))
-        if unknown:
-            raise UserError(f"--contests {unknown}: not in {path}")
-        table = table.filter(pc.is_in(table["contest"], pa.array(cfg.contests, table["contest"].type)))
-    if cfg.max_contests:
-        table = table.slice(0, cfg.max_contests)
+    keep = choose_contests(table["contest"].to_pylist(), cfg.contests, cfg.max_contests, path)
+    table = table.filter(pc.is_in(table["contest"], pa.array(keep, table["contest"].type)))
     column = "prompt" if cfg.simple_prompt else "prompt_long"
     return pa.table({"contest": table["contest"].cast(pa.int64()), "policy_prompt": table[column],
                      "reward_prompt": table["prompt"]})

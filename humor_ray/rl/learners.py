@@ -80,15 +80,23 @@ class TorchLearner:
         self.optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
 
 
-def deepspeed_settings(cfg, world: int, learning_rate: float) -> dict:
-    """A complete DeepSpeed config for one of the trainer's models (no "auto": no HF Trainer fills it)."""
+def _chosen_settings(cfg) -> dict:
+    """What --deepspeed names: the user's JSON file, or the preset's ZeRO section."""
     from humor_ray.train.launcher import zero_optimization
 
     if cfg.deepspeed.endswith(".json"):
         with open(cfg.deepspeed) as handle:
-            settings = json.load(handle)
-    else:
-        settings = {"zero_optimization": zero_optimization(cfg.deepspeed, cfg.use_gpu)}
+            return json.load(handle)
+    return {"zero_optimization": zero_optimization(cfg.deepspeed, cfg.use_gpu)}
+
+
+def zero_stage(cfg) -> int:
+    return int(_chosen_settings(cfg).get("zero_optimization", {}).get("stage", 0))
+
+
+def deepspeed_settings(cfg, world: int, learning_rate: float) -> dict:
+    """A complete DeepSpeed config for one of the trainer's models (no "auto": no HF Trainer fills it)."""
+    settings = _chosen_settings(cfg)
     offload = bool(settings.get("zero_optimization", {}).get("offload_optimizer"))
     settings.update({
         "train_micro_batch_size_per_gpu": cfg.mini_batch_size, "gradient_accumulation_steps": 1,
@@ -100,13 +108,6 @@ def deepspeed_settings(cfg, world: int, learning_rate: float) -> dict:
     })
     settings.setdefault("bf16", {"enabled": cfg.use_gpu})
     return settings
-
-
-def zero_stage(cfg) -> int:
-    if cfg.deepspeed.endswith(".json"):
-        with open(cfg.deepspeed) as handle:
-            return int(json.load(handle).get("zero_optimization", {}).get("stage", 0))
-    return 2 if cfg.deepspeed == "zero2" else 3
 
 
 def start_deepspeed(cfg):

@@ -31,7 +31,7 @@ from humor_ray.config import UserError, field
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.rl.engines import ENGINES, DecodingOptions
 from humor_ray.rl.learners import unwrap
-from humor_ray.train.launcher import DEEPSPEED_PRESETS
+from humor_ray.train.launcher import check_deepspeed
 
 PLACEMENTS = ("separate", "colocate")
 
@@ -105,8 +105,7 @@ class Config(DecodingOptions):
                              f"samples_per_prompt = {batch})")
         if min(self.max_steps, self.num_workers, self.num_engines, self.save_steps, self.logging_steps) < 1:
             raise ValueError("--max_steps, --num_workers, --num_engines, --save_steps and --logging_steps must be at least 1")
-        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
-            raise ValueError(f"--deepspeed must be one of {DEEPSPEED_PRESETS} or a .json file")
+        check_deepspeed(self.deepspeed)
         if any(r not in ("tensorboard", "none") for r in self.report_to):
             raise ValueError("--report_to for ppo: tensorboard or none")
 

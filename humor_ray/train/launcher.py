@@ -32,6 +32,12 @@ from humor_ray.train.export import save_merged
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3_offload")
 
 
+def check_deepspeed(value: str) -> None:
+    """The `--deepspeed` option of every trainer: a preset or a DeepSpeed JSON file."""
+    if value not in DEEPSPEED_PRESETS and not value.endswith(".json"):
+        raise ValueError(f"--deepspeed must be one of {DEEPSPEED_PRESETS} or a .json file")
+
+
 class TrainError(UserError):
     """A training run that cannot start or finish; the message says why."""
 
@@ -71,8 +77,7 @@ class TrainConfig:
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir:
             raise ValueError("training needs --output_dir and --dataset_dir")
-        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
-            raise ValueError(f"--deepspeed must be one of {DEEPSPEED_PRESETS} or a .json file")
+        check_deepspeed(self.deepspeed)
         if self.save_steps % self.eval_steps and self.do_eval:
             raise ValueError("--save_steps must be a multiple of --eval_steps, so every checkpoint has fresh "
                              "evaluation metrics")
