@@ -84,6 +84,20 @@ def test_known_problems_are_found_in_the_data(built):
     assert {r["source"].rsplit("/", 1)[1] for r in files if r["row"] is None} == set(reasons)
 
 
+def test_caption_fingerprint_ignores_case_and_array_layout():
+    import pyarrow as pa
+
+    captions = pa.array(["Sixteen letters!", "SIXTEEN LETTERS!", "eight ch", "ch eight", "twelve chars", ""])
+    fingerprint = build._fingerprint(captions)
+    # Only keys of a multiple of 8 bytes are sampled; case folds; reordered words are another caption.
+    assert len(fingerprint) == 3
+    assert set(build._fingerprint(captions.slice(2, 2))) < set(fingerprint)
+    assert build._fingerprint(pa.array(["Eight ch", "CH EIGHT", "sixteen LETTERS!"])) == fingerprint
+    assert build._fingerprint(captions.slice(4)) == []
+    hashes = build._hash_words(pa.array(["abcdefgh" * 2, "abcdefgh" * 3, "ijklmnop" + "abcdefgh"]))
+    assert len(set(hashes.tolist())) == 3 and (hashes >= 0).all()
+
+
 def test_bad_rows_quarantined_good_rows_kept(built):
     output, report = built
     rows = [r for r in table(output, "quarantine").to_pylist() if r["row"] is not None]
