@@ -16,7 +16,6 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -578,7 +577,7 @@ def _clear_output(fs: pafs.FileSystem, root: str) -> None:
 
 
 def run(cfg: BuildConfig) -> dict:
-    from humor_ray.cluster import init_ray
+    from humor_ray.cluster import init_ray, local_cores
 
     started = time.perf_counter()
     splits = _load_splits(cfg.splits)
@@ -597,7 +596,7 @@ def run(cfg: BuildConfig) -> dict:
 
     # Without Ray Train beside it, a local cluster needs a logical CPU per core and no more: Ray starts
     # a worker process per logical CPU, which took a second longer on a two-core laptop.
-    init_ray(num_cpus=os.cpu_count() or 1)
+    init_ray(num_cpus=local_cores())
     _warm_up_workers()
     ray_ready = time.perf_counter()
     log(f"pass 1/2: reading {len(paths)} files ({len(excluded)} excluded)")

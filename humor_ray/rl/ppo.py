@@ -2,11 +2,11 @@
 
 - Rollout engines (`engines.py`): vLLM or HF-generate actors sample captions with the paper's decoding.
 - The reward actor (`reward.py`) scores prompt-with-context + caption.
-- The trainer: Ray Train workers (data-parallel: DDP, or DeepSpeed ZeRO, see `learners.py`) that hold the policy, the reference (a frozen
-  copy, or the policy with its LoRA adapter disabled) and the value model. Each step a worker draws its
-  prompts, has them sampled by the engines and scored by the reward actor, computes log-probs,
-  reference log-probs and values, and runs the clipped PPO update; then the new weights go to every
-  engine with a version number.
+- The trainer: Ray Train workers (data-parallel: DDP, or DeepSpeed ZeRO, see `learners.py`) that hold
+  the policy, the reference (a frozen copy, or the policy with its LoRA adapter disabled) and the value
+  model. Each step a worker draws its prompts, has them sampled by the engines and scored by the reward
+  actor, computes log-probs, reference log-probs and values, and runs the clipped PPO update; then the
+  new weights go to every engine with a version number.
 - `--estimator grpo|rloo` replaces the value model by group-normalised advantages over
   `--samples_per_prompt` samples of each prompt.
 

@@ -115,7 +115,8 @@ def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
         return None
     if preset.endswith(".json"):
         return preset
-    return {"zero_optimization": zero_optimization(preset, use_gpu), "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+    return {"zero_optimization": zero_optimization(preset, use_gpu),
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
