@@ -102,6 +102,24 @@ def test_unparseable_and_unrecognised_files_name_the_file(tmp_path):
         read(nameless)
 
 
+def test_given_means_of_any_type_are_checked_and_rows_kept(tmp_path):
+    whole = tmp_path / "904_whole.csv"  # every mean an integer: Arrow reads the column as int64
+    whole.write_text("caption,mean,funny,somewhat_funny,unfunny\nOne,2,1,1,1\nTwo,2,0,0,3\n")
+    result = read(whole)
+    assert result.captions.num_rows == 2 and result.stats["means_off"] == 1
+    texts = tmp_path / "905_text.csv"
+    texts.write_text("caption,mean,funny,somewhat_funny,unfunny\nOne,2.0,1,1,1\nTwo,n/a,0,0,3\nThree, 1e0 ,0,1,1\n")
+    result = read(texts)
+    assert result.captions.num_rows == 3 and result.stats["means_off"] == 1 and not result.quarantine
+
+
+def test_values_of_an_unforeseen_type_reject_the_file_by_name(tmp_path):
+    odd = tmp_path / "906_lists.parquet"
+    pq.write_table(pa.table({"caption": [["a", "b"]], "funny": [1], "somewhat_funny": [1], "unfunny": [1]}), odd)
+    with pytest.raises(readers.InputFileError, match="906_lists.parquet: cannot read its summary rows"):
+        read(odd)
+
+
 def test_raw_votes_aggregate_to_counts(tmp_path):
     rng = np.random.default_rng(0)
     captions = np.array(["Alpha joke", "Beta joke", "Gamma joke"])

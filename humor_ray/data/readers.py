@@ -204,6 +204,16 @@ def _as_count(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(values), valid
 
 
+def _as_float(table: pa.Table, name: str) -> np.ndarray:
+    """A column that should hold numbers as float64: NaN where a value is missing or not a number."""
+    column = table[name].combine_chunks() if isinstance(table[name], pa.ChunkedArray) else table[name]
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        as_text = pc.utf8_trim_whitespace(column.cast(pa.string()))
+        number = pc.fill_null(pc.match_substring_regex(as_text, r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"), False)
+        column = pc.if_else(number, as_text, pa.scalar(None, pa.string()))
+    return np.asarray(pc.fill_null(pc.cast(column, pa.float64()), np.nan))
+
+
 def _resolve_contest(table: pa.Table, path: str, read: FileRead) -> np.ndarray:
     """One contest id per row. Rule (documented in the README):
     - a contest column with several values: each row's own value (a multi-contest file);
@@ -258,7 +268,7 @@ def _read_summary(table: pa.Table, path: str, read: FileRead) -> None:
         given, valid = _as_count(table, "votes")
         flag(valid & (given != votes), "votes does not equal funny + somewhat_funny + unfunny")
     if "mean" in table.column_names and n:
-        given = np.asarray(pc.cast(pc.fill_null(table["mean"], np.nan), pa.float64(), safe=False))
+        given = _as_float(table, "mean")
         recomputed = (counts["unfunny"] + 2 * counts["somewhat_funny"] + 3 * counts["funny"]) / np.maximum(votes, 1)
         read.stats["means_off"] = int(np.sum(np.abs(given - recomputed) > 1e-6))
     if "rank" in table.column_names and n:
@@ -363,5 +373,9 @@ def read_file(fs: pafs.FileSystem, path: str) -> FileRead:
     read = FileRead(kind=kind, quarantine=quarantine,
                     record_numbers=_record_numbers(table.num_rows, [q["row"] for q in quarantine if q["row"]]))
     read.stats["rows"] = table.num_rows
-    {"summary": _read_summary, "votes": _read_votes, "captions": _read_lookup}[kind](table, path, read)
+    try:
+        {"summary": _read_summary, "votes": _read_votes, "captions": _read_lookup}[kind](table, path, read)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+        # Values no check above foresaw: this file is reported and skipped, the other files still count.
+        raise InputFileError(f"{path}: cannot read its {kind} rows: {err}") from None
     return read
