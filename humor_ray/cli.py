@@ -16,6 +16,7 @@ STAGES = {
     ("sft",): ("humor_ray.train.sft", "Config"),
     ("rm",): ("humor_ray.train.rm", "Config"),
     ("dpo",): ("humor_ray.train.dpo", "Config"),
+    ("llava",): ("humor_ray.train.llava", "Config"),
     ("ppo",): ("humor_ray.rl.ppo", "Config"),
     ("generate",): ("humor_ray.infer.generate", "GenerateConfig"),
     ("bon",): ("humor_ray.infer.generate", "BonConfig", "run_bon"),

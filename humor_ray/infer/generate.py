@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from humor_ray.config import UserError, field
+from humor_ray.config import UserError, data_root, field
 from humor_ray.rl.engines import ENGINES, Decoding, DecodingOptions, first_line
 
 # Labels a model may put before its caption, or echo from the prompt's last line.
@@ -51,10 +51,15 @@ class GenerateConfig(DecodingOptions):
     max_new_tokens: int = field(64, "tokens per generation at most")
     max_attempts: int = field(3, "draws per caption before an empty one is reported")
     seed: int = field(2024, "sampling seed")
+    images: str | None = field(None, "the cartoons, for a vision-language model (default: the data's images/)")
 
     def __post_init__(self):
         if not self.dataset_dir or not self.output_dir:
             raise ValueError("generation needs --dataset_dir and --output_dir")
+        if self.images is None:
+            self.images = str(data_root() / "images")
+        if "://" not in self.images:  # the engine actors run in other directories
+            self.images = os.path.abspath(self.images)
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {ENGINES}")
         if min(self.n, self.num_engines, self.batch_size, self.max_attempts) < 1:
@@ -99,15 +104,20 @@ def clean_caption(text: str, finished: bool) -> str:
 class CaptionWriter:
     """A Ray Data actor holding one engine: contests in, `n` clean captions each out."""
 
-    def __init__(self, engine: str, model_dir: str, n: int, decoding: Decoding, max_attempts: int, seed: int):
+    def __init__(self, engine: str, model_dir: str, n: int, decoding: Decoding, max_attempts: int, seed: int,
+                 images: str | None = None):
         from humor_ray.rl.engines import engine_class
 
         # On a GPU the engine is alone on it: vLLM may take most of its memory.
         self.engine = engine_class(engine)(model_dir, 0, None, 0.85 if _gpu() else 0.0, seed)
-        self.n, self.decoding, self.max_attempts = n, decoding, max_attempts
+        self.n, self.decoding, self.max_attempts, self.images = n, decoding, max_attempts, images
 
     def __call__(self, batch: dict) -> dict:
+        from humor_ray.models.vision import open_image
+
         prompts = list(batch["policy_prompt"])
+        # A vision-language model's prompts each come with their cartoon, read for this batch only.
+        cartoons = [open_image(self.images, name) for name in batch["image"]] if self.images else None
         found: list[list[tuple[str, str]]] = [[] for _ in prompts]
         attempts = [0] * len(prompts)
         todo = list(range(len(prompts)))
@@ -116,7 +126,8 @@ class CaptionWriter:
             # One call per distinct shortfall keeps the engine batched.
             for count in sorted(set(missing.values())):
                 group = [i for i in todo if missing[i] == count]
-                for sample in self.engine.generate([prompts[i] for i in group], count, self.decoding):
+                images = [cartoons[i] for i in group] if cartoons else None
+                for sample in self.engine.generate([prompts[i] for i in group], count, self.decoding, images=images):
                     i = group[sample.prompt_index]
                     caption = clean_caption(sample.text, sample.finished)
                     if caption and len(found[i]) < self.n:
@@ -181,7 +192,28 @@ def read_prompts(cfg: GenerateConfig):
     table = table.filter(pc.is_in(table["contest"], pa.array(keep, table["contest"].type)))
     column = "prompt" if cfg.simple_prompt else "prompt_long"
     return pa.table({"contest": table["contest"].cast(pa.int64()), "policy_prompt": table[column],
-                     "reward_prompt": table["prompt"]})
+                     "reward_prompt": table["prompt"], "image": table["image"]})
+
+
+def with_cartoons(cfg: GenerateConfig, prompts, model_dir: str):
+    """For a vision-language model: the contests whose cartoon can be read (the others are reported by
+    contest and file), each prompted with the cartoon and the instruction in the model's chat template."""
+    import pyarrow as pa
+
+    from humor_ray.data.prompts import IMAGE_INSTRUCTION
+    from humor_ray.models import registry
+    from humor_ray.models.vision import chat_prompt, check_images
+
+    usable, problems = check_images(cfg.images, dict(zip(prompts["contest"].to_pylist(),
+                                                         prompts["image"].to_pylist())))
+    for problem in problems:
+        print(f"[{cfg.method_name()}] {problem}", file=sys.stderr, flush=True)
+    if not usable:
+        raise UserError(f"no evaluation contest has a readable cartoon under {cfg.images}")
+    prompts = prompts.filter(pa.array([c in usable for c in prompts["contest"].to_pylist()]))
+    text = chat_prompt(registry.load_processor(model_dir), IMAGE_INSTRUCTION)
+    return prompts.set_column(prompts.column_names.index("policy_prompt"), "policy_prompt",
+                              pa.repeat(pa.scalar(text, pa.string()), prompts.num_rows))
 
 
 def _generate(cfg: GenerateConfig, per_contest: int):
@@ -193,6 +225,9 @@ def _generate(cfg: GenerateConfig, per_contest: int):
 
     prompts = read_prompts(cfg)
     model_dir = registry.resolve(cfg.model_name)
+    vision = registry.is_vision_language(model_dir)
+    if vision:
+        prompts = with_cartoons(cfg, prompts, model_dir)
     init_ray()
     decoding = cfg.decoding()
     started = time.perf_counter()
@@ -200,7 +235,8 @@ def _generate(cfg: GenerateConfig, per_contest: int):
         CaptionWriter, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_engines),
         num_gpus=1 if cfg.use_gpu else 0,
         fn_constructor_kwargs={"engine": cfg.engine, "model_dir": model_dir, "n": per_contest,
-                               "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed},
+                               "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed,
+                               "images": cfg.images if vision else None},
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                                   "VLLM_LOGGING_LEVEL": "ERROR"}})
     return prompts, rows, started

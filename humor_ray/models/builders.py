@@ -4,12 +4,15 @@ renames into its cache."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
+
+from humor_ray.models.vision import write_vllm_layout
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -84,3 +87,85 @@ def convert_smollm2(package_dir: Path, out: Path) -> None:
     tokenizer.model_max_length = config.max_position_embeddings
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# ---------------------------------------------------------------- vision-language presets
+
+IMAGE_TOKEN = "<image>"
+
+
+def vision_chat_template(role_open: str, role_close: str, turn_end: str) -> str:
+    """A chat template for our LLaVA presets: each turn is role_open + role + role_close + content +
+    turn_end; a message's content is a string or a list of parts, an image part becoming the image token."""
+    def literal(text: str) -> str:  # a Jinja string literal (JSON's escapes are Jinja's)
+        return json.dumps(text)
+
+    turn = f"{literal(role_open)} + ROLE + {literal(role_close)}"
+    return (
+        "{% for message in messages %}{{ " + turn.replace("ROLE", "message['role']") + " }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ " + literal(IMAGE_TOKEN + "\n") + " }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}{{ " + literal(turn_end) + " }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ " + turn.replace("ROLE", "'assistant'") + " }}{% endif %}")
+
+
+def _save_llava(out: Path, tokenizer, text_config, vision_config, chat_template: str, language_model=None) -> None:
+    """A LLaVA (1.5 architecture: CLIP vision tower, two-layer projector, decoder) with seeded new weights,
+    or with `language_model`'s weights as its decoder, and its processor."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    side = vision_config.image_size
+    patches = (side // vision_config.patch_size) ** 2
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=patches,
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    config.text_config.vocab_size = len(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlavaForConditionalGeneration(config)
+    if language_model is not None:
+        language_model.resize_token_embeddings(len(tokenizer))
+        model.model.language_model.load_state_dict(language_model.model.state_dict())
+        model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Any cartoon size works: the shorter side is resized to the tower's input, then centre-cropped.
+    images = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    # One extra position for CLIP's class token, which the "default" strategy drops again.
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                               vision_feature_select_strategy="default", chat_template=chat_template,
+                               image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    write_vllm_layout(out)
+
+
+def build_tiny_llava(out: Path) -> None:
+    """For fast tests: a 2-layer CLIP tower on 64-pixel images (16 image tokens) and the tiny Llama's shape
+    (head_dim 32 in both, which vLLM's CPU backend accepts), seeded random weights."""
+    from transformers import CLIPVisionConfig
+
+    tokenizer = train_tiny_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=64, patch_size=16, projection_dim=64)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    _save_llava(out, tokenizer, text, vision, vision_chat_template("<|", "|>\n", TINY_SPECIAL["eos_token"] + "\n"))
+
+
+def build_smollm2_llava(smollm2_dir: Path, out: Path) -> None:
+    """SmolLM2-135M-Instruct as the decoder of a LLaVA whose vision tower (4 layers on 224-pixel images,
+    49 image tokens) and projector are new: no small pretrained vision encoder ships in a PyPI package, so
+    the tower's weights are seeded random ones until training moves them."""
+    from transformers import CLIPVisionConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    language_model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=224, patch_size=32, projection_dim=256)
+    _save_llava(out, tokenizer, language_model.config, vision,
+                vision_chat_template("<|im_start|>", "\n", "<|im_end|>\n"), language_model)

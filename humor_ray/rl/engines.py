@@ -81,13 +81,17 @@ def first_line(text: str) -> str:
 
 
 class _Engine:
-    """What both engines share: the model directory, the tokenizer, and the weight version."""
+    """What both engines share: the model directory, the tokenizer (and for a vision-language model its
+    processor), and the weight version. A vision-language engine takes one image per prompt."""
 
     def __init__(self, model_dir: str, version: int = 0):
         from transformers import AutoTokenizer
 
+        from humor_ray.models import registry
+
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.processor = registry.load_processor(model_dir) if registry.is_vision_language(model_dir) else None
         self._version = version
 
     def version(self) -> int:
@@ -103,6 +107,34 @@ class _Engine:
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
         return self.tokenizer(prompts)["input_ids"]
 
+    def _check_images(self, prompts: list[str], images: list | None) -> None:
+        if (images is not None) != (self.processor is not None):
+            raise ValueError(f"{self.model_dir} {'needs' if self.processor else 'takes no'} images")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+
+
+def allow_llava_without_torchvision() -> None:
+    """vLLM's LLaVA module imports transformers' torchvision-backed Pixtral image processor for one helper
+    (`_num_image_tokens`) that its PIL twin defines too; torchvision cannot be installed beside the CPU
+    build of torch, so that import is pointed at the twin. vLLM also inspects model classes in a fresh
+    subprocess, to keep CUDA out of the parent, which would not see that; with no GPU there is no CUDA to
+    keep out, so the inspection runs in this process."""
+    import importlib
+    import importlib.util
+    import sys
+
+    import torch
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return
+    pixtral = "transformers.models.pixtral.image_processing_pixtral"
+    sys.modules.setdefault(pixtral, importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral"))
+    if not torch.cuda.is_available():
+        from vllm.model_executor.models import registry
+
+        registry._run_in_subprocess = lambda inspect: inspect()
+
 
 class VLLMEngine(_Engine):
     def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
@@ -112,32 +144,39 @@ class VLLMEngine(_Engine):
         from vllm import LLM
 
         gpu = torch.cuda.is_available() and gpu_fraction > 0
+        vision = {}
+        if self.processor is not None:
+            allow_llava_without_torchvision()
+            vision = {"limit_mm_per_prompt": {"image": 1}}
         self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
                        dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",
                        gpu_memory_utilization=gpu_fraction if gpu else 0.5, enable_prefix_caching=True,
-                       logprobs_mode="raw_logprobs")
+                       logprobs_mode="raw_logprobs", **vision)
 
     def generate(self, prompts: list[str], n: int, decoding: Decoding,
-                 expected_version: int | None = None) -> list[Sample]:
+                 expected_version: int | None = None, images: list | None = None) -> list[Sample]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._check(expected_version)
+        self._check_images(prompts, images)
         params = SamplingParams(
             n=n, temperature=decoding.temperature, top_p=decoding.top_p,
             repetition_penalty=decoding.repetition_penalty, max_tokens=decoding.max_new_tokens,
             stop=["\n"] if decoding.stop_at_newline else None, include_stop_str_in_output=True,
             seed=decoding.seed, logprobs=0, skip_special_tokens=True)
-        prompt_ids = self._prompt_ids(prompts)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
+        if images is None:
+            inputs = [TokensPrompt(prompt_token_ids=ids) for ids in self._prompt_ids(prompts)]
+        else:  # vLLM's processor puts the image's tokens where the prompt's image token is
+            inputs = [{"prompt": prompt, "multi_modal_data": {"image": image}} for prompt, image in zip(prompts, images)]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
         for index, output in enumerate(outputs):
             for completion in output.outputs:
                 ids = list(completion.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-                samples.append(Sample(index, prompt_ids[index], ids, logprobs, completion.text, self._version,
-                                      completion.finish_reason != "length"))
+                samples.append(Sample(index, list(output.prompt_token_ids), ids, logprobs, completion.text,
+                                      self._version, completion.finish_reason != "length"))
         return samples
 
     def load_weights(self, state: dict, version: int) -> int:
@@ -153,10 +192,11 @@ class HFEngine(_Engine):
                  seed: int = 0):
         super().__init__(model_dir, version)
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         self.device = "cuda" if torch.cuda.is_available() and gpu_fraction > 0 else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        auto = AutoModelForImageTextToText if self.processor is not None else AutoModelForCausalLM
+        self.model = auto.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -164,23 +204,37 @@ class HFEngine(_Engine):
                                if "\n" in self.tokenizer.decode([i], skip_special_tokens=True)}
         self.seed = seed
 
-    def generate(self, prompts: list[str], n: int, decoding: Decoding,
-                 expected_version: int | None = None) -> list[Sample]:
+    def _inputs(self, prompts: list[str], images: list | None) -> dict:
+        """Left-padded model inputs (with the images' pixels for a vision-language model)."""
         import torch
 
-        self._check(expected_version)
-        torch.manual_seed(decoding.seed if decoding.seed is not None else self.seed)
-        self.seed += 1
+        if images is not None:
+            batch = self.processor(text=prompts, images=images, padding=True, padding_side="left",
+                                   add_special_tokens=False, return_tensors="pt")
+            return {key: value.to(self.device) for key, value in batch.items()}
         prompt_ids = self._prompt_ids(prompts)
         width = max(len(ids) for ids in prompt_ids)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids],
-                                 device=self.device)
+        return {"input_ids": torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device),
+                "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids],
+                                               device=self.device)}
+
+    def generate(self, prompts: list[str], n: int, decoding: Decoding,
+                 expected_version: int | None = None, images: list | None = None) -> list[Sample]:
+        import torch
+
+        self._check(expected_version)
+        self._check_images(prompts, images)
+        torch.manual_seed(decoding.seed if decoding.seed is not None else self.seed)
+        self.seed += 1
+        inputs = self._inputs(prompts, images)
+        width = inputs["input_ids"].shape[1]
+        pad = self.tokenizer.pad_token_id
+        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
         greedy = decoding.temperature == 0
         with torch.no_grad():
             out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention, do_sample=not greedy,
+                **inputs, do_sample=not greedy,
                 temperature=None if greedy else decoding.temperature, top_p=None if greedy else decoding.top_p,
                 top_k=None, repetition_penalty=decoding.repetition_penalty, max_new_tokens=decoding.max_new_tokens,
                 num_return_sequences=n, output_logits=True, return_dict_in_generate=True, pad_token_id=pad,

@@ -144,14 +144,16 @@ def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
         include_num_input_tokens_seen="non_padding", **extra)
 
 
-def lora_config(cfg: TrainConfig, task_type: str):
+def lora_config(cfg: TrainConfig, task_type: str, **overrides):
+    """PEFT's LoRA settings from the shared options (`overrides`: a stage's own LoraConfig fields)."""
     if cfg.lora_r <= 0:
         return None
     from peft import LoraConfig
 
     targets = cfg.lora_targets[0] if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
-                      task_type=task_type)
+    settings = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
+                    task_type=task_type)
+    return LoraConfig(**{**settings, **overrides})
 
 
 def split_path(cfg: TrainConfig, stage, split: str) -> str:
@@ -386,7 +388,7 @@ def launch(stage_module: str, cfg: TrainConfig):
     from humor_ray.cluster import init_ray
 
     stage = importlib.import_module(stage_module)
-    absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name"))
+    absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name", "images"))
     cfg.run_name = cfg.run_name or stage.NAME
     for split in ("train", "eval") if cfg.do_eval else ("train",):
         path = split_path(cfg, stage, split)

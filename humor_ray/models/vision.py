@@ -1,0 +1,109 @@
+"""What the vision-language (LLaVA) stages share: the cartoon images, the conversation, the saved layout.
+
+Images are read one at a time, when a batch needs them (training, generation), from a folder or URI
+(`--images`). Before a run, `check_images` opens each contest's image once: a missing or unreadable
+file is reported by contest and file and that contest is left out; a file whose content is another
+format than its name says (the real data has a PNG saved as `571.jpg`) is reported and read by its
+content.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+
+def _read(images_root: str, name: str) -> bytes:
+    from humor_ray.data.readers import open_filesystem
+
+    fs, root = open_filesystem(images_root)
+    with fs.open_input_file(f"{root.rstrip('/')}/{name}") as handle:
+        return handle.read()
+
+
+def _decode(data: bytes):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decode now: a truncated file fails here, not later inside a batch
+    return image
+
+
+def open_image(images_root: str, name: str):
+    """One image as RGB, from a local folder or a URI (s3://...), whatever its size or format."""
+    return _decode(_read(images_root, name)).convert("RGB")
+
+
+def check_images(images_root: str, image_of: dict[int, str | None]) -> tuple[dict[int, str], list[str]]:
+    """(contest -> image name for the usable ones, one line per problem). Never raises for bad files."""
+    from PIL import Image
+
+    usable, problems = {}, []
+    for contest, name in sorted(image_of.items()):
+        if not name:
+            problems.append(f"contest {contest}: no image; left out")
+            continue
+        try:
+            image = _decode(_read(images_root, name))
+        except (OSError, Image.DecompressionBombError) as err:  # missing, truncated or not an image
+            problems.append(f"contest {contest}: cannot read image {images_root}/{name} ({err}); left out")
+            continue
+        actual = (image.format or "").lower()
+        suffix = Path(name).suffix.lower().lstrip(".")
+        if actual and suffix and actual != {"jpg": "jpeg"}.get(suffix, suffix):
+            problems.append(f"contest {contest}: {name} is a {actual.upper()} file despite its name; read as "
+                            f"{actual.upper()} ({image.width}x{image.height})")
+        usable[contest] = name
+    return usable, problems
+
+
+def prompt_messages(instruction: str) -> list[dict]:
+    """The user's turn: the cartoon, then the instruction (LLaVA reads the image first)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
+def completion_messages(caption: str) -> list[dict]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": caption}]}]
+
+
+def chat_prompt(processor, instruction: str) -> str:
+    """The text a vision-language model is prompted with, in its own chat template, ready for its reply."""
+    return processor.apply_chat_template(prompt_messages(instruction), add_generation_prompt=True, tokenize=False)
+
+
+def instruction_of(prompt: str) -> str:
+    """The llava_sft datasets' prompt is `<image>\\n` + instruction; the chat template places the image."""
+    return prompt.split("\n", 1)[1] if prompt.startswith("<image>\n") else prompt
+
+
+# Transformers 5 writes a LLaVA's CLIP tower as `vision_tower.<layer>`; vLLM (and the llava-hf checkpoints)
+# name it `vision_tower.vision_model.<layer>`. Transformers reads either, so the saved model takes vLLM's.
+_TOWER, _VLLM_TOWER = "vision_tower.", "vision_tower.vision_model."
+
+
+def write_vllm_layout(model_dir: str | Path) -> None:
+    """Rename a saved vision-language model's tower weights in place to the layout vLLM loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("vision_config", {}).get("model_type") != "clip_vision_model":
+        return
+
+    def renamed(key: str) -> str:
+        return _VLLM_TOWER + key[len(_TOWER):] if key.startswith(_TOWER) and not key.startswith(_VLLM_TOWER) else key
+
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as handle:
+            if not any(renamed(k) != k for k in handle.keys()):
+                continue
+            tensors = {renamed(k): handle.get_tensor(k) for k in handle.keys()}
+            metadata = handle.metadata() or {"format": "pt"}
+        save_file(tensors, str(shard), metadata=metadata)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
