@@ -1,0 +1,194 @@
+"""The multimodal half: LLaVA SFT on the real cartoons (Ray Train, CPU), and captions generated with images."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from humor_ray.data import build
+from humor_ray.data.prompts import IMAGE_INSTRUCTION
+from humor_ray.infer import generate
+from humor_ray.models import registry
+from humor_ray.models.vision import chat_prompt, check_images, open_image
+from humor_ray.train import llava
+
+pytestmark = pytest.mark.timeout(900)
+
+SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
+             max_eval_examples=8, max_length=256, max_failures=0, report_to=["none"], learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def datasets_dir(tmp_path_factory, real_data, ray_local):
+    """Contests 530-539 with their cartoons: 536 and 537 are evaluation contests."""
+    out = tmp_path_factory.mktemp("llava_datasets")
+    build.run(build.BuildConfig(
+        input=str(real_data / "summaries" / "53[0-9]_*.csv"), output=str(out),
+        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
+        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
+        images=str(real_data / "images"), datasets=["llava_sft", "prompts"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def damaged_images(tmp_path_factory, real_data):
+    """The cartoons, with 531's missing, 532's cut short, and 571.jpg (really a PNG) standing in for 533's."""
+    folder = tmp_path_factory.mktemp("images")
+    for contest in range(530, 540):
+        shutil.copy(real_data / "images" / f"{contest}.jpg", folder)
+    (folder / "531.jpg").unlink()
+    data = (folder / "532.jpg").read_bytes()
+    (folder / "532.jpg").write_bytes(data[: len(data) // 3])
+    shutil.copy(real_data / "images" / "571.jpg", folder / "533.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, datasets_dir, damaged_images):
+    """4 steps of tiny-llava with LoRA, one worker, on cartoons of which two cannot be read."""
+    out = tmp_path_factory.mktemp("llava") / "run"
+    config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny-llava", lora_r=8,
+                  lora_alpha=16, images=str(damaged_images), **SMALL)
+    llava.run(llava.Config(**config))
+    return out, config
+
+
+def test_images_are_checked_by_contest_and_file(damaged_images):
+    usable, problems = check_images(str(damaged_images), {530: "530.jpg", 531: "531.jpg", 532: "532.jpg",
+                                                          533: "533.jpg", 534: None})
+    assert sorted(usable) == [530, 533]
+    assert any(p.startswith("contest 531: cannot read image") and "531.jpg" in p for p in problems)
+    assert any(p.startswith("contest 532: cannot read image") for p in problems)
+    assert any(p.startswith("contest 533: 533.jpg is a PNG file") for p in problems)
+    assert "contest 534: no image; left out" in problems
+    assert open_image(str(damaged_images), "533.jpg").mode == "RGB"
+
+
+def test_the_loss_is_on_the_caption_tokens_only(real_data):
+    processor = registry.load_processor("tiny-llava")
+    collate = llava.ImageConversations(processor, str(real_data / "images"), max_length=256)
+    rows = [{"image": "530.jpg", "prompt": "<image>\n" + IMAGE_INSTRUCTION, "caption": "I said a table for two."},
+            {"image": "571.jpg", "prompt": "<image>\n" + IMAGE_INSTRUCTION, "caption": "Not again."}]
+    batch = collate(rows)
+    assert batch["pixel_values"].shape[0] == 2
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for row, ids, labels in zip(rows, batch["input_ids"], batch["labels"]):
+        learned = processor.tokenizer.decode(labels[labels != -100])
+        assert learned.startswith(row["caption"]) and learned.strip().endswith(processor.tokenizer.eos_token)
+        # The prompt (with the cartoon's image tokens) is in the input, never in the loss.
+        assert IMAGE_INSTRUCTION in processor.tokenizer.decode(ids)
+        assert (ids == image_token).sum() == 16
+
+
+def test_the_projector_has_its_own_learning_rate_and_the_tower_stays_frozen():
+    from peft import get_peft_model
+
+    model, _ = registry.load_model("tiny-llava", kind="image_text")
+    cfg = llava.Config(output_dir="unused", dataset_dir="unused", lora_r=4)
+    peft_model = get_peft_model(model, llava.peft_config(cfg))
+    names = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert names and not any("vision_tower" in n for n in names)
+    assert any("lora_" in n and "language_model" in n for n in names)
+    groups = llava.projector_param_groups(peft_model, 2e-4, 2e-5, 0.0, set())
+    by_lr = {group["lr"]: group["params"] for group in groups}
+    projector = {id(p) for n, p in peft_model.named_parameters() if p.requires_grad and "multi_modal_projector" in n}
+    assert projector and {id(p) for p in by_lr[2e-5]} == projector
+    assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+def test_llava_trains_reports_unreadable_cartoons_exports_and_resumes(trained, capfd):
+    out, config = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert metrics["resumed_from"] is None and "eval_loss" in metrics["eval"]
+    assert (out / "final" / "adapter_config.json").is_file() and metrics["model"].endswith("merged")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    # The merged model reloads as a vision-language model with its processor, and reads a cartoon.
+    model = AutoModelForImageTextToText.from_pretrained(out / "final" / "merged")
+    processor = AutoProcessor.from_pretrained(out / "final" / "merged")
+    image = open_image(config["images"], "530.jpg")
+    inputs = processor(text=[chat_prompt(processor, IMAGE_INSTRUCTION)], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all() and logits.shape[1] == inputs["input_ids"].shape[1]
+    # The projector moved away from the base model's (it trains, fully, beside the LoRA adapter).
+    base, _ = registry.load_model("tiny-llava", kind="image_text")
+    assert not torch.equal(base.model.multi_modal_projector.linear_1.weight,
+                           model.model.multi_modal_projector.linear_1.weight)
+    assert torch.equal(base.model.vision_tower.embeddings.patch_embedding.weight,
+                       model.model.vision_tower.embeddings.patch_embedding.weight)
+
+    # The same command with more steps continues from the latest checkpoint (step 4).
+    llava.run(llava.Config(**{**config, "max_steps": 6}))
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["resumed_from"] and [e["step"] for e in resumed["log_history"] if "loss" in e] == list(range(1, 7))
+    logs = capfd.readouterr()
+    text = logs.out + logs.err
+    assert "contest 531: cannot read image" in text and "contest 532: cannot read image" in text
+
+
+def test_two_workers_under_zero3(tmp_path, datasets_dir, real_data):
+    out = tmp_path / "zero3"
+    llava.run(llava.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny-llava",
+                           num_workers=2, deepspeed="zero3", images=str(real_data / "images"), **SMALL))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    from transformers import AutoModelForImageTextToText
+
+    # Gathered whole from both workers' partitions, in the layout vLLM reads.
+    model = AutoModelForImageTextToText.from_pretrained(out / "final")
+    assert model.model.language_model.embed_tokens.weight.shape[0] > 1000
+    from safetensors import safe_open
+
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as handle:
+        assert any(k.startswith("vision_tower.vision_model.") for k in handle.keys())
+
+
+def test_captions_come_from_the_completion_tokens_never_a_character_offset(trained):
+    """The original system cut LLaVA's decoded output at len(prompt) characters, which lands inside a word
+    whenever decoding does not reproduce the prompt's characters exactly. Ours decodes the new tokens only."""
+    from humor_ray.rl.engines import Decoding, HFEngine
+
+    out, config = trained
+    engine = HFEngine(str(out / "final" / "merged"))
+    prompt = chat_prompt(engine.processor, IMAGE_INSTRUCTION)
+    image = open_image(config["images"], "530.jpg")
+    samples = engine.generate([prompt], 4, Decoding(max_new_tokens=12, seed=0), images=[image])
+    expected_prompt = engine.processor(text=[prompt], images=[image], add_special_tokens=False)["input_ids"][0]
+    for sample in samples:
+        assert list(sample.prompt_ids) == list(expected_prompt)
+        assert sample.text == engine.tokenizer.decode(sample.completion_ids, skip_special_tokens=True)
+        caption = generate.clean_caption(sample.text, sample.finished)
+        assert IMAGE_INSTRUCTION[-20:] not in sample.text
+        if caption and not sample.finished:  # cut by max_new_tokens: only whole words are kept
+            assert sample.text.strip().startswith(caption.split()[0]) and caption in sample.text
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_generate_llava_sft_with_the_cartoons(tmp_path, trained, datasets_dir, damaged_images, engine, capfd):
+    out, _ = trained
+    summary = generate.run(generate.GenerateConfig(
+        dataset_dir=str(datasets_dir), output_dir=str(tmp_path / engine), model_name=str(out / "final"),
+        method="llava_sft", engine=engine, n=3, max_new_tokens=12, images=str(damaged_images)))
+    captions = pd.read_parquet(tmp_path / engine / "captions.parquet")
+    assert summary["method"] == "llava_sft" and set(captions["method"]) == {"llava_sft"}
+    # 536 and 537 are the evaluation contests; both cartoons are readable.
+    assert sorted(captions["contest"].unique()) == [536, 537]
+    assert (captions.groupby("contest").size() <= 3).all() and not captions["caption"].str.contains("\n").any()
+    assert (tmp_path / engine / "llava_sft.csv").is_file()
+
+
+def test_a_contest_without_a_readable_cartoon_is_skipped_in_generation(tmp_path, trained, datasets_dir,
+                                                                       damaged_images, capfd):
+    out, _ = trained
+    shutil.copytree(damaged_images, tmp_path / "images")
+    (tmp_path / "images" / "537.jpg").write_bytes(b"not an image")
+    generate.run(generate.GenerateConfig(
+        dataset_dir=str(datasets_dir), output_dir=str(tmp_path / "out"), model_name=str(out / "final"),
+        engine="hf", n=2, max_new_tokens=8, images=str(tmp_path / "images")))
+    captions = pd.read_parquet(tmp_path / "out" / "captions.parquet")
+    assert sorted(captions["contest"].unique()) == [536]
+    assert "contest 537: cannot read image" in capfd.readouterr().err
