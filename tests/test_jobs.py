@@ -43,6 +43,11 @@ def test_paper_recipes():
     rm = load(JOBS / "rm-7b.yaml")
     assert (rm.model_name, rm.lora_r, effective_batch(rm), rm.max_steps) == ("weqweasdas/RM-Mistral-7B", 16, 64, 5000)
     assert all(load(JOBS / name).use_gpu for name in ("sft-7b.yaml", "dpo-7b.yaml", "rm-7b.yaml", "ppo-7b.yaml"))
+    llava = load(JOBS / "llava-7b.yaml")
+    assert (llava.model_name, llava.lora_r, llava.lora_alpha, llava.learning_rate, llava.mm_projector_lr,
+            llava.deepspeed, effective_batch(llava), llava.max_length, llava.lr_scheduler_type, llava.warmup_ratio,
+            llava.gradient_checkpointing, llava.use_gpu) == (
+        "llava-hf/llava-v1.6-mistral-7b-hf", 128, 256, 2e-4, 2e-5, "zero3", 16, 2048, "cosine", 0.03, True, True)
     ppo = load(JOBS / "ppo-7b.yaml")
     assert (ppo.num_workers * ppo.rollout_batch_size * ppo.samples_per_prompt, ppo.temperature, ppo.top_p,
             ppo.repetition_penalty, ppo.lora_r) == (128, 0.7, 0.95, 1.15, 16)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from humor_ray.data import build
+from humor_ray.eval import benchmark
 from humor_ray.data.prompts import IMAGE_INSTRUCTION
 from humor_ray.infer import generate
 from humor_ray.models import registry
@@ -28,7 +29,7 @@ def datasets_dir(tmp_path_factory, real_data, ray_local):
         input=str(real_data / "summaries" / "53[0-9]_*.csv"), output=str(out),
         splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
         descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
-        images=str(real_data / "images"), datasets=["llava_sft", "prompts"]))
+        images=str(real_data / "images"), datasets=["llava_sft", "prompts", "references"]))
     return out
 
 
@@ -192,3 +193,22 @@ def test_a_contest_without_a_readable_cartoon_is_skipped_in_generation(tmp_path,
     captions = pd.read_parquet(tmp_path / "out" / "captions.parquet")
     assert sorted(captions["contest"].unique()) == [536]
     assert "contest 537: cannot read image" in capfd.readouterr().err
+
+
+def test_best_of_n_with_a_llava_policy_judged_beside_the_released_llava_captions(tmp_path, trained, datasets_dir,
+                                                                                 damaged_images, real_data):
+    out, _ = trained
+    bon = tmp_path / "bon"
+    summary = generate.run_bon(generate.BonConfig(
+        dataset_dir=str(datasets_dir), output_dir=str(bon), model_name=str(out / "final"), method="tiny-llava_BoN",
+        n=2, candidates_factor=3, max_new_tokens=12, reward_model="builtin:vowel_share", engine="hf",
+        images=str(damaged_images)))
+    assert summary["candidates"] == 2 * 2 * 3 and summary["mean_reward_kept"] >= summary["mean_reward_all"]
+    released = tmp_path / "released"
+    released.mkdir()
+    for name in ("llava_sft.csv", "llava_zs.csv"):
+        shutil.copy(real_data / "benchmarks" / "humor_in_ai_examples" / name, released / name)
+    judged = benchmark.run(benchmark.JudgeConfig(
+        dataset_dir=str(datasets_dir), generations=[str(bon), str(released)], output_dir=str(tmp_path / "judge"),
+        judge="rm", reward_model="builtin:vowel_share", bootstrap=100))
+    assert {r["method"] for r in judged["win_rates"]} == {"tiny-llava_BoN", "llava_sft", "llava_zs"}
