@@ -1,8 +1,9 @@
 """`humor-ray demo`: the main job end to end on local Ray, from the real contest data.
 
-data -> sft -> rm -> dpo -> ppo -> generate (sft, dpo, ppo) -> best-of-N (sft) -> judge -> report, on
-CPU with the laptop job specs in short runs: the policy is --policy (SmolLM2-135M by default, or the
-tiny preset), the reward model MiniLM. The judge is the reward model (offline) unless --judge_base_url
+data -> sft -> rm -> dpo -> llava -> ppo -> generate (sft, dpo, ppo, llava) -> best-of-N (sft) -> judge ->
+report, on CPU with the laptop job specs in short runs: the policy is --policy (SmolLM2-135M by default, or
+the tiny preset), the LLaVA its vision-language preset (SmolLM2 under an untrained vision tower, or
+tiny-llava), the reward model MiniLM. The judge is the reward model (offline) unless --judge_base_url
 names an OpenAI-compatible endpoint. Every stage writes under --output and can be rerun alone with
 the command it prints, after the minutes elapsed so far."""
 
@@ -102,8 +103,8 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def train(cfg: DemoConfig, datasets: Path) -> dict:
-    """SFT -> reward model -> DPO from the SFT, each a short run of its laptop job spec."""
-    from humor_ray.train import dpo, rm, sft
+    """SFT -> reward model -> DPO from the SFT -> LLaVA SFT, each a short run of its laptop job spec."""
+    from humor_ray.train import dpo, llava, rm, sft
 
     runs = Path(cfg.output) / "runs"
     steps = cfg.train_steps
@@ -117,6 +118,7 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
         ("sft", sft, f"sft-{size}.yaml", []),
         ("rm", rm, "rm-minilm.yaml", ["--max_eval_examples", "300"]),
         ("dpo", dpo, f"dpo-{size}.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
+        ("llava", llava, f"llava-{size}.yaml", []),
     ]
     results = {}
     for number, (name, module, spec, extra) in enumerate(stages, start=2):
@@ -124,8 +126,9 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
         _stage(number, name, module.run, module.Config, spec, [*short, "--output_dir", str(out), *extra])
         results[name] = json.loads((out / "metrics.json").read_text())["eval"]
     log(f"sft held-out loss {results['sft'].get('eval_loss', float('nan')):.3f}; reward model held-out "
-          f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
-          f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}")
+        f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
+        f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}; llava held-out loss "
+        f"{results['llava'].get('eval_loss', float('nan')):.3f}")
     return results
 
 
@@ -167,7 +170,7 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     sft_model, reward = str(runs / "sft" / "final"), str(runs / "rm")
     # The SFT specs train on the simple prompt; PPO and generation must read the same.
     prompt = ["--simple_prompt"]
-    _stage(5, "ppo", ppo.run, ppo.Config, f"ppo-{size}.yaml", [
+    _stage(6, "ppo", ppo.run, ppo.Config, f"ppo-{size}.yaml", [
         *common, *prompt, "--output_dir", str(runs / "ppo"), "--model_name", sft_model, "--reward_model", reward,
         "--reward_max_length", "128", "--max_steps", str(cfg.ppo_steps), "--save_steps", str(cfg.ppo_steps),
         # Two prompts x 4 captions per step: a step of SmolLM2 with its value model takes ~25 s here.
@@ -175,12 +178,16 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     released = data_root() / "benchmarks" / "humor_in_ai_examples"
     subset = ["--contests", *map(str, eval_contests(datasets, released, cfg.eval_contests))]
     # Named after the policy: the paper's released generations, judged beside ours, are sft, dpo, ...
-    names = {name: f"{cfg.policy}_{name}" for name in ("sft", "dpo", "ppo", "sft_BoN")}
+    names = {name: f"{cfg.policy}_{name}" for name in ("sft", "dpo", "ppo", "llava_sft", "sft_BoN")}
     for name in ("sft", "dpo", "ppo"):
-        _stage(6, "generate", generate.run, generate.GenerateConfig, None, [
+        _stage(7, "generate", generate.run, generate.GenerateConfig, None, [
             *common, *subset, *prompt, "--model_name", str(runs / name / "final"), "--method", names[name],
             "--output_dir", str(captions / name)])
-    _stage(7, "bon", generate.run_bon, generate.BonConfig, None, [
+    # The LLaVA reads the cartoon itself; its vision tower is untrained at the start (README: Models).
+    _stage(7, "generate", generate.run, generate.GenerateConfig, None, [
+        *common, *subset, "--model_name", str(runs / "llava" / "final"), "--method", names["llava_sft"],
+        "--output_dir", str(captions / "llava_sft")])
+    _stage(8, "bon", generate.run_bon, generate.BonConfig, None, [
         *common, *subset, *prompt, "--model_name", sft_model, "--method", names["sft_BoN"], "--reward_model", reward,
         "--reward_max_length", "128", "--output_dir", str(captions / "sft_BoN")])
     generations = [str(captions / name) for name in names]
@@ -188,7 +195,7 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
         generations.append(str(released))
     judge = (["--judge", "llm", "--base_url", cfg.judge_base_url, "--model", cfg.judge_model or "gpt-4o"]
              if cfg.judge_base_url else ["--judge", "rm", "--reward_model", reward, "--reward_max_length", "128"])
-    _stage(8, "judge", benchmark.run, benchmark.JudgeConfig, None, [
+    _stage(9, "judge", benchmark.run, benchmark.JudgeConfig, None, [
         *common, *subset, "--generations", *generations, *judge, "--output_dir", str(out / "judge")])
-    return _stage(9, "report", report.run, report.ReportConfig, None, [
+    return _stage(10, "report", report.run, report.ReportConfig, None, [
         *common, "--judge_dir", str(out / "judge"), "--generations", *generations, "--output_dir", str(out / "report")])

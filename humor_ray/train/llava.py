@@ -124,12 +124,12 @@ def peft_config(cfg: Config):
 
 
 def make_trainer(cfg: Config, train, evaluation, scratch: str):
-    import ray.train
+    import torch.distributed
     from trl import SFTConfig
 
     from humor_ray.models import registry
 
-    report = ray.train.get_context().get_world_rank() == 0
+    report = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     train = usable_rows(train, cfg.images, "train", report)
     evaluation = usable_rows(evaluation, cfg.images, "eval", report) if evaluation is not None else None
     if len(train) == 0:
