@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse, OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
@@ -141,7 +141,7 @@ def llm_config(cfg: ServeConfig) -> LLMConfig:
         accelerator_type=None, placement_group_config={"bundles": [bundle]},
         engine_kwargs=engine_kwargs, deployment_config=deployment,
         lora_config={"max_num_adapters_per_replica": max(1, len(adapters))} if adapters else None,
-        server_cls=CaptionServer if adapters else None,
+        server_cls=CaptionServer,
         runtime_env={"env_vars": {**REPLICA_ENV, ADAPTERS_ENV: json.dumps(adapters)}})
 
 
@@ -208,10 +208,30 @@ class LocalAdapters(LoraModelLoader):
 
 
 class CaptionServer(LLMServer):
-    """Ray Serve's vLLM server, loading LoRA adapters from local directories."""
+    """Ray Serve's vLLM server, loading LoRA adapters from local directories and refusing a request whose
+    prompt plus `max_tokens` exceeds the context (vLLM would shorten its `max_tokens` silently)."""
 
     async def __init__(self, llm_config, **kwargs):
         await super().__init__(llm_config, model_downloader=LocalAdapters, **kwargs)
+
+    async def _run_request(self, request, **kwargs):
+        answers = await super()._run_request(request, **kwargs)
+        limit = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+        if getattr(request, "stream", False) or limit is None:
+            return answers
+        return self._refuse_over_context(answers, limit)
+
+    async def _refuse_over_context(self, answers, limit: int):
+        # The prompt's length is known only once vLLM has rendered it: the check reads the answer's usage.
+        context = self._llm_config.max_request_context_length
+        async for answer in answers:
+            usage = getattr(answer, "usage", None)
+            if usage is not None and usage.prompt_tokens + limit > context:
+                message = (f"the prompt ({usage.prompt_tokens} tokens) plus max_tokens ({limit}) exceeds the "
+                           f"model's context of {context} tokens")
+                yield ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", code=400))
+            else:
+                yield answer
 
 
 @contextlib.contextmanager
