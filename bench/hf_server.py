@@ -1,7 +1,9 @@
-"""A local OpenAI-compatible chat-completions server over a registry model, so that the judge client,
-its tests and its benchmarks run against a real HTTP endpoint without any network or API key.
+"""Benchmark-only baseline: the former `humor-ray serve`, a hand-written FastAPI server over Hugging Face
+`generate` that answers one request at a time under a lock. The package serves models with Ray Serve and
+vLLM (`humor_ray/serve.py`); this file stays only so that `bench/serve.py` can measure the new server
+against it and `bench/judge.py` can give the judge client a server with simulated API latency.
 
-    python -m humor_ray.serve --model tiny --port 8011 [--latency_ms 200] [--threads 1]
+    python bench/hf_server.py --model tiny --port 8011 [--latency_ms 200] [--threads 1]
 
 Endpoints: `GET /v1/models` and `POST /v1/chat/completions` (messages with string content or text and
 image parts, images unread; max_tokens or
@@ -302,7 +304,7 @@ def _server_thread(app: FastAPI, ready_timeout: float) -> Iterator[str]:
 def _server_subprocess(model: str, latency_ms: float, fail_every: int, fail_status: int, threads: int | None,
                        ready_timeout: float) -> Iterator[str]:
     port = free_port()
-    command = [sys.executable, "-m", "humor_ray.serve", "--model", model, "--port", str(port),
+    command = [sys.executable, __file__, "--model", model, "--port", str(port),
                "--latency_ms", str(latency_ms), "--fail_every", str(fail_every), "--fail_status", str(fail_status)]
     if threads:
         command += ["--threads", str(threads)]
@@ -364,6 +366,6 @@ def run(cfg: ServeConfig) -> None:
 
 
 if __name__ == "__main__":
-    from humor_ray.cli import main
+    from humor_ray.config import parse_config
 
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    run(parse_config(ServeConfig, sys.argv[1:], "hf_server.py"))

@@ -18,7 +18,7 @@ picks it as `model: "BASE:NAME"`. NAME defaults to the adapter's folder (its par
 Errors answer OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: an unknown model 404, bad
 parameters 400, and a prompt plus `max_tokens` over the context length 400 (never truncated).
 
-`serve deploy jobs/serve-smollm2.yaml` runs the same application on a cluster: the config's `import_path`
+`serve deploy jobs/serve/smollm2.yaml` runs the same application on a cluster: the config's `import_path`
 is `build_app` below, its `args` the flags of this command.
 """
 

@@ -118,3 +118,16 @@ def test_bad_configs_fail_before_any_server_starts(tmp_path):
     with pytest.raises(ValueError, match="--autoscale must be MIN:MAX"):
         ServeConfig(model="tiny", autoscale="3:1")
     assert ServeConfig(model="tiny", autoscale="0:2").replica_range() == (0, 2)
+
+
+def test_the_serve_deploy_config_is_valid_and_builds_our_config():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "serve" / "smollm2.yaml").read_text())
+    app, = ServeDeploySchema.model_validate(spec).applications
+    assert app.import_path == "humor_ray.serve:build_app"
+    cfg = ServeConfig(**app.args)
+    assert cfg.replica_range() == (1, 4) and cfg.model_id() == "smollm2-135m"
