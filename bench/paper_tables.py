@@ -1,6 +1,6 @@
 """The paper's diversity table beside ours, on the generations the paper released.
 
-    python bench/paper_tables.py [--embedding mpnet] [--ead paper] [--released DIR]
+    python bench/paper_tables.py [--embedding mpnet] [--ead paper] [--pairs with_self] [--released DIR]
 
 For each of the 13 released sets (the four human groups, Claude, GPT-4o, and the Mistral and LLaVA
 methods) it computes embedding diversity and EAD with `humor_ray.eval.diversity.method_diversity` (what
@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from humor_ray.config import data_root  # noqa: E402
 from humor_ray.eval.benchmark import read_generations  # noqa: E402
-from humor_ray.eval.diversity import EAD_KINDS, EMBEDDING_MODELS, RELEASED_DIR, method_diversity  # noqa: E402
+from humor_ray.eval.diversity import EAD_KINDS, EMBEDDING_MODELS, PAIRS, RELEASED_DIR, method_diversity  # noqa: E402
 
 # The paper's diversity table (Zhang et al. 2024): (embedding diversity, EAD), as printed, to 4 places,
 # by the authors' finetuning/generation_evaluation.ipynb on these files.
@@ -37,14 +37,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embedding", default="mpnet", choices=EMBEDDING_MODELS)
     parser.add_argument("--ead", default="paper", choices=tuple(EAD_KINDS))
+    parser.add_argument("--pairs", default="with_self", choices=PAIRS)
     parser.add_argument("--released", default=str(data_root().joinpath(*RELEASED_DIR)))
     args = parser.parse_args()
 
     started = time.perf_counter()
     table = read_generations([args.released], humans=True)
-    ours = method_diversity(table, model=args.embedding, ead_kind=args.ead)
+    ours = method_diversity(table, model=args.embedding, ead_kind=args.ead, pairs=args.pairs)
     seconds = time.perf_counter() - started
-    print(f"embedding {args.embedding}, EAD {args.ead}; {len(table):,} captions in {seconds:.0f} s\n")
+    print(f"embedding {args.embedding} ({args.pairs} pairs), EAD {args.ead}; {len(table):,} captions "
+          f"in {seconds:.0f} s\n")
     print(f"{'method':13} {'contests':>8} | {'embedding':>9} {'paper':>7} {'diff':>7} | {'EAD':>7} {'paper':>7} "
           f"{'diff':>7}")
     worst = 0.0

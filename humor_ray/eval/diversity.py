@@ -4,7 +4,7 @@ contests. Two scores:
 
 - embedding diversity: 1 - mean pairwise cosine similarity of sentence embeddings (`mpnet`,
   all-mpnet-base-v2 as the paper; `minilm`, all-MiniLM-L6-v2, five times faster), which sees
-  paraphrases of one joke as the same joke;
+  paraphrases of one joke as the same joke; the paper's mean takes each caption with itself too;
 - EAD-n (Liu et al. 2022, "Rethinking and Refining the Distinct Metric"): distinct n-grams over their
   expected number for text drawn at random from a vocabulary of V tokens, which unlike Distinct-n
   does not fall just because a method writes longer captions. Two kinds (`EAD_KINDS`): `paper`, the
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_MODELS = ("mpnet", "minilm")
 EMBEDDING_MODEL = "mpnet"
+# Which cosine similarities embedding diversity averages (see `embedding_diversity`).
+PAIRS = ("with_self", "distinct")
 # Used when a model directory has no sentence_bert_config.json giving its `max_seq_length`.
 MAX_TOKENS = 256
 # Lowercased words (contractions such as "don't" stay one word) and single punctuation marks.
@@ -139,9 +141,13 @@ def embed(texts: Sequence[str], model: str = EMBEDDING_MODEL, batch_size: int = 
 
 
 def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_MODEL,
-                        batch_size: int = 64) -> list[float]:
-    """1 - mean cosine similarity over all unordered pairs of a group's non-empty captions, per group
-    (NaN for fewer than two). All groups are embedded together, in batches."""
+                        batch_size: int = 64, pairs: str = "with_self") -> list[float]:
+    """1 - mean cosine similarity of a group's non-empty captions, per group (NaN for fewer than two).
+    `pairs`: "with_self", the paper's, over all k x k ordered pairs, each caption with itself included
+    (so (k - 1) / k times the other); "distinct", over the k (k - 1) / 2 pairs of two different captions.
+    All groups are embedded together, in batches."""
+    if pairs not in PAIRS:
+        raise UserError(f"unknown pairs {pairs!r}: use one of {', '.join(PAIRS)}")
     kept = [[c for c in group if c.strip()] for group in groups]
     vectors = embed([c for group in kept for c in group], model=model, batch_size=batch_size)
     scores, start = [], 0
@@ -152,9 +158,11 @@ def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_
         if k < 2:
             scores.append(math.nan)
             continue
-        pairs = torch.triu_indices(k, k, offset=1)
-        similarity = block @ block.T
-        scores.append(1.0 - float(similarity[pairs[0], pairs[1]].double().mean()))
+        similarity = (block @ block.T).double()
+        if pairs == "distinct":
+            upper = torch.triu_indices(k, k, offset=1)
+            similarity = similarity[upper[0], upper[1]]
+        scores.append(1.0 - float(similarity.mean()))
     return scores
 
 
@@ -162,9 +170,9 @@ def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_
 
 
 def method_diversity(table: pd.DataFrame, model: str = EMBEDDING_MODEL, ead_kind: str = "paper",
-                     batch_size: int = 64) -> dict[str, dict[str, float]]:
+                     pairs: str = "with_self", batch_size: int = 64) -> dict[str, dict[str, float]]:
     """Per method of a long table (a DataFrame with columns `contest, method, caption`): the means over
-    its contests of embedding diversity (`embedding`, with `model`) and of EAD-1..5 (`ead_1`..`ead_5`,
+    its contests of embedding diversity (`embedding`, with `model` over `pairs`) and of EAD-1..5 (`ead_1`..`ead_5`,
     and their average `ead`, of the kind `ead_kind`), the number of contests and the mean number of
     captions per contest. The `words` EAD takes one vocabulary, from every caption in the table, for
     all methods. Compare methods on the same contests: filter the table first if their contest sets
@@ -181,7 +189,7 @@ def method_diversity(table: pd.DataFrame, model: str = EMBEDDING_MODEL, ead_kind
     for (method, _), rows in captions.groupby(["method", "contest"], sort=True):
         keys.append(method)
         groups.append(rows["caption"].tolist())
-    per_group = {"embedding": embedding_diversity(groups, model=model, batch_size=batch_size)}
+    per_group = {"embedding": embedding_diversity(groups, model=model, batch_size=batch_size, pairs=pairs)}
     per_group |= {f"ead_{n}": scores for n, scores in ead_scores(groups, vocab, words=EAD_KINDS[ead_kind]).items()}
     scores = pd.DataFrame(per_group).assign(method=keys, size=[len(g) for g in groups])
     result = {}
@@ -330,6 +338,8 @@ class DiversityConfig:
     embedding: str = field(EMBEDDING_MODEL, "mpnet (all-mpnet-base-v2, the paper's) or minilm (faster)")
     ead: str = field("paper", "paper (the paper's words, V = 32,000) or words (our tokens, V = the captions' "
                               "vocabulary)")
+    pairs: str = field("with_self", "cosines averaged: with_self (the paper's: each caption with itself too) "
+                                    "or distinct (pairs of two different captions)")
     output_dir: str | None = field(None, "where diversity.json goes (default: print only)")
     batch_size: int = field(64, "captions per embedding batch")
 
@@ -340,6 +350,8 @@ class DiversityConfig:
             raise ValueError(f"--embedding must be one of {EMBEDDING_MODELS}")
         if self.ead not in EAD_KINDS:
             raise ValueError(f"--ead must be one of {tuple(EAD_KINDS)}")
+        if self.pairs not in PAIRS:
+            raise ValueError(f"--pairs must be one of {PAIRS}")
 
 
 def run(cfg: DiversityConfig) -> dict[str, dict[str, float]]:
@@ -351,13 +363,14 @@ def run(cfg: DiversityConfig) -> dict[str, dict[str, float]]:
         if unknown:
             raise UserError(f"--contests {unknown}: no method has captions for them")
         table = table[table["contest"].isin(cfg.contests)]
-    result = method_diversity(table, model=cfg.embedding, ead_kind=cfg.ead, batch_size=cfg.batch_size)
+    result = method_diversity(table, model=cfg.embedding, ead_kind=cfg.ead, pairs=cfg.pairs,
+                              batch_size=cfg.batch_size)
     columns = ["contests", "embedding", "ead", *(f"ead_{n}" for n in range(1, 6))]
     print(pd.DataFrame(result).T[columns].round(4).to_string())
     if cfg.output_dir:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        settings = {"embedding": cfg.embedding, "ead": cfg.ead, "contests": cfg.contests or "all"}
+        settings = {"embedding": cfg.embedding, "ead": cfg.ead, "pairs": cfg.pairs, "contests": cfg.contests or "all"}
         (out / "diversity.json").write_text(json.dumps({"settings": settings, "methods": result}, indent=1))
         print(f"[diversity] {out / 'diversity.json'}")
     return result
