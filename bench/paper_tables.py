@@ -5,7 +5,7 @@
 For each of the 13 released sets (the four human groups, Claude, GPT-4o, and the Mistral and LLaVA
 methods) it computes embedding diversity and EAD with `humor_ray.eval.diversity.method_diversity` (what
 `humor-ray diversity` and the report use), each set over every contest it covers, and prints them beside
-the figures of the paper's diversity table, with the difference. With the defaults (the paper's
+the figures of the paper's diversity table (`PAPER_TABLE`), with the difference. With the defaults (the paper's
 definitions) every difference should be under 0.005. all-mpnet-base-v2 embeds about 17,000 captions
 here: some minutes on two cores.
 """
@@ -21,16 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from humor_ray.config import data_root  # noqa: E402
 from humor_ray.eval.benchmark import read_generations  # noqa: E402
-from humor_ray.eval.diversity import EAD_KINDS, EMBEDDING_MODELS, PAIRS, RELEASED_DIR, method_diversity  # noqa: E402
-
-# The paper's diversity table (Zhang et al. 2024): (embedding diversity, EAD), as printed, to 4 places,
-# by the authors' finetuning/generation_evaluation.ipynb on these files.
-PAPER = {
-    "human_top": (0.7452, 0.9456), "human_200": (0.7496, 0.9564), "human_1000": (0.7522, 0.9608),
-    "human_median": (0.7489, 0.9597), "claude": (0.6813, 0.9533), "gpt4o": (0.5789, 0.9603),
-    "zs": (0.5312, 0.9028), "zs_BoN": (0.4868, 0.8663), "sft": (0.5806, 0.9043), "dpo": (0.7129, 0.9202),
-    "ppo": (0.5994, 0.9006), "llava_zs": (0.5220, 0.8986), "llava_sft": (0.5173, 0.9002),
-}
+from humor_ray.eval.diversity import (  # noqa: E402
+    EAD_KINDS, EMBEDDING_MODELS, PAIRS, PAPER_TABLE, RELEASED_DIR, method_diversity,
+)
 
 
 def main() -> None:
@@ -50,7 +43,7 @@ def main() -> None:
     print(f"{'method':13} {'contests':>8} | {'embedding':>9} {'paper':>7} {'diff':>7} | {'EAD':>7} {'paper':>7} "
           f"{'diff':>7}")
     worst = 0.0
-    for method, (paper_embedding, paper_ead) in PAPER.items():
+    for method, (paper_embedding, paper_ead) in PAPER_TABLE.items():
         row = ours[method]
         d_embedding, d_ead = row["embedding"] - paper_embedding, row["ead"] - paper_ead
         worst = max(worst, abs(d_embedding), abs(d_ead))
