@@ -126,14 +126,22 @@ def _decode_cp1252(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("humor_ray_cp1252", _decode_cp1252)
 
 
+def _is_utf8(data: bytes) -> bool:
+    """Arrow's vectorised UTF-8 check of the whole file as one string (a few times faster than
+    decoding it in Python)."""
+    offsets = pa.py_buffer(np.array([0, len(data)], np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def _as_utf8(data: bytes) -> tuple[bytes, int]:
     """(the bytes as valid UTF-8, the number of lines that were not). Some files mix in captions saved
     as latin-1/cp1252: decoding just those bytes keeps every row, where Arrow would reject the file."""
-    try:
-        data.decode("utf-8")
+    if _is_utf8(data):
         return data, 0
-    except UnicodeDecodeError:
-        pass
     lines = data.split(b"\n")
     repaired = 0
     for i, line in enumerate(lines):
