@@ -10,6 +10,7 @@ Kinds of input file (recognised by their columns, in any order):
 - captions: a lookup `contest, caption_id, caption` for votes files that carry only caption ids.
 
 Bad rows never stop a file: they come back in a quarantine table with the row number and the reason.
+CSV lines that are not UTF-8 (captions saved as latin-1) are decoded as cp1252 and kept, and counted.
 A file that cannot be read at all raises `InputFileError`, whose message names the file and the cause.
 """
 
