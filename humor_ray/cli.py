@@ -21,6 +21,7 @@ STAGES = {
     ("generate",): ("humor_ray.infer.generate", "GenerateConfig"),
     ("bon",): ("humor_ray.infer.generate", "BonConfig", "run_bon"),
     ("judge",): ("humor_ray.eval.benchmark", "JudgeConfig"),
+    ("diversity",): ("humor_ray.eval.diversity", "DiversityConfig"),
     ("report",): ("humor_ray.eval.report", "ReportConfig"),
     ("serve",): ("humor_ray.serve", "ServeConfig"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),

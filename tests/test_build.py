@@ -235,6 +235,34 @@ def test_cli_strict_and_nothing_usable(inputs, tmp_path, ray_local):
     assert pq.read_table(tmp_path / "o3" / "captions").num_rows == 2
 
 
+def test_damaged_copies_keep_their_good_rows_and_are_reported(built, real_data, tmp_path, ray_local):
+    from test_readers import latin1_copy
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    changed = latin1_copy(real_data / "summaries" / "688_KLUCB.csv", damaged / "688_KLUCB.csv")
+    (damaged / "701_header_only.csv").write_text("caption,funny,somewhat_funny,unfunny\n")
+    (damaged / "702_bad_row.csv").write_bytes(b"caption,funny,somewhat_funny,unfunny\n"
+                                              b"Fine,1,2,3\nCaf\xe9 au lait,1,2,3,extra\n")
+    out = tmp_path / "o"
+    result = run_cli("data", "build", "--input", str(damaged), "--output", str(out),
+                     ray_address=ray_local.get_runtime_context().gcs_address)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["captions"]["not_utf8_lines_decoded_as_cp1252"] == changed + 1  # and 702's "Caf\xe9" line
+    assert any(f"688_KLUCB.csv: {changed} lines are not valid UTF-8" in w for w in report["warnings"])
+    reasons = {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in report["quarantined"]["file_reasons"]}
+    assert list(reasons) == ["701_header_only.csv"] and "no rows" in reasons["701_header_only.csv"]
+    assert report["quarantined"]["rows_by_reason"].get("expected 4 fields, found 5") == 1
+    # Every caption of the latin-1 copy is kept, with the same text as from the clean file.
+    clean_output, _ = built
+    ours = table(out, "captions").to_pandas()
+    clean = table(clean_output, "captions").to_pandas()
+    assert sorted(ours[ours["contest"] == 688]["caption"]) == sorted(clean[clean["contest"] == 688]["caption"])
+    assert "Fine" in set(ours[ours["contest"] == 702]["caption"])
+
+
 def test_cli_usage_errors(tmp_path):
     result = run_cli("data", "build", "--output", str(tmp_path))
     assert result.returncode == 1 and "needs --input and --output" in result.stderr

@@ -1,14 +1,16 @@
 """Caption diversity: EAD by hand, embedding diversity on clear cases, the paper's released generations."""
 
+import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from humor_ray.config import UserError
 from humor_ray.eval.diversity import (
-    ead, ead_scores, embedding_diversity, method_diversity, read_released, read_wide, tokenize,
-    vocabulary_size,
+    PAPER_TABLE, PAPER_VOCAB_SIZE, ead, ead_scores, embedding_diversity, method_diversity, paper_words,
+    read_released, read_wide, tokenize, vocabulary_size,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,6 +52,15 @@ def test_ead_counts_repeats_once():
         ead(["a"], 1, 0)
 
 
+def test_paper_words_and_ead_by_hand():
+    # '.' and newlines go (joining what they separated), then single spaces split; case and commas stay.
+    assert paper_words("Honey,  the dog.\nAte it.") == ["Honey,", "the", "dogAte", "it"]
+    # Unigrams of "a b a" + "b c": C = 5, distinct 3; V = 32,000 expects 32000 * (1 - (31999/32000)**5).
+    expected = PAPER_VOCAB_SIZE * (1 - ((PAPER_VOCAB_SIZE - 1) / PAPER_VOCAB_SIZE) ** 5)
+    assert ead(["a b a", "b c."], 1, PAPER_VOCAB_SIZE, paper_words) == pytest.approx(3 / expected)
+    assert ead(["A a"], 1, PAPER_VOCAB_SIZE, paper_words) == pytest.approx(2 / (2 - 1 / PAPER_VOCAB_SIZE))
+
+
 def test_ead_scores_per_group():
     scores = ead_scores([["a b a", "b c"], ["x"]], vocab_size=10, ns=(1, 2))
     assert list(scores) == [1, 2]
@@ -65,12 +76,72 @@ def test_embedding_diversity():
     unrelated = ["The dog is barking at the mailman.", "Quarterly tax filings are due in April.",
                  "Quantum computers use qubits."]
     same_score, para_score, unrel_score, single = embedding_diversity(
-        [same, paraphrases, unrelated, ["Only one.", "  "]], batch_size=4)
+        [same, paraphrases, unrelated, ["Only one.", "  "]], model="minilm", batch_size=4, pairs="distinct")
     assert abs(same_score) < 1e-5
     assert 0.05 < para_score < 0.5
     assert unrel_score > para_score + 0.4
     assert unrel_score <= 1.2
     assert math.isnan(single)
+
+
+@pytest.mark.parametrize("model", ["minilm", "mpnet"])
+def test_paper_pairs_count_each_caption_with_itself(model):
+    groups = [["The dog is barking at the mailman.", "Quarterly tax filings are due in April.",
+               "Quantum computers use qubits.", "A dog barks at the postman."], ["Same.", "Same."]]
+    distinct = embedding_diversity(groups, model=model, pairs="distinct")
+    with_self = embedding_diversity(groups, model=model, pairs="with_self")
+    # k x k cosines with the k ones of the diagonal: (k - 1) / k times the mean over distinct pairs.
+    assert with_self == pytest.approx([3 / 4 * distinct[0], 0.0], abs=1e-6)
+    assert 0.3 < distinct[0] < 1.0
+    with pytest.raises(UserError, match="unknown pairs"):
+        embedding_diversity(groups, pairs="all")
+
+
+def test_paper_ead_of_every_released_set_matches_the_paper(real_data):
+    """The paper's EAD needs no model: every released set, over all its contests, against the table."""
+    table = read_released()
+    assert set(table["method"]) == set(PAPER_TABLE)
+    for method, rows in table.groupby("method"):
+        groups = [g["caption"].tolist() for _, g in rows.groupby("contest")]
+        scores = ead_scores(groups, PAPER_VOCAB_SIZE, words=paper_words)
+        ours = np.mean([np.nanmean(values) for values in scores.values()])
+        assert ours == pytest.approx(PAPER_TABLE[method][1], abs=0.005), method
+
+
+def test_paper_embedding_diversity_of_a_released_set_matches_the_paper(real_data):
+    """all-mpnet-base-v2 (the `mpnet` preset, unpacked from its five PyPI parts) on Claude's 910 captions."""
+    table = read_released()
+    result = method_diversity(table[table["method"] == "claude"])
+    assert result["claude"]["contests"] == 91
+    assert result["claude"]["embedding"] == pytest.approx(PAPER_TABLE["claude"][0], abs=0.005)
+    assert result["claude"]["ead"] == pytest.approx(PAPER_TABLE["claude"][1], abs=0.005)
+
+
+def test_diversity_command(tmp_path, real_data, capsys):
+    from humor_ray.cli import main
+
+    released = real_data / "benchmarks" / "humor_in_ai_examples"
+    out = tmp_path / "out"
+    args = ["diversity", "--generations", str(released / "gpt4o.csv"), str(released / "human_top.csv"),
+            "--contests", "543", "544", "--output_dir", str(out)]
+    assert main(args + ["--embedding", "minilm", "--ead", "words", "--pairs", "distinct"]) == 0
+    printed = capsys.readouterr().out
+    assert "gpt4o" in printed and "human_top" in printed and "ead_5" in printed
+    saved = json.loads((out / "diversity.json").read_text())
+    assert saved["settings"] == {"embedding": "minilm", "ead": "words", "pairs": "distinct", "contests": [543, 544]}
+    words = saved["methods"]
+    assert {m: r["contests"] for m, r in words.items()} == {"gpt4o": 2, "human_top": 2}
+
+    assert main(args) == 0  # the paper's definitions
+    paper = json.loads((out / "diversity.json").read_text())["methods"]
+    for method in ("gpt4o", "human_top"):
+        assert paper[method]["ead"] != pytest.approx(words[method]["ead"], abs=1e-4)
+        assert 0.3 < paper[method]["embedding"] < 1.0 and 0.5 < paper[method]["ead"] < 1.1
+
+    assert main(["diversity", "--generations", str(released / "gpt4o.csv"), "--contests", "1"]) == 1
+    assert "--contests [1]: no method has captions for them" in capsys.readouterr().err
+    assert main(["diversity", "--generations", str(released / "gpt4o.csv"), "--ead", "chars"]) == 1
+    assert "--ead must be one of" in capsys.readouterr().err
 
 
 def test_read_wide(tmp_path):
@@ -134,7 +205,7 @@ def test_released_generations(real_data):
             assert all(0.1 < s < 1.1 for s in scores), (method, n)
 
     sample = table[table["contest"].isin(sorted(common)[:EMBEDDED_CONTESTS])]
-    result = method_diversity(sample)
+    result = method_diversity(sample, model="minilm", ead_kind="words", pairs="distinct")  # ours, the faster
     print(f"\nDiversity of the released generations on {EMBEDDED_CONTESTS} shared contests:")
     print(pd.DataFrame(result).T.sort_index().round(3).to_string())
     assert set(result) == RELEASED_METHODS

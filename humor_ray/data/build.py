@@ -679,11 +679,12 @@ def run(cfg: BuildConfig) -> dict:
 
 def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, splits) -> dict:
     scrubbed, reasons, kinds = Counter(), Counter(), Counter()
-    rows_read = means_off = 0
+    rows_read = means_off = not_utf8 = 0
     for f in files:
         scrubbed.update(f["stats"].get("scrubbed", {}))
         rows_read += f["stats"].get("rows", 0)
         means_off += f["stats"].get("means_off", 0)
+        not_utf8 += f["stats"].get("not_utf8_lines", 0)
         kinds[f.get("kind", "unreadable")] += 1
     # Workers count the rows they quarantine; the files need not be read back.
     for result in [*files, *built]:
@@ -712,7 +713,8 @@ def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, spl
                                                   for b in built if b.get("missing_groups")}},
         "captions": {"rows_read": rows_read, "kept": sum(b["captions"] for b in built),
                      "merged_same_text": sum(b["merged_same_text"] for b in built),
-                     "given_means_recomputed_differently": means_off},
+                     "given_means_recomputed_differently": means_off,
+                     "not_utf8_lines_decoded_as_cp1252": not_utf8},
         "votes": sum(b["votes"] for b in built),
         "votes_read": sum(g.get("votes", 0) for f in files for g in f["groups"]),
         "scrubbed": dict(scrubbed),

@@ -10,11 +10,13 @@ Kinds of input file (recognised by their columns, in any order):
 - captions: a lookup `contest, caption_id, caption` for votes files that carry only caption ids.
 
 Bad rows never stop a file: they come back in a quarantine table with the row number and the reason.
+CSV lines that are not UTF-8 (captions saved as latin-1) are decoded as cp1252 and kept, and counted.
 A file that cannot be read at all raises `InputFileError`, whose message names the file and the cause.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass, field
@@ -110,8 +112,51 @@ def list_input_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, sorted(paths)
 
 
-def _read_raw_table(fs: pafs.FileSystem, path: str, quarantine: list[dict]) -> pa.Table:
-    """Parse CSV or Parquet. CSV rows with the wrong number of fields go to quarantine."""
+def _decode_cp1252(err: UnicodeDecodeError) -> tuple[str, int]:
+    """A codecs error handler: bytes that are not UTF-8 read as cp1252, or latin-1 for the five bytes
+    cp1252 leaves undefined (so every byte decodes to something)."""
+    chars = []
+    for byte in err.object[err.start:err.end]:
+        try:
+            chars.append(bytes([byte]).decode("cp1252"))
+        except UnicodeDecodeError:
+            chars.append(chr(byte))
+    return "".join(chars), err.end
+
+
+codecs.register_error("humor_ray_cp1252", _decode_cp1252)
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Arrow's vectorised UTF-8 check of the whole file as one string (a few times faster than
+    decoding it in Python)."""
+    offsets = pa.py_buffer(np.array([0, len(data)], np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _as_utf8(data: bytes) -> tuple[bytes, int]:
+    """(the bytes as valid UTF-8, the number of lines that were not). Some files mix in captions saved
+    as latin-1/cp1252: decoding just those bytes keeps every row, where Arrow would reject the file."""
+    if _is_utf8(data):
+        return data, 0
+    lines = data.split(b"\n")
+    repaired = 0
+    for i, line in enumerate(lines):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            lines[i] = line.decode("utf-8", errors="humor_ray_cp1252").encode("utf-8")
+            repaired += 1
+    return b"\n".join(lines), repaired
+
+
+def _read_raw_table(fs: pafs.FileSystem, path: str, quarantine: list[dict], stats: dict) -> pa.Table:
+    """Parse CSV or Parquet. CSV rows with the wrong number of fields go to quarantine; CSV lines that
+    are not UTF-8 are decoded as cp1252 (counted in `stats["not_utf8_lines"]`)."""
     lower = path.lower()
     try:
         if lower.endswith((".parquet", ".pq")):
@@ -126,12 +171,13 @@ def _read_raw_table(fs: pafs.FileSystem, path: str, quarantine: list[dict]) -> p
 
         compression = "gzip" if lower.endswith(".gz") else None
         with fs.open_input_stream(path, compression=compression) as stream:
-            return pacsv.read_csv(
-                stream,
-                read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 24),
-                parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=bad_row),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
-            )
+            data, stats["not_utf8_lines"] = _as_utf8(stream.read())
+        return pacsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=bad_row),
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
+        )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as err:
         raise InputFileError(f"{path}: cannot parse as {'Parquet' if 'parquet' in lower else 'CSV'}: {err}") \
             from None
@@ -368,11 +414,17 @@ def _read_lookup(table: pa.Table, path: str, read: FileRead) -> None:
 def read_file(fs: pafs.FileSystem, path: str) -> FileRead:
     """Read one input file into canonical rows; raises InputFileError when nothing in it is usable."""
     quarantine: list[dict] = []
-    table = _canonical_names(_read_raw_table(fs, path, quarantine), path)
+    stats: dict = {}
+    table = _canonical_names(_read_raw_table(fs, path, quarantine, stats), path)
     kind = classify(table.column_names, path)
-    read = FileRead(kind=kind, quarantine=quarantine,
+    if table.num_rows == 0 and not quarantine:
+        raise InputFileError(f"{path}: no rows: the file has its column names and nothing under them")
+    read = FileRead(kind=kind, quarantine=quarantine, stats=stats,
                     record_numbers=_record_numbers(table.num_rows, [q["row"] for q in quarantine if q["row"]]))
     read.stats["rows"] = table.num_rows
+    if stats.get("not_utf8_lines"):
+        read.warnings.append(f"{path}: {stats['not_utf8_lines']} lines are not valid UTF-8; their text was "
+                             "decoded as cp1252 (latin-1 for bytes cp1252 lacks) and their rows kept")
     try:
         {"summary": _read_summary, "votes": _read_votes, "captions": _read_lookup}[kind](table, path, read)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:

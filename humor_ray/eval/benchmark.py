@@ -78,11 +78,12 @@ class JudgeConfig:
 
 # ---------------------------------------------------------------- inputs
 
-def read_generations(paths: list[str]):
-    """A long table (contest, method, sample, caption) from every generation source."""
+def read_generations(paths: list[str], humans: bool = False):
+    """A long table (contest, method, sample, caption) from every generation source; the released
+    human captions (`human_*`) only with `humans=True`."""
     import pandas as pd
 
-    from humor_ray.eval.diversity import read_released, read_wide
+    from humor_ray.eval.diversity import read_released
 
     frames, source_of = [], {}
     for spec in paths:
@@ -92,7 +93,7 @@ def read_generations(paths: list[str]):
         elif path.is_dir():
             frame = read_released(path)
         elif path.is_file():
-            frame = read_wide(path, path.stem)
+            frame = read_released(path)
         else:
             raise UserError(f"--generations {spec}: no such file or directory")
         for method in frame["method"].unique():
@@ -102,7 +103,8 @@ def read_generations(paths: list[str]):
             source_of[method] = spec
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    table = table[~table["method"].str.startswith("human")]
+    if not humans:
+        table = table[~table["method"].str.startswith("human")]
     table = table[table["caption"].fillna("").str.strip() != ""]
     return table.assign(contest=table["contest"].astype(int))
 

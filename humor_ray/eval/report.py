@@ -34,6 +34,9 @@ class ReportConfig:
     examples: int = field(6, "contests shown with their captions")
     captions_shown: int = field(5, "captions per method and contest in the examples")
     title: str = field("humor_ray benchmark", "the page title")
+    embedding: str = field("mpnet", "the embedding diversity's model: mpnet (the paper's) or minilm (faster)")
+    ead: str = field("paper", "the EAD: paper (the paper's words, V = 32,000) or words (our tokens)")
+    pairs: str = field("with_self", "embedding cosines: with_self (the paper's) or distinct (two different captions)")
 
     def __post_init__(self):
         if not (self.judge_dir and self.generations and self.dataset_dir and self.output_dir):
@@ -117,7 +120,8 @@ def run(cfg: ReportConfig) -> str:
         references = references[references["contest"].isin(judged)]
     out = Path(cfg.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    diversity_rows = method_diversity(generations[["contest", "method", "caption"]])
+    diversity_rows = method_diversity(generations[["contest", "method", "caption"]], model=cfg.embedding,
+                                      ead_kind=cfg.ead, pairs=cfg.pairs)
     diversity = {m: {"embedding": v["embedding"], "ead": v["ead"]} for m, v in diversity_rows.items()}
     lengths = {m: rows["caption"].str.split().str.len().tolist() for m, rows in generations.groupby("method")}
     lengths["human top10"] = references[references["group"] == "top10"]["caption"].str.split().str.len().tolist()

