@@ -1,6 +1,13 @@
 """Shared test set-up: offline, real data from ../shared/data (or $HUMOR_RAY_DATA), one local Ray."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
 
 # Set before anything imports transformers, datasets or Ray.
 os.environ.update({
@@ -36,3 +43,50 @@ def ray_local():
     init_ray(dashboard=True)
     yield ray
     ray.shutdown()
+
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node():
+    """A Ray head on loopback, with its own ports, stopped at the end without touching other clusters:
+    `.address` (its dashboard, for `ray job submit`), `.env` (for the commands run against it) and
+    `.metrics_port` (where its node serves Prometheus metrics)."""
+    gcs, dashboard, metrics = free_port(), free_port(), free_port()
+    # The cluster's Python is this environment, as on a node image where humor_ray is installed.
+    # Metrics reach the node's endpoint every second instead of every ten, for the metrics test.
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_metrics_report_interval_ms="1000",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         # Every port of its own: the suite's local Ray already holds the defaults (agent 52365, ...).
+         f"--metrics-export-port={metrics}", *(f"--{flag}={free_port()}" for flag in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")),
+         "--num-cpus=4", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True)
+        if status.returncode == 0:
+            break
+        assert head.poll() is None, head.stdout.read()
+        time.sleep(2)
+    else:
+        pytest.fail("the Ray head did not come up within 120 s")
+    yield types.SimpleNamespace(address=address, env=env, metrics_port=metrics)
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
+    # `ray start` records its cluster for later `ray.init()` calls; ours is gone.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+        current.unlink()

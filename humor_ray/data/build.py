@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from humor_ray.config import UserError, field
 from humor_ray.data import prompts, readers, text
 from humor_ray.data.pairs import sample_pairs
+from humor_ray.metrics import StageMetrics
 
 SPLITS = ("train", "eval")
 BUILDABLE = ("captions", "pairs", "sft", "sft_simple", "prompts", "llava_sft", "references")
@@ -396,7 +397,24 @@ def build_contests(plans: list[dict], cfg: dict) -> list[dict]:
     by_contest = {plan["contest"]: build_contest(plan, cfg, fs, root, writer)
                   for plan in sorted(plans, key=lambda p: p["contest"])}
     writer.close()
-    return [by_contest[plan["contest"]] for plan in plans]
+    results = [by_contest[plan["contest"]] for plan in plans]
+    figures = _metrics(cfg["output"])
+    for result in results:
+        figures.count("data_contests_built", 1, "contests whose datasets were written", split=result["split"])
+        _count_quarantined(figures, result)
+        for dataset, rows in result["counts"].items():
+            figures.count("data_rows_written", rows, "dataset rows written", dataset=dataset, split=result["split"])
+    return results
+
+
+def _metrics(output: str) -> StageMetrics:
+    """A build's figures, tagged with its output folder's name as the run."""
+    return StageMetrics(PurePosixPath(output.rstrip("/")).name or output, "data_build")
+
+
+def _count_quarantined(figures: StageMetrics, result: dict) -> None:
+    for reason, rows in result.get("quarantined", {}).items():
+        figures.count("data_rows_quarantined", rows, "rows quarantined, by reason", reason=reason)
 
 
 def build_contest(plan: dict, cfg: dict, fs: pafs.FileSystem, root: str, writer: _DatasetWriter) -> dict:
@@ -502,7 +520,16 @@ def _run_block(batch: dict, fn, kwargs: dict) -> dict:
 
 
 def stage_files(items: list[dict], output: str) -> list[dict]:
-    return [stage_file(item, output) for item in items]
+    results = []
+    figures = _metrics(output)
+    for item in items:
+        result = stage_file(item, output)
+        # Counted as each file finishes: a rate over these is the build's rows read per second.
+        figures.count("data_files", 1, "input files read, by outcome", outcome="error" if result["error"] else "read")
+        figures.count("data_rows_read", result["stats"].get("rows", 0), "rows read from the input files")
+        _count_quarantined(figures, result)
+        results.append(result)
+    return results
 
 
 def _task_slots() -> int:
@@ -668,6 +695,12 @@ def run(cfg: BuildConfig) -> dict:
     report["seconds"] = {"ray_start": round(ray_ready - started, 2), "read": round(read_done - ray_ready, 2),
                          "build": round(build_done - read_done, 2),
                          "total": round(time.perf_counter() - started, 2)}
+    figures = _metrics(cfg.output)
+    figures.gauge("data_rows_read_per_second", report["captions"]["rows_read"] / max(read_done - ray_ready, 1e-9),
+                  "rows read per second in pass 1")
+    figures.gauge("data_files_quarantined", len(quarantined_files), "input files left out, with the reason")
+    for split, pairs in report["datasets"].get("pairs", {}).items():
+        figures.gauge("data_pairs_written", pairs, "preference pairs written", split=split)
     with out_fs.open_output_stream(_join(root, "report.json")) as handle:
         handle.write(json.dumps(report, indent=2).encode())
     _print_summary(report, cfg.output)

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 from humor_ray.config import UserError, field
+from humor_ray.metrics import StageMetrics
 from humor_ray.train.export import save_merged
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3_offload")
@@ -249,6 +250,37 @@ def _progress_callback(board):
     return PostProgress()
 
 
+def _metrics_callback(run_name: str, stage_name: str):
+    """The trainer's figures for the Ray dashboard: step, loss, learning rate, tokens/s, evaluations."""
+    from transformers import TrainerCallback
+
+    figures = StageMetrics(run_name, stage_name)
+
+    class ExportMetrics(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.since = (time.perf_counter(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            figures.gauge("train_step", state.global_step, "optimizer steps done")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # Tokens seen are summed over the workers (include_num_input_tokens_seen).
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            if tokens > self.since[1]:
+                figures.gauge("train_tokens_per_second", (tokens - self.since[1]) / (now - self.since[0]),
+                              "training tokens per second, all workers")
+                self.since = (now, tokens)
+            for key, value in (logs or {}).items():
+                if not isinstance(value, (int, float)):
+                    continue
+                if key.startswith("eval_"):
+                    figures.gauge("train_eval", value, "the latest evaluation on held-out contests", metric=key[5:])
+                elif key in ("loss", "learning_rate", "grad_norm"):
+                    figures.gauge(f"train_{key}", value, f"the trainer's logged {key}")
+
+    return ExportMetrics()
+
+
 def _worker_loop(config: dict) -> None:
     import ray.train
     import torch
@@ -292,8 +324,9 @@ def _worker_loop(config: dict) -> None:
         raise TrainError(f"no training example fits in --max_length {cfg.max_length} tokens; raise it")
     note("trainer ready")
     trainer.add_callback(RayTrainReportCallback())
-    if rank == 0:
+    if rank == 0:  # the logs are the same on every rank
         trainer.add_callback(_progress_callback(board))
+        trainer.add_callback(_metrics_callback(cfg.run_name, stage.NAME))
     trainer.remove_callback(transformers.PrinterCallback)  # the driver's progress bar and TensorBoard show the logs
     trainer = prepare_trainer(trainer)
     resume = None

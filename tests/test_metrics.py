@@ -1,0 +1,114 @@
+"""The stages' figures reach the Ray node's Prometheus endpoint: a real data build and a tiny SFT run
+submitted as Ray jobs, the node's metrics scraped over HTTP while they run."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+# Ray exports an application metric NAME as ray_NAME (a counter as ray_NAME_total).
+SAMPLE = re.compile(r"^(ray_humor_ray_\w+)\{([^}]*)\} ([0-9.e+-]+)$", re.M)
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """Every humor_ray_ series on the endpoint: (name, its labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(name, frozenset(re.findall(r'(\w+)="([^"]*)"', labels))): float(value)
+            for name, labels, value in SAMPLE.findall(text)}
+
+
+def series(seen: dict, name: str, **labels) -> list[float]:
+    """The values of `name`, from every process that recorded it, whose labels include `labels`."""
+    return [v for (n, tags), v in seen.items() if n in (f"ray_{name}", f"ray_{name}_total")
+            and set(labels.items()) <= tags]
+
+
+def submit_and_watch(head_node, command: list[str], complete) -> dict:
+    """Submit a job and scrape the node's metrics once a second until it ends and `complete(seen)` holds
+    (workers outlive the job a moment, so their last values are still exported) or 30 s more have passed.
+    Returns the latest value of every series seen."""
+    seen: dict = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                seen.update(scrape(head_node.metrics_port))
+            except urllib.error.URLError:  # the node's metrics agent starts a moment after the head
+                pass
+            time.sleep(1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for _ in range(20):  # the dashboard answers before the node's job agent is up
+            submitted = subprocess.run(command, env=head_node.env, capture_output=True, text=True, timeout=240)
+            log = submitted.stdout + submitted.stderr
+            if "No available agent to submit job" not in log:
+                break
+            time.sleep(3)
+        assert submitted.returncode == 0, log
+        deadline = time.time() + 30
+        while time.time() < deadline and not complete(seen):
+            time.sleep(1)
+    finally:
+        done.set()
+        watcher.join()
+    return seen
+
+
+def test_data_build_and_sft_export_their_figures_to_the_node_metrics_endpoint(head_node, real_data, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    # Two contests and a corrupted file (quarantined), as in the job-submission test.
+    for name in ("530_LilUCB.csv", "536_LilUCB.csv", "591_KLUCB.csv"):
+        shutil.copy(real_data / "summaries" / name, inputs / name)
+    output = tmp_path / "metrics-build"
+    command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
+               "humor-ray", "data", "build", "--input", str(inputs), "--output", str(output),
+               "--splits", str(real_data / "benchmarks" / "humor_in_ai_splits.json")]
+    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_data_rows_written",
+                                                                   dataset="pairs")
+                            and series(seen, "humor_ray_data_pairs_written"))
+    run = {"run": "metrics-build", "stage": "data_build"}
+    report = json.loads((output / "report.json").read_text())
+    assert sum(series(seen, "humor_ray_data_files", outcome="read", **run)) == 3, seen
+    assert sum(series(seen, "humor_ray_data_rows_read", **run)) == report["captions"]["rows_read"]
+    assert sum(series(seen, "humor_ray_data_contests_built", **run)) == report["contests"]["total"] == 2
+    pairs = report["datasets"]["pairs"]
+    assert {s: sum(series(seen, "humor_ray_data_rows_written", dataset="pairs", split=s, **run)) for s in pairs} == pairs
+    quarantined = report["quarantined"]["rows_by_reason"]
+    for reason, rows in quarantined.items():
+        assert sum(series(seen, "humor_ray_data_rows_quarantined", reason=reason, **run)) == rows
+    # The driver's end-of-build figures.
+    assert series(seen, "humor_ray_data_pairs_written", split="train", **run) == [pairs["train"]]
+    assert series(seen, "humor_ray_data_files_quarantined", **run) == [report["quarantined"]["files"]] == [1]
+    assert series(seen, "humor_ray_data_rows_read_per_second", **run)[0] > 0
+
+    # A few steps of SFT on those datasets: the Ray Train worker's trainer figures.
+    command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
+               "humor-ray", "sft", "--config", "jobs/sft-tiny.yaml", "--dataset_dir", str(output),
+               "--output_dir", str(tmp_path / "sft"), "--run_name", "metrics-sft", "--max_steps", "4",
+               "--logging_steps", "2", "--eval_steps", "4", "--save_steps", "4", "--max_eval_examples", "16"]
+    train = {"run": "metrics-sft", "stage": "sft"}
+    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_train_eval", **train))
+    logged = json.loads((tmp_path / "sft" / "metrics.json").read_text())
+    assert series(seen, "humor_ray_train_step", **train) == [4]
+    losses = [e["loss"] for e in logged["log_history"] if "loss" in e]
+    assert series(seen, "humor_ray_train_loss", **train)[0] == pytest.approx(losses[-1])
+    assert series(seen, "humor_ray_train_tokens_per_second", **train)[0] > 0
+    eval_loss = series(seen, "humor_ray_train_eval", metric="loss", **train)
+    assert eval_loss == [pytest.approx(logged["eval"]["eval_loss"])]
