@@ -112,3 +112,18 @@ def test_data_build_and_sft_export_their_figures_to_the_node_metrics_endpoint(he
     assert series(seen, "humor_ray_train_tokens_per_second", **train)[0] > 0
     eval_loss = series(seen, "humor_ray_train_eval", metric="loss", **train)
     assert eval_loss == [pytest.approx(logged["eval"]["eval_loss"])]
+
+
+def test_grafana_dashboard_queries_the_metrics_the_code_exports():
+    """Every series a panel of clusters/grafana-dashboard.json asks for is one a stage records, and every
+    recorded figure has a panel (a renamed metric would leave an empty panel)."""
+    code = "\n".join(path.read_text() for path in (REPO / "humor_ray").rglob("*.py"))
+    recorded = {(kind, name) for kind, name in re.findall(r'\.(count|gauge)\(\s*f?"([a-z_]+)"', code)}
+    # The trainer's f"train_{key}" gauges, one per logged key it exports.
+    recorded |= {("gauge", f"train_{key}") for key in ("loss", "learning_rate", "grad_norm")}
+    exported = {f"ray_humor_ray_{name}" + ("_total" if kind == "count" else "") for kind, name in recorded}
+    dashboard = json.loads((REPO / "clusters" / "grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"ray_humor_ray_\w+", target["expr"])}
+    assert queried <= exported, f"panels query series nothing records: {queried - exported}"
+    assert exported - queried <= {"ray_humor_ray_train_grad_norm"}, f"no panel for {exported - queried}"
