@@ -1,6 +1,7 @@
 """Autoscaling, for real on one machine: Ray's fake multi-node provider starts worker "nodes" (raylets) as
 processes here. A head with no CPUs for tasks gets a `humor-ray data build` job: the autoscaler must launch a
 worker node for it, the job must build the same datasets as a local build, and the idle node must go away.
+A 2-worker `humor-ray sft` job gets its two Ray Train workers on two nodes the autoscaler launched.
 
 Ray's `AutoscalingCluster` helper runs `ray stop --force` (every Ray process on the machine) and needs an
 example file the wheel lacks, so the head is started here, in its own temp dir, and stopped by the ids of the
@@ -32,7 +33,7 @@ INPUTS = ("530_LilUCB.csv", "536_LilUCB.csv", "591_KLUCB.csv")
 
 def fake_cluster_config(gcs_port: int) -> dict:
     return {
-        "cluster_name": "humor-ray-fake", "max_workers": 2, "upscaling_speed": 1.0,
+        "cluster_name": "humor-ray-fake", "max_workers": 4, "upscaling_speed": 1.0,
         "idle_timeout_minutes": 0.2,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True,
@@ -40,7 +41,8 @@ def fake_cluster_config(gcs_port: int) -> dict:
                      "gcs_address": f"127.0.0.1:{gcs_port}"},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            # 1-CPU nodes: two training workers cannot share one.
+            "cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 4},
         },
         "head_node_type": "ray.head.default",
         "docker": {}, "auth": {"ssh_user": "ubuntu"},
@@ -62,11 +64,15 @@ def processes_of(temp_dir: str) -> list[int]:
     return [pid for pid in pids if pid != os.getpid()]
 
 
+def listed(dashboard: str, kind: str) -> list[dict]:
+    """Ray's state API: every node or actor the cluster has known (dead ones stay listed)."""
+    with urllib.request.urlopen(f"{dashboard}/api/v0/{kind}?limit=1000&detail=true", timeout=10) as response:
+        return json.loads(response.read())["data"]["result"]["result"]
+
+
 def worker_nodes(dashboard: str) -> dict[str, str]:
-    """node id -> state of every worker node the cluster has known (dead ones stay listed)."""
-    with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?limit=100&detail=true", timeout=10) as response:
-        nodes = json.loads(response.read())["data"]["result"]["result"]
-    return {n["node_id"]: n["state"] for n in nodes if not n["is_head_node"]}
+    """node id -> state of every worker node."""
+    return {n["node_id"]: n["state"] for n in listed(dashboard, "nodes") if not n["is_head_node"]}
 
 
 @pytest.fixture
@@ -94,12 +100,20 @@ def autoscaling_head(tmp_path):
             time.sleep(2)
         yield address, env
     finally:
-        for pid in [head.pid, *processes_of(temp_dir)]:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        # The head first (its autoscaler launches nodes), then every process of the cluster; a fake node's
+        # raylet can outlive SIGTERM, so what is left after a while gets SIGKILL.
+        os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in processes_of(temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 15
+            while processes_of(temp_dir) and time.time() < deadline:
+                time.sleep(1)
+        assert not processes_of(temp_dir), f"processes of the test cluster still run: {processes_of(temp_dir)}"
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
             current.unlink()
@@ -150,3 +164,34 @@ def test_data_build_job_scales_workers_up_and_down(autoscaling_head, real_data, 
     with capsys.disabled():
         print(f"\nautoscaling: first worker node up {first_up:.0f} s after submission, job wall time {wall:.0f} s, "
               f"{len(launched)} node(s) launched, all removed {removed:.0f} s after the job ended")
+
+
+@pytest.mark.slow  # about two minutes on two cores: node launches for the workers, a Ray Train start
+def test_two_worker_sft_job_lands_on_two_launched_nodes(autoscaling_head, real_data, tmp_path):
+    address, env = autoscaling_head
+    datasets = tmp_path / "datasets"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in INPUTS[:2]:  # a train contest and an evaluation one
+        shutil.copy(real_data / "summaries" / name, inputs / name)
+    build = subprocess.run([sys.executable, "-m", "humor_ray", "data", "build", "--input", str(inputs),
+                            "--output", str(datasets),
+                            "--splits", str(real_data / "benchmarks" / "humor_in_ai_splits.json")],
+                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                           capture_output=True, text=True, timeout=240)
+    assert build.returncode == 0, build.stderr
+    # Every node shares this machine's disk, so a local folder serves as the shared checkpoint storage.
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "humor-ray", "sft", "--config", "jobs/sft-tiny.yaml", "--dataset_dir", str(datasets),
+         "--output_dir", str(tmp_path / "sft"), "--storage_path", str(tmp_path / "storage"),
+         "--num_workers", "2", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
+         "--save_steps", "2", "--max_eval_examples", "8"],
+        env=env, capture_output=True, text=True, timeout=300)
+    log = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0 and "succeeded" in log, log
+    assert (tmp_path / "sft" / "final" / "config.json").exists()
+    workers = [a for a in listed(address, "actors") if a["class_name"].endswith("RayTrainWorker")]
+    nodes = worker_nodes(address)
+    assert len(workers) == 2, workers
+    assert len({a["node_id"] for a in workers}) == 2 and {a["node_id"] for a in workers} <= set(nodes)
