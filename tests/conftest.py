@@ -45,6 +45,19 @@ def ray_local():
     ray.shutdown()
 
 
+def build_real_datasets(out, real_data, summaries: str, datasets: list[str], images: bool = False):
+    """`humor-ray data build` of the real summary files matching `summaries` (a glob under summaries/), with
+    the paper's splits, the Humor-in-AI descriptions and, with `images`, the cartoons; only `datasets`."""
+    from humor_ray.data import build
+
+    build.run(build.BuildConfig(
+        input=str(real_data / "summaries" / summaries), output=str(out),
+        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
+        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
+        images=str(real_data / "images") if images else None, datasets=datasets))
+    return out
+
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -6,8 +6,8 @@ import shutil
 
 import pandas as pd
 import pytest
+from conftest import build_real_datasets
 
-from humor_ray.data import build
 from humor_ray.eval import benchmark, report
 from humor_ray.eval.diversity import read_wide
 from humor_ray.infer import generate
@@ -29,13 +29,8 @@ def test_captions_are_cleaned_like_a_reader_would():
 def datasets_dir(tmp_path_factory, real_data, ray_local):
     """Contests 530-549: training contests for the judge's few-shot examples, six evaluation contests
     with human references and the cartoons' descriptions."""
-    out = tmp_path_factory.mktemp("eval_datasets")
-    build.run(build.BuildConfig(
-        input=str(real_data / "summaries" / "5[34][0-9]_*.csv"), output=str(out),
-        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
-        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
-        images=str(real_data / "images"), datasets=["prompts", "references", "captions"]))
-    return out
+    return build_real_datasets(tmp_path_factory.mktemp("eval_datasets"), real_data,
+                               "5[34][0-9]_*.csv", ["prompts", "references", "captions"], images=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import shutil
 
 import pandas as pd
 import pytest
+from conftest import build_real_datasets
 import torch
 
-from humor_ray.data import build
 from humor_ray.eval import benchmark
 from humor_ray.data.prompts import IMAGE_INSTRUCTION
 from humor_ray.infer import generate
@@ -24,13 +24,8 @@ SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_devic
 @pytest.fixture(scope="module")
 def datasets_dir(tmp_path_factory, real_data, ray_local):
     """Contests 530-539 with their cartoons: 536 and 537 are evaluation contests."""
-    out = tmp_path_factory.mktemp("llava_datasets")
-    build.run(build.BuildConfig(
-        input=str(real_data / "summaries" / "53[0-9]_*.csv"), output=str(out),
-        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
-        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
-        images=str(real_data / "images"), datasets=["llava_sft", "prompts", "references"]))
-    return out
+    return build_real_datasets(tmp_path_factory.mktemp("llava_datasets"), real_data,
+                               "53[0-9]_*.csv", ["llava_sft", "prompts", "references"], images=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import time
 
 import psutil
 import pytest
+from conftest import build_real_datasets
 import torch
 
-from humor_ray.data import build
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
 from humor_ray.rl.engines import Decoding, EnginePool, first_line, start_engines
@@ -186,13 +186,8 @@ def test_builtin_reward_has_its_known_optimum():
 @pytest.fixture(scope="module")
 def datasets_dir(tmp_path_factory, real_data, ray_local):
     """Prompts (with the cartoons' descriptions) and preference pairs of real contests."""
-    out = tmp_path_factory.mktemp("rl_datasets")
-    build.run(build.BuildConfig(
-        input=str(real_data / "summaries" / "5[0-4][0-9]_*.csv"), output=str(out),
-        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
-        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
-        datasets=["prompts", "pairs"]))
-    return out
+    return build_real_datasets(tmp_path_factory.mktemp("rl_datasets"), real_data,
+                               "5[0-4][0-9]_*.csv", ["prompts", "pairs"])
 
 
 def history_of(out):

@@ -8,8 +8,8 @@ import time
 
 import psutil
 import pytest
+from conftest import build_real_datasets
 
-from humor_ray.data import build
 from humor_ray.train import dpo, rm, sft
 
 pytestmark = pytest.mark.timeout(900)
@@ -21,13 +21,8 @@ SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_devic
 
 @pytest.fixture(scope="module")
 def datasets_dir(tmp_path_factory, real_data, ray_local):
-    out = tmp_path_factory.mktemp("datasets")
-    build.run(build.BuildConfig(
-        input=str(real_data / "summaries" / "53[06]_LilUCB.csv"), output=str(out),
-        splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
-        descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
-        datasets=["sft_simple", "pairs"]))
-    return out
+    return build_real_datasets(tmp_path_factory.mktemp("datasets"), real_data,
+                               "53[06]_LilUCB.csv", ["sft_simple", "pairs"])
 
 
 def metrics_of(out):
