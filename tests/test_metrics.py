@@ -89,7 +89,8 @@ def test_data_build_and_sft_export_their_figures_to_the_node_metrics_endpoint(he
     assert sum(series(seen, "humor_ray_data_rows_read", **run)) == report["captions"]["rows_read"]
     assert sum(series(seen, "humor_ray_data_contests_built", **run)) == report["contests"]["total"] == 2
     pairs = report["datasets"]["pairs"]
-    assert {s: sum(series(seen, "humor_ray_data_rows_written", dataset="pairs", split=s, **run)) for s in pairs} == pairs
+    written = {s: sum(series(seen, "humor_ray_data_rows_written", dataset="pairs", split=s, **run)) for s in pairs}
+    assert written == pairs
     quarantined = report["quarantined"]["rows_by_reason"]
     for reason, rows in quarantined.items():
         assert sum(series(seen, "humor_ray_data_rows_quarantined", reason=reason, **run)) == rows
