@@ -8,10 +8,12 @@ on standard error at the level the user asked for (`--log_level`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 ROOT = "humor_ray"
+LEVEL_VARIABLE = "HUMOR_RAY_LOG_LEVEL"  # carries the driver's level to Ray workers
 _STARTED = time.monotonic()
 
 
@@ -31,8 +33,10 @@ def get_logger(stage: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT}.{stage}")
 
 
-def setup_logging(level: str | int = "INFO") -> None:
-    """Our lines on standard error at `level`; idempotent (called by the CLI and by each Ray worker)."""
+def setup_logging(level: str | int | None = None) -> None:
+    """Our lines on standard error at `level` (default: $HUMOR_RAY_LOG_LEVEL, else INFO); idempotent,
+    called by the CLI and at the start of each Ray worker."""
+    level = level or os.environ.get(LEVEL_VARIABLE) or "INFO"
     logger = logging.getLogger(ROOT)
     logger.setLevel(level.upper() if isinstance(level, str) else level)
     if not any(getattr(handler, "_humor_ray", False) for handler in logger.handlers):
