@@ -63,11 +63,17 @@ def rounded(value):
     return value
 
 
+# Wall-clock figures and recoveries (an engine restarted under load) differ from run to run.
+VARYING = ("runtime", "per_second", "seconds", "time", "grad_norm", "restarts", "retries")
+
+
+def comparable(entry: dict) -> dict:
+    return {k: rounded(v) for k, v in entry.items() if not any(word in k for word in VARYING)}
+
+
 def logged_figures(run_dir: Path) -> list[dict]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    history = metrics.get("log_history") or metrics["history"]  # Trainer stages / PPO
-    skip = ("runtime", "per_second", "seconds", "time", "grad_norm")  # wall-clock figures differ run to run
-    return [{k: rounded(v) for k, v in entry.items() if not any(s in k for s in skip)} for entry in history]
+    return [comparable(entry) for entry in metrics.get("log_history") or metrics["history"]]  # Trainer / PPO
 
 
 def fingerprint(output: Path) -> dict:
@@ -93,6 +99,8 @@ def compare(before: dict, after: dict) -> int:
     for section in ("datasets", "runs"):
         for name in sorted(set(before[section]) | set(after[section])):
             old, new = before[section].get(name), after[section].get(name)
+            if section == "runs" and old and new:
+                old, new = [comparable(e) for e in old], [comparable(e) for e in new]
             same = old == new
             differences += not same
             print(f"{'same     ' if same else 'DIFFERENT'} {section}/{name}" + ("" if same else f"\n  before {old}\n"
