@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import psutil
 import pytest
@@ -52,6 +53,13 @@ def test_group_advantages():
     assert grpo[3:].abs().max().item() < 1e-3  # equal returns: nothing to prefer
     rloo = alg.rloo_advantages(returns, 3)
     assert rloo[:3].tolist() == pytest.approx([1.0 - 2.5, 2.0 - 2.0, 3.0 - 1.5])
+    # By name, as a PPO step looks them up: each sequence's KL penalty comes off its score first.
+    kl, mask = torch.tensor([[0.25, 0.25]]).repeat(6, 1), torch.ones(6, 2)
+    advantages, value_targets = alg.ESTIMATORS["rloo"].advantages(returns, kl, mask, None, 2.0,
+                                                                  types.SimpleNamespace(samples_per_prompt=3))
+    assert value_targets is None
+    assert advantages[:, 1].tolist() == pytest.approx(alg.rloo_advantages(returns - 1, 3).tolist())
+    assert [name for name, estimator in alg.ESTIMATORS.items() if estimator.critic] == ["gae"]
 
 
 def test_clipped_losses():
