@@ -236,7 +236,16 @@ def test_ppo_raises_a_known_reward_and_the_controller_steers_the_kl_to_its_targe
 
 
 def _processes(prefix):
-    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith(prefix)]
+    """Our Ray's processes named `prefix` (its workers descend from this process; other Ray clusters on the
+    machine are not ours to kill)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if (process.cmdline() or [""])[0].startswith(prefix):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
 
 
 def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, datasets_dir):
