@@ -57,9 +57,11 @@ def step_times(events: Path) -> dict[int, float]:
 def ppo_steps_per_second(metrics: bool, datasets: Path, output: Path, steps: int) -> float:
     env = dict(os.environ, HUMOR_RAY_METRICS="1" if metrics else "0")
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([sys.executable, "-m", "humor_ray", "ppo", "--config", "jobs/ppo-tiny.yaml", "--dataset_dir",
-                    str(datasets), "--output_dir", str(output), "--max_steps", str(steps), "--save_steps", str(steps)],
-                   env=env, cwd=REPO, check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "humor_ray", "ppo", "--config", "jobs/ppo-tiny.yaml", "--dataset_dir",
+                           str(datasets), "--output_dir", str(output), "--max_steps", str(steps), "--save_steps",
+                           str(steps)], env=env, cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"humor-ray ppo failed:\n{done.stderr[-3000:]}")
     (events,) = (output / "tensorboard" / "ppo").glob("events.out.tfevents.*")
     times = step_times(events)
     return (steps - 2) / (times[steps] - times[2])
