@@ -56,9 +56,9 @@ def train_plain(args, model: str) -> float:
     out = tempfile.mkdtemp(prefix="bench_llava_plain_")
     cfg = config(args, model, out)
     table = pds.dataset(os.path.join(args.datasets, "llava_sft", "train"), format="parquet").to_table(
-        columns=llava.COLUMNS)
+        columns=list(llava.STAGE.columns))
     rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[: cfg.max_steps * cfg.per_device_train_batch_size]
-    trainer = llava.make_trainer(cfg, as_dataset(table.take(rows), llava.COLUMNS), None, out)
+    trainer = llava.make_trainer(cfg, as_dataset(table.take(rows), list(llava.STAGE.columns)), None, out)
     trainer.train()
     return steady_samples_per_second(trainer.state.log_history, args.warmup, args.batch)
 

@@ -52,7 +52,8 @@ def main() -> None:
     curve = sorted({e["step"]: e["eval_accuracy"] for e in metrics["log_history"] if "eval_accuracy" in e}.items())
 
     # Baselines on exactly the held-out pairs the model was scored on (same sample, same seed).
-    held_out = eval_dataset(os.path.join(datasets, "pairs", "eval"), rm.COLUMNS, cfg.max_eval_examples, cfg.seed)
+    held_out = eval_dataset(os.path.join(datasets, "pairs", "eval"), list(rm.STAGE.columns), cfg.max_eval_examples,
+                            cfg.seed)
     chosen_len = np.array([len(c) for c in held_out["chosen"]])
     rejected_len = np.array([len(c) for c in held_out["rejected"]])
     longer = float(np.mean(np.where(chosen_len == rejected_len, 0.5, chosen_len > rejected_len)))

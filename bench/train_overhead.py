@@ -74,10 +74,10 @@ def run_plain(args) -> tuple[float, float]:
     cfg = config(args, out)
     started = time.perf_counter()
     table = pds.dataset(os.path.join(args.datasets, "sft_simple", "train"), format="parquet").to_table(
-        columns=sft.COLUMNS)
+        columns=list(sft.STAGE.columns))
     rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[: cfg.max_steps * cfg.per_device_train_batch_size]
-    train = as_dataset(table.take(rows), sft.COLUMNS, sft.CAPTION_COLUMNS)
-    trainer = sft.make_trainer(cfg, train, None, out)
+    train = as_dataset(table.take(rows), list(sft.STAGE.columns), sft.STAGE.caption_columns)
+    trainer = sft.STAGE.make_trainer(cfg, train, None, out)
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))
     wall = time.perf_counter() - started

@@ -110,13 +110,111 @@ def parse_config(config_cls, argv: list[str] | None, prog: str):
         raise ConfigError(f"{prog}: {err}") from None
 
 
-def field(default=dataclasses.MISSING, help: str = "", **kwargs):  # noqa: A002 - mirrors argparse
-    """A dataclass field with a help text for the command line."""
+def field(default=dataclasses.MISSING, help: str = "", choices=None, **kwargs):  # noqa: A002 - mirrors argparse
+    """A dataclass field with a help text for the command line. With `choices`, the value (each item of a
+    list) must be one of them: `--help` lists them and `Options` checks them."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata.update(help=f"{help} (choices: {', '.join(map(str, choices))})", choices=tuple(choices))
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help},
-                                 **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def check_choices(config) -> None:
+    """Every field declared with `choices` holds one of them (None: the option is unset)."""
+    for spec in dataclasses.fields(config):
+        choices = spec.metadata.get("choices")
+        value = getattr(config, spec.name)
+        for item in value if isinstance(value, list) else [value]:
+            if choices is not None and item is not None and item not in choices:
+                raise ConfigError(f"--{spec.name} {item}: choose from {', '.join(map(str, choices))}")
+
+
+@dataclasses.dataclass
+class Options:
+    """The base of every config and option group: the checks run once, whatever groups a config composes
+    (each group's `__post_init__` calls `super().__post_init__()`)."""
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+# ---------------------------------------------------------------- option groups the stages compose
+
+DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3_offload")
+TRACKERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}  # --report_to: its package
+
+
+@dataclasses.dataclass
+class RunOptions(Options):
+    """Run and output: what a run reads and writes, its name, seed and checkpoints."""
+    output_dir: str = field(None, "where checkpoints, logs and the final model go")
+    dataset_dir: str = field(None, "the output of `humor-ray data build`")
+    model_name: str = field("tiny", "a preset (tiny, smollm2-135m, minilm), a Hugging Face id or a local path")
+    run_name: str | None = field(None, "name of the run in Ray and TensorBoard (default: the stage name)")
+    max_steps: int = field(100, "optimizer steps")
+    learning_rate: float = field(1.41e-5, "peak learning rate")
+    seed: int = field(2024, "seed for weights, LoRA, data order and sampling")
+    save_steps: int = field(50, "checkpoint every this many steps")
+    save_total_limit: int = field(2, "checkpoints kept")
+    max_failures: int = field(2, "worker failures Ray Train recovers from by restarting from the last checkpoint")
+    storage_path: str | None = field(None, "Ray Train storage (local or s3://); default <output_dir>/ray")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if min(self.max_steps, self.save_steps) < 1:
+            raise ConfigError("--max_steps and --save_steps must be at least 1")
+
+
+@dataclasses.dataclass
+class ScaleOptions(Options):
+    """Scale and placement: the Ray Train workers and what each reserves."""
+    num_workers: int = field(1, "Ray Train workers (data-parallel)")
+    use_gpu: bool = field(False, "one GPU per worker")
+    cpus_per_worker: int = field(1, "CPUs each worker reserves (and its torch threads)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_workers < 1:
+            raise ConfigError("--num_workers must be at least 1")
+
+
+@dataclasses.dataclass
+class LoraOptions(Options):
+    lora_r: int = field(0, "LoRA rank; 0 trains every weight")
+    lora_alpha: int = field(16, "LoRA alpha")
+    lora_targets: list[str] = field(["all-linear"], "modules LoRA adapts")
+
+
+@dataclasses.dataclass
+class DeepSpeedOptions(Options):
+    deepspeed: str = field("none", f"{', '.join(DEEPSPEED_PRESETS)} or a DeepSpeed JSON file: shards the optimizer "
+                                   "state (zero3: also the weights) across the workers; none is DDP")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
+            raise ConfigError(f"--deepspeed {self.deepspeed}: choose from {', '.join(DEEPSPEED_PRESETS)} "
+                              "or a .json file")
+
+
+@dataclasses.dataclass
+class LoggingOptions(Options):
+    logging_steps: int = field(10, "log every this many steps")
+    report_to: list[str] = field(["tensorboard"], "where the logs go", choices=(*TRACKERS, "none"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        import importlib.util
+
+        if self.logging_steps < 1:
+            raise ConfigError("--logging_steps must be at least 1")
+        for tracker in set(self.report_to) & set(TRACKERS):
+            if importlib.util.find_spec(TRACKERS[tracker]) is None:
+                raise ConfigError(f"--report_to {tracker} needs the {TRACKERS[tracker]} package: "
+                                  f"pip install {TRACKERS[tracker]}")
 
 
 def data_root() -> Path:

@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from humor_ray.config import ConfigError, field, parse_config
+from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, Options, RunOptions,
+                              ScaleOptions, field, parse_config)
 
 
 @dataclasses.dataclass
@@ -61,3 +62,40 @@ def test_environment_variables_expand_in_yaml(tmp_path, monkeypatch):
     spec.write_text('output: ${HUMOR_RAY_DATA}/out\nexclude: ["${HUMOR_RAY_DATA}/x.csv"]\n')
     cfg = parse_config(Example, ["--config", str(spec)], "t")
     assert cfg.output == "/data/nycc/out" and cfg.exclude == ["/data/nycc/x.csv"]
+
+
+@dataclasses.dataclass
+class Choosing(Options):
+    """A stage with choices."""
+    engine: str = field("vllm", "the engine", choices=("vllm", "hf"))
+    report_to: list[str] = field(["tensorboard"], "trackers", choices=("tensorboard", "none"))
+
+
+def test_a_bad_choice_names_the_flag_the_value_and_the_choices(tmp_path, capsys):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("engine: sglang\n")
+    for argv in (["--config", str(spec)], ["--engine", "sglang"]):
+        with pytest.raises(ConfigError) as raised:
+            parse_config(Choosing, argv, "t")
+        assert str(raised.value) == "--engine sglang: choose from vllm, hf"
+    with pytest.raises(ConfigError, match="^--report_to wandb: choose from tensorboard, none$"):
+        Choosing(report_to=["tensorboard", "wandb"])
+    assert parse_config(Choosing, ["--engine", "hf"], "t").engine == "hf"
+    with pytest.raises(SystemExit):
+        parse_config(Choosing, ["--help"], "t")
+    assert "(choices: vllm, hf)" in capsys.readouterr().out
+
+
+def test_stages_compose_the_shared_option_groups():
+    """One declaration of each shared option: the same defaults in every stage that composes it."""
+    from humor_ray.rl import ppo
+    from humor_ray.train import dpo, sft
+
+    required = dict(output_dir="/tmp/out", dataset_dir="/tmp/ds")
+    configs = [sft.Config(**required), dpo.Config(**required), ppo.Config(**required, reward_model="x")]
+    for group in (RunOptions, ScaleOptions, LoraOptions, DeepSpeedOptions, LoggingOptions):
+        names = [f.name for f in dataclasses.fields(group)]
+        assert all(isinstance(cfg, group) for cfg in configs)
+        assert len({repr([getattr(cfg, name) for name in names]) for cfg in configs}) == 1, group.__name__
+    with pytest.raises(ConfigError, match="^--deepspeed zero9: choose from none, zero2, zero3, zero3_offload or a"):
+        ppo.Config(**required, reward_model="x", deepspeed="zero9")

@@ -1,5 +1,5 @@
-"""The stages' figures reach the Ray node's Prometheus endpoint: a real data build and a tiny SFT run
-submitted as Ray jobs, the node's metrics scraped over HTTP while they run."""
+"""The stages' figures reach the Ray node's Prometheus endpoint: a real data build, a tiny SFT run and a
+few PPO steps submitted as Ray jobs, the node's metrics scraped over HTTP while they run."""
 
 import json
 import re
@@ -70,7 +70,7 @@ def submit_and_watch(head_node, command: list[str], complete) -> dict:
     return seen
 
 
-def test_data_build_and_sft_export_their_figures_to_the_node_metrics_endpoint(head_node, real_data, tmp_path):
+def test_data_build_sft_and_ppo_export_their_figures_to_the_node_metrics_endpoint(head_node, real_data, tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     # Two contests and a corrupted file (quarantined), as in the job-submission test.
@@ -113,6 +113,24 @@ def test_data_build_and_sft_export_their_figures_to_the_node_metrics_endpoint(he
     assert series(seen, "humor_ray_train_tokens_per_second", **train)[0] > 0
     eval_loss = series(seen, "humor_ray_train_eval", metric="loss", **train)
     assert eval_loss == [pytest.approx(logged["eval"]["eval_loss"])]
+
+    # Three PPO steps on the same prompts, against the builtin reward: the trainer worker's step figures.
+    steps = 3
+    command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
+               "humor-ray", "ppo", "--config", "jobs/ppo-tiny.yaml", "--dataset_dir", str(output),
+               "--output_dir", str(tmp_path / "ppo"), "--run_name", "metrics-ppo", "--max_steps", str(steps),
+               "--save_steps", str(steps), "--report_to", "none"]
+    ppo = {"run": "metrics-ppo", "stage": "ppo"}
+    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_ppo_step", **ppo) == [steps])
+    last = json.loads((tmp_path / "ppo" / "metrics.json").read_text())["history"][-1]
+    assert series(seen, "humor_ray_ppo_step", **ppo) == [steps]
+    for name, key in (("reward", "reward/mean"), ("kl", "kl"), ("kl_coef", "kl_coef")):
+        assert series(seen, f"humor_ray_ppo_{name}", **ppo) == [pytest.approx(last[key])], name
+    for phase in ("rollout", "score", "make_experience", "update", "sync_weights", "checkpoint"):
+        assert series(seen, "humor_ray_ppo_phase_seconds", phase=phase, **ppo)[0] > 0, phase
+    # One engine, which sampled the last step with the weights of the step before.
+    assert series(seen, "humor_ray_ppo_weight_version", engine="0", **ppo) == [steps - 1] == [last["engine_version"]]
+    assert series(seen, "humor_ray_ppo_logprob_gap", engine="0", **ppo)[0] < 1e-3
 
 
 def test_grafana_dashboard_queries_the_metrics_the_code_exports():

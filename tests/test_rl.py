@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import psutil
 import pytest
@@ -47,11 +48,18 @@ def test_token_rewards_put_the_score_on_the_last_token_and_the_kl_on_every_token
 
 def test_group_advantages():
     returns = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
-    grpo = alg.group_advantages(returns, 3, "grpo")
+    grpo = alg.grpo_advantages(returns, 3)
     assert grpo[:3].mean().item() == pytest.approx(0.0, abs=1e-6) and grpo[:3].std().item() == pytest.approx(1.0, rel=1e-4)
     assert grpo[3:].abs().max().item() < 1e-3  # equal returns: nothing to prefer
-    rloo = alg.group_advantages(returns, 3, "rloo")
+    rloo = alg.rloo_advantages(returns, 3)
     assert rloo[:3].tolist() == pytest.approx([1.0 - 2.5, 2.0 - 2.0, 3.0 - 1.5])
+    # By name, as a PPO step looks them up: each sequence's KL penalty comes off its score first.
+    kl, mask = torch.tensor([[0.25, 0.25]]).repeat(6, 1), torch.ones(6, 2)
+    advantages, value_targets = alg.ESTIMATORS["rloo"].advantages(returns, kl, mask, None, 2.0,
+                                                                  types.SimpleNamespace(samples_per_prompt=3))
+    assert value_targets is None
+    assert advantages[:, 1].tolist() == pytest.approx(alg.rloo_advantages(returns - 1, 3).tolist())
+    assert [name for name, estimator in alg.ESTIMATORS.items() if estimator.critic] == ["gae"]
 
 
 def test_clipped_losses():
@@ -228,7 +236,16 @@ def test_ppo_raises_a_known_reward_and_the_controller_steers_the_kl_to_its_targe
 
 
 def _processes(prefix):
-    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith(prefix)]
+    """Our Ray's processes named `prefix` (its workers descend from this process; other Ray clusters on the
+    machine are not ours to kill)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if (process.cmdline() or [""])[0].startswith(prefix):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
 
 
 def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, datasets_dir):

@@ -122,7 +122,15 @@ def test_two_workers_under_deepspeed(tmp_path, datasets_dir, zero):
 
 
 def _train_workers():
-    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+    """Our Ray's Train workers (they descend from this process; other Ray clusters on the machine are not ours)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if (process.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
 
 
 def test_a_killed_worker_is_restarted_and_training_resumes(tmp_path, datasets_dir):

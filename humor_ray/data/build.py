@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from humor_ray.config import UserError, field
+from humor_ray.config import Options, UserError, field
 from humor_ray.data import prompts, readers, text
 from humor_ray.data.pairs import sample_pairs
 from humor_ray.metrics import StageMetrics
@@ -41,7 +41,7 @@ MIN_VOTES_FOR_CORRUPTION_CHECK = 10_000
 
 
 @dataclasses.dataclass
-class BuildConfig:
+class BuildConfig(Options):
     """Build the training and evaluation datasets from contest rating files."""
     input: str = field(None, "directory, glob or URI (s3://...) of rating files (CSV or Parquet)")
     output: str = field(None, "output directory or URI")
@@ -56,23 +56,20 @@ class BuildConfig:
     eval_fraction: float = field(0.25, "share of contests held out when the splits file does not list them")
     exclude: list[str] = field([], "file names or glob patterns to leave out (e.g. 560_KLUCB_original.csv)")
     combine: str = field("sum", "several files of one contest: 'sum' their vote counts per caption "
-                                "(NEXT files of one contest are disjoint vote pools) or keep the 'largest'")
+                                "(NEXT files of one contest are disjoint vote pools) or keep the 'largest'",
+                         choices=("sum", "largest"))
     corrupt_unfunny_share: float = field(0.98, "a file whose votes are more 'unfunny' than this is corrupted")
     duplicate_overlap: float = field(0.5, "a file sharing this share of captions with an earlier contest's "
                                           "file holds that contest's captions")
     strict: bool = field(False, "exit non-zero when anything was quarantined")
-    datasets: list[str] = field(list(BUILDABLE), "which datasets to write (default: all)")
+    datasets: list[str] = field(list(BUILDABLE), "which datasets to write (default: all)", choices=BUILDABLE)
 
     def __post_init__(self):
         if not self.input or not self.output:
             raise ValueError("data build needs --input and --output")
-        if self.combine not in ("sum", "largest"):
-            raise ValueError(f"--combine must be 'sum' or 'largest', not {self.combine!r}")
+        super().__post_init__()
         if not 0 <= self.eval_fraction <= 1:
             raise ValueError("--eval-fraction must be between 0 and 1")
-        unknown = sorted(set(self.datasets) - set(BUILDABLE))
-        if unknown:
-            raise ValueError(f"--datasets: unknown {unknown}; choose from {list(BUILDABLE)}")
 
 
 class BuildError(UserError):

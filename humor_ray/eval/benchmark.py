@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from humor_ray.config import UserError, field
+from humor_ray.config import Options, UserError, field
 
 GROUPS = ("top10", "rank200", "rank1000", "median")
 JUDGES = ("rm", "llm")
@@ -39,18 +39,19 @@ PROTOCOLS = ("overall", "best_pick")
 
 
 @dataclasses.dataclass
-class JudgeConfig:
+class JudgeConfig(Options):
     """Win rates of methods' captions against human captions."""
     dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts, captions)")
     generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs or directories of them")
     output_dir: str = field(None, "where judgments and win rates go")
-    judge: str = field("rm", "rm (the reward model, offline) or llm (an OpenAI-compatible endpoint)")
+    judge: str = field("rm", "rm (the reward model, offline) or llm (an OpenAI-compatible endpoint)", choices=JUDGES)
     reward_model: str | None = field(None, "for --judge rm: a `humor-ray rm` output or reward model directory")
     reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as trained)")
     base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     model: str | None = field(None, "for --judge llm: the judge model")
     api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the API key (never logged or written)")
-    protocol: str = field("overall", "overall (text, few-shot, both orders) or best_pick (with the image)")
+    protocol: str = field("overall", "overall (text, few-shot, both orders) or best_pick (with the image)",
+                          choices=PROTOCOLS)
     shots: int = field(5, "few-shot examples from training contests (overall)")
     images_dir: str | None = field(None, "cartoon images (best_pick); default: the data root's images/")
     concurrency: int = field(16, "requests in flight")
@@ -66,10 +67,7 @@ class JudgeConfig:
     def __post_init__(self):
         if not self.dataset_dir or not self.generations or not self.output_dir:
             raise ValueError("judge needs --dataset_dir, --generations and --output_dir")
-        if self.judge not in JUDGES:
-            raise ValueError(f"--judge must be one of {JUDGES}")
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"--protocol must be one of {PROTOCOLS}")
+        super().__post_init__()
         if self.judge == "rm" and not self.reward_model:
             raise ValueError("--judge rm needs --reward_model")
         if self.judge == "llm" and not (self.base_url and self.model):

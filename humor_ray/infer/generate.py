@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from humor_ray.config import UserError, data_root, field
+from humor_ray.config import Options, UserError, data_root, field
 from humor_ray.rl.engines import ENGINES, Decoding, DecodingOptions, first_line
 
 # Labels a model may put before its caption, or echo from the prompt's last line.
@@ -33,7 +33,7 @@ _LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
 
 
 @dataclasses.dataclass
-class GenerateConfig(DecodingOptions):
+class GenerateConfig(Options, DecodingOptions):
     """N captions per evaluation contest from one model."""
     dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/<split>)")
     output_dir: str = field(None, "where the captions go")
@@ -44,7 +44,7 @@ class GenerateConfig(DecodingOptions):
     simple_prompt: bool = field(False, "the simple prompt (context lines only) instead of the long instruction prompt")
     max_contests: int | None = field(None, "only the first this many contests (quick runs)")
     contests: list[int] = field([], "only these contests (before --max_contests)")
-    engine: str = field("vllm", "vllm or hf")
+    engine: str = field("vllm", "the generation engine", choices=ENGINES)
     num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)")
     use_gpu: bool = field(False, "one GPU per engine")
     batch_size: int = field(4, "contests per engine call")
@@ -56,12 +56,11 @@ class GenerateConfig(DecodingOptions):
     def __post_init__(self):
         if not self.dataset_dir or not self.output_dir:
             raise ValueError("generation needs --dataset_dir and --output_dir")
+        super().__post_init__()
         if self.images is None:
             self.images = str(data_root() / "images")
         if "://" not in self.images:  # the engine actors run in other directories
             self.images = os.path.abspath(self.images)
-        if self.engine not in ENGINES:
-            raise ValueError(f"--engine must be one of {ENGINES}")
         if min(self.n, self.num_engines, self.batch_size, self.max_attempts) < 1:
             raise ValueError("--n, --num_engines, --batch_size and --max_attempts must be at least 1")
 

@@ -3,11 +3,11 @@ Kept apart from the Ray program so each piece is checked on its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
-
-ESTIMATORS = ("gae", "grpo", "rloo")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,19 +43,50 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def group_advantages(returns: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
-    """Critic-free advantages from groups of samples of the same prompt (consecutive rows):
-    GRPO normalises within the group, RLOO subtracts the mean of the other samples."""
+def grpo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO: each sequence's return normalised within its group (consecutive samples of one prompt)."""
     grouped = returns.view(-1, group_size)
-    if estimator == "grpo":
-        advantages = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)
-    elif estimator == "rloo":
-        if group_size < 2:
-            raise ValueError("rloo needs --samples_per_prompt of at least 2")
-        advantages = grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}")
-    return advantages.reshape(-1)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)).reshape(-1)
+
+
+def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each sequence's return less the mean of the other samples of its group."""
+    if group_size < 2:
+        raise ValueError("rloo needs --samples_per_prompt of at least 2")
+    grouped = returns.view(-1, group_size)
+    return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
+
+
+# ---------------------------------------------------------------- advantage estimators, by name
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """`advantages(scores (B,), kl (B, T), mask (B, T), values (B, T), kl_coef, cfg)` -> (advantages (B, T),
+    returns (B, T) or None). `critic`: it needs a value model, and its scores are normalised by running
+    moments (--normalize_rewards); the group baselines normalise within each group instead."""
+    advantages: Callable
+    critic: bool
+
+
+def gae_advantages(scores, kl, mask, values, kl_coef: float, cfg):
+    """PPO: the KL penalty on every token and the score on the last, GAE over the values, whitened."""
+    advantages, returns = gae(token_rewards(scores, kl, mask, kl_coef), values, mask, cfg.gamma, cfg.lam)
+    return masked_whiten(advantages, mask), returns
+
+
+def _group_estimator(baseline: Callable) -> Callable:
+    """Critic-free: the sequence's score less its KL penalty, against a group baseline, on every token."""
+    def advantages(scores, kl, mask, values, kl_coef: float, cfg):
+        return baseline(scores - kl_coef * kl.sum(1), cfg.samples_per_prompt)[:, None] * mask, None
+
+    return advantages
+
+
+ESTIMATORS = {
+    "gae": Estimator(gae_advantages, critic=True),
+    "grpo": Estimator(_group_estimator(grpo_advantages), critic=False),
+    "rloo": Estimator(_group_estimator(rloo_advantages), critic=False),
+}
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):

@@ -67,6 +67,7 @@ class Sample:
     text: str
     version: int
     finished: bool = True  # False when it ran into max_new_tokens
+    engine: int = 0  # which of the pool's engines drew it
 
 
 def first_line(text: str) -> str:
@@ -326,6 +327,7 @@ class EnginePool:
                 continue
             for sample in samples:
                 sample.prompt_index = chunk[sample.prompt_index]
+                sample.engine = engine_index
             results[chunk[0]] = samples
             idle.append(engine_index)
         return [sample for start in sorted(results) for sample in results[start]]

@@ -4,16 +4,17 @@
 - The reward actor (`reward.py`) scores prompt-with-context + caption.
 - The trainer: Ray Train workers (data-parallel: DDP, or DeepSpeed ZeRO, see `learners.py`) that hold
   the policy, the reference (a frozen copy, or the policy with its LoRA adapter disabled) and the value
-  model. Each step a worker draws its prompts, has them sampled by the engines and scored by the reward
-  actor, computes log-probs, reference log-probs and values, and runs the clipped PPO update; then the
-  new weights go to every engine with a version number.
+  model. A worker (`PPOWorker`) runs each step as named phases: `rollout` (its prompts sampled by the
+  engines), `score` (by the reward actor), `make_experience` (log-probs, reference log-probs, values and
+  advantages, in one `Experience`), `update` (the clipped PPO update), `sync_weights` (the new weights to
+  every engine, with a version number) and `checkpoint`.
 - `--estimator grpo|rloo` replaces the value model by group-normalised advantages over
-  `--samples_per_prompt` samples of each prompt.
+  `--samples_per_prompt` samples of each prompt (the estimators are looked up by name in `algorithms.py`).
 
 Per step it reports reward, KL and its adaptive coefficient, losses, the trainer-engine log-prob gap
-(a staleness alarm: it should be ~0 since the engines get every update), and the time of each phase
-(generate, score, reference, train, sync), to TensorBoard, the Ray dashboard and the driver's progress
-bar. It checkpoints every `--save_steps`; a rerun of the same command resumes from the latest one.
+(a staleness alarm: it should be ~0 since the engines get every update), and the time of each phase,
+to TensorBoard, the Ray dashboard (`humor_ray_ppo_*` metrics) and the driver's progress bar. It
+checkpoints every `--save_steps`; a rerun of the same command resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -22,37 +23,44 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from humor_ray.config import UserError, field
+from humor_ray import metrics as stage_metrics
+from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions,
+                              UserError, field)
+from humor_ray.log import get_logger, setup_logging
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.rl.engines import ENGINES, DecodingOptions
 from humor_ray.rl.learners import unwrap
-from humor_ray.train.launcher import check_deepspeed
+from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run_trainer, start_worker
+
+if TYPE_CHECKING:
+    import torch
+
+    from humor_ray.rl.engines import Sample
 
 PLACEMENTS = ("separate", "colocate")
+# The phases a step's time is reported for, with their names in metrics.json's history (kept from the start).
+HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "reference", "update": "train",
+                 "sync_weights": "sync"}
 
 
+# The groups in reverse: a dataclass lists the last base's fields first.
 @dataclasses.dataclass
-class Config(DecodingOptions):
+class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOptions, DecodingOptions):
     """PPO (or GRPO/RLOO) of a caption policy against a reward model."""
-    output_dir: str = field(None, "where checkpoints, logs and the final policy go")
-    dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/train)")
-    reward_model: str = field(None, "a `humor-ray rm` output directory, a reward model directory, or builtin:vowel_share")
-    model_name: str = field("tiny", "the policy to start from: an SFT output directory, a preset or a Hugging Face id")
-    run_name: str = field("ppo", "name of the run in Ray and TensorBoard")
+    reward_model: str = field(None, "a `humor-ray rm` output directory, a reward model directory, or "
+                                    "builtin:vowel_share")
     simple_prompt: bool = field(False, "use the simple prompt instead of the long instruction prompt")
-    estimator: str = field("gae", "gae (PPO with a value model), grpo or rloo (critic-free, group baselines)")
-    max_steps: int = field(20, "PPO steps (rollout + update)")
+    estimator: str = field("gae", "gae (PPO with a value model); grpo or rloo: critic-free, group baselines",
+                           choices=tuple(ESTIMATORS))
     rollout_batch_size: int = field(8, "prompts per step per worker")
     samples_per_prompt: int = field(4, "captions sampled per prompt (the group size for grpo/rloo)")
     mini_batch_size: int = field(16, "sequences per optimizer step")
     ppo_epochs: int = field(1, "passes over each rollout batch")
     forward_batch_size: int = field(16, "sequences per forward pass when scoring log-probs and values")
-    learning_rate: float = field(1.41e-5, "policy learning rate")
     value_learning_rate: float | None = field(None, "value model learning rate (default: --learning_rate)")
     cliprange: float = field(0.2, "policy ratio clip")
     cliprange_value: float = field(0.2, "value clip")
@@ -60,54 +68,36 @@ class Config(DecodingOptions):
     gamma: float = field(1.0, "discount")
     lam: float = field(0.95, "GAE lambda")
     init_kl_coef: float = field(0.05, "initial KL penalty coefficient")
-    target_kl: float | None = field(6.0, "KL (nats per caption) the adaptive controller steers to; null keeps the coefficient fixed")
+    target_kl: float | None = field(6.0, "KL (nats per caption) the adaptive controller steers to; null keeps "
+                                         "the coefficient fixed")
     kl_horizon: int = field(10000, "samples over which the KL controller makes a full correction")
     normalize_rewards: bool = field(True, "scale scores by their running mean and standard deviation")
     max_grad_norm: float = field(1.0, "gradient clipping")
     reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads")
-    engine: str = field("vllm", "rollout engine: vllm or hf")
+    engine: str = field("vllm", "rollout engine", choices=ENGINES)
     num_engines: int = field(1, "rollout engine actors")
-    engine_max_model_len: int | None = field(None, "prompt + caption tokens an engine holds per sequence (default: the model's limit)")
-    placement: str = field("separate", "GPU placement: separate (each role its own GPUs) or colocate (shares of one)")
-    colocate_fractions: list[float] = field([0.4, 0.2, 0.4], "GPU shares of engine, reward model, trainer worker when colocated")
+    engine_max_model_len: int | None = field(None, "prompt + caption tokens an engine holds per sequence "
+                                                   "(default: the model's limit)")
+    placement: str = field("separate", "GPU placement: separate (each role its own GPUs) or colocate (shares "
+                                       "of one)", choices=PLACEMENTS)
+    colocate_fractions: list[float] = field([0.4, 0.2, 0.4], "GPU shares of engine, reward model, trainer "
+                                                             "worker when colocated")
     staleness_alarm: float = field(0.05, "warn when the mean trainer-engine log-prob gap exceeds this")
-    lora_r: int = field(0, "LoRA rank for policy and value model; 0 trains every weight")
-    lora_alpha: int = field(16, "LoRA alpha")
-    lora_targets: list[str] = field(["all-linear"], "modules LoRA adapts")
-    num_workers: int = field(1, "trainer workers (data-parallel)")
-    deepspeed: str = field("none", "none (DDP), zero2, zero3, zero3_offload or a DeepSpeed JSON file: shards the "
-                                   "optimizer state (zero3: also the weights) of policy and value model across workers")
-    use_gpu: bool = field(False, "GPUs for every role (see --placement)")
-    cpus_per_worker: int = field(1, "CPUs each trainer worker reserves (and its torch threads)")
-    seed: int = field(2024, "seed for prompts, sampling and new weights")
-    logging_steps: int = field(5, "send metrics to Ray Train (the dashboard) every this many steps; each send "
-                               "waits for the controller's next poll (about 2 s). TensorBoard gets every step")
-    save_steps: int = field(10, "checkpoint every this many steps")
-    save_total_limit: int = field(2, "checkpoints kept")
-    max_failures: int = field(2, "trainer-worker failures recovered by restarting from the last checkpoint")
-    report_to: list[str] = field(["tensorboard"], "tensorboard or none")
-    storage_path: str | None = field(None, "Ray Train storage (local or s3://); default <output_dir>/ray")
 
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir or not self.reward_model:
-            raise ValueError("ppo needs --output_dir, --dataset_dir and --reward_model")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"--estimator must be one of {ESTIMATORS}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"--engine must be one of {ENGINES}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"--placement must be one of {PLACEMENTS}")
-        if self.estimator != "gae" and self.samples_per_prompt < 2:
-            raise ValueError(f"--estimator {self.estimator} needs --samples_per_prompt of at least 2")
+            raise ConfigError("ppo needs --output_dir, --dataset_dir and --reward_model")
+        super().__post_init__()
+        if not ESTIMATORS[self.estimator].critic and self.samples_per_prompt < 2:
+            raise ConfigError(f"--estimator {self.estimator} needs --samples_per_prompt of at least 2")
         batch = self.rollout_batch_size * self.samples_per_prompt
         if self.mini_batch_size < 1 or batch % self.mini_batch_size:
-            raise ValueError(f"--mini_batch_size must divide the rollout batch (rollout_batch_size x "
-                             f"samples_per_prompt = {batch})")
-        if min(self.max_steps, self.num_workers, self.num_engines, self.save_steps, self.logging_steps) < 1:
-            raise ValueError("--max_steps, --num_workers, --num_engines, --save_steps and --logging_steps must be at least 1")
-        check_deepspeed(self.deepspeed)
+            raise ConfigError(f"--mini_batch_size must divide the rollout batch (rollout_batch_size x "
+                              f"samples_per_prompt = {batch})")
+        if self.num_engines < 1:
+            raise ConfigError("--num_engines must be at least 1")
         if any(r not in ("tensorboard", "none") for r in self.report_to):
-            raise ValueError("--report_to for ppo: tensorboard or none")
+            raise ConfigError("--report_to for ppo: tensorboard or none")
 
     def gpu_shares(self) -> tuple[float, float, float]:
         """GPUs for (each engine, the reward actor, each trainer worker)."""
@@ -121,17 +111,55 @@ class Config(DecodingOptions):
 
 # ---------------------------------------------------------------- inside a trainer worker
 
+@dataclasses.dataclass
+class Sequences:
+    """B sequences, each P prompt columns (left-padded) then T completion columns (right-padded), so every
+    completion starts at the same column and its logits are the last T + 1 positions."""
+    input_ids: torch.Tensor  # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    position_ids: torch.Tensor  # (B, P + T)
+    mask: torch.Tensor  # (B, T): 1.0 on completion tokens
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+
+@dataclasses.dataclass
+class Experience:
+    """One step's rollouts with everything the update reads. B = rollout_batch_size x samples_per_prompt
+    (a prompt's samples consecutive), T = completion tokens."""
+    samples: list[Sample]  # B, as the engines drew them
+    captions: list[str]  # B, the first line of each completion
+    scores: torch.Tensor  # (B,) the reward model's
+    reward_retries: int  # reward calls retried after the reward actor crashed
+    sequences: Sequences
+    old_logprobs: torch.Tensor  # (B, T) the policy's before the update, at the sampling temperature
+    raw_logprobs: torch.Tensor  # (B, T) the same at temperature 1, the engines' scale
+    engine_logprobs: torch.Tensor  # (B, T) the engines'
+    entropy: torch.Tensor  # (B, T) of the policy at the sampling temperature
+    values: torch.Tensor  # (B, T) the value model's before the update (zeros without one)
+    kl: torch.Tensor  # (B, T) policy - reference log-probs on completion tokens
+    advantages: torch.Tensor  # (B, T)
+    returns: torch.Tensor | None  # (B, T) the value model's targets; None without one
+    totals: list[float]  # over all workers: score sum, score square sum, sequences, KL sum
+
+    def logprob_gap(self, rows=slice(None)) -> float:
+        """Mean |trainer - engine| log-prob of the completion tokens of `rows`."""
+        from humor_ray.rl.algorithms import masked_mean
+
+        gap = (self.raw_logprobs[rows] - self.engine_logprobs[rows]).abs()
+        return masked_mean(gap, self.sequences.mask[rows]).item()
+
+
 def _lora(cfg: Config, model, task_type: str):
-    if cfg.lora_r <= 0:
-        return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = cfg.lora_targets[0] if cfg.lora_targets == ["all-linear"] else cfg.lora_targets
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                            lora_dropout=0.0, task_type=task_type))
+    settings = lora_config(cfg, task_type)
+    return model if settings is None else get_peft_model(model, settings)
 
 
-def _build_models(cfg: Config, policy_dir: str, restored: str | None):
+def _build_models(cfg: Config, policy_dir: str, restored: str | None, critic: bool):
     """(policy, reference or None, value model or None). The reference is None under LoRA: the policy
     with its adapter disabled is the reference."""
     import torch
@@ -151,9 +179,10 @@ def _build_models(cfg: Config, policy_dir: str, restored: str | None):
         policy = _lora(cfg, AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), "CAUSAL_LM")
     reference = None
     if cfg.lora_r <= 0:
-        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval().requires_grad_(False)
+        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        reference = reference.eval().requires_grad_(False)
     value = None
-    if cfg.estimator == "gae":
+    if critic:
         # The backbone alone: the checkpoint's language-model head is expected to go unused.
         transformers.logging.set_verbosity_error()
         backbone = AutoModel.from_pretrained(policy_dir, dtype=torch.float32)
@@ -164,9 +193,7 @@ def _build_models(cfg: Config, policy_dir: str, restored: str | None):
     return policy, reference, value
 
 
-def _batch(samples, pad_id: int, device):
-    """Left-padded prompts and right-padded completions, so every completion starts at the same column
-    and the logits of the completion tokens are the last `width + 1` positions."""
+def _sequences(samples: list[Sample], pad_id: int, device) -> Sequences:
     import torch
 
     prompt_width = max(len(s.prompt_ids) for s in samples)
@@ -179,17 +206,16 @@ def _batch(samples, pad_id: int, device):
         mask.append([1.0] * len(s.completion_ids) + [0.0] * right)
     ids, attention = torch.tensor(ids, device=device), torch.tensor(attention, device=device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": attention, "position_ids": positions,
-            "mask": torch.tensor(mask, device=device), "width": width}
+    return Sequences(ids, attention, positions, torch.tensor(mask, device=device))
 
 
-def _logprobs(model, batch, rows, temperature: float, raw: bool = False):
+def _logprobs(model, seqs: Sequences, rows, temperature: float, raw: bool = False):
     """Log-probs of the completion tokens (at the sampling temperature; with `raw`, also at 1) and the
     mean entropy."""
-    width = batch["width"]
-    logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
-                   position_ids=batch["position_ids"][rows], logits_to_keep=width + 1).logits[:, :-1].float()
-    targets = batch["input_ids"][rows][:, -width:, None]
+    width = seqs.width
+    logits = model(input_ids=seqs.input_ids[rows], attention_mask=seqs.attention_mask[rows],
+                   position_ids=seqs.position_ids[rows], logits_to_keep=width + 1).logits[:, :-1].float()
+    targets = seqs.input_ids[rows][:, -width:, None]
     scaled = (logits / temperature).log_softmax(-1)
     logprobs = scaled.gather(-1, targets).squeeze(-1)
     if not raw:
@@ -198,11 +224,10 @@ def _logprobs(model, batch, rows, temperature: float, raw: bool = False):
     return logprobs, logits.log_softmax(-1).gather(-1, targets).squeeze(-1), entropy
 
 
-def _values(value_model, batch, rows):
-    width = batch["width"]
-    values = value_model(batch["input_ids"][rows], batch["attention_mask"][rows], batch["position_ids"][rows])
+def _values(value_model, seqs: Sequences, rows):
+    values = value_model(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.position_ids[rows])
     # The value of the state before each completion token.
-    return values[:, -width - 1:-1].float()
+    return values[:, -seqs.width - 1:-1].float()
 
 
 def policy_weights(policy) -> dict:
@@ -258,217 +283,288 @@ def _read_prompts(cfg: Config) -> tuple[list[str], list[str]]:
     return [p for p, _ in rows], [r for _, r in rows]
 
 
-def _worker_loop(config: dict) -> None:
-    import numpy as np
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-    import transformers
-    from transformers import AutoTokenizer
+class PPOWorker:
+    """One trainer worker. `train` runs the steps; a step is the phases `rollout`, `score`,
+    `make_experience`, `update`, `sync_weights` and `checkpoint`, each a method."""
 
-    from humor_ray.models import registry
-    from humor_ray.rl import algorithms as alg
-    from humor_ray.rl.engines import EnginePool, first_line
-    from humor_ray.rl.learners import make_learner, start_deepspeed
-    from humor_ray.rl.reward import score_with_retries
-    from humor_ray.train.launcher import quiet_train_reports
+    def __init__(self, args: WorkerArgs, worker: WorkerContext):
+        import transformers
+        from transformers import AutoTokenizer
 
-    engines, reward_actor, board = config.pop("_engines"), config.pop("_reward"), config.pop("_board")
-    cfg = Config(**config)
-    quiet_train_reports()
-    torch.set_num_threads(cfg.cpus_per_worker)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    started = time.perf_counter()
+        from humor_ray.models import registry
+        from humor_ray.rl import algorithms as alg
+        from humor_ray.rl.engines import EnginePool
+        from humor_ray.rl.learners import make_learner, start_deepspeed
 
-    def note(message: str) -> None:
-        print(f"[ppo worker {rank}] {message} ({time.perf_counter() - started:.1f} s)", flush=True)
+        cfg = self.cfg = args.config
+        self.worker, self.log, self.board, self.reward_actor = worker, worker.log, args.board, args.reward
+        self.estimator = ESTIMATORS[cfg.estimator]
+        restored, state = self._restore()
+        policy_dir = registry.resolve(cfg.model_name)
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
+        transformers.set_seed(cfg.seed)  # new weights (value head, LoRA) start the same on every run
+        # Alive while training: under ZeRO-3 it makes `from_pretrained` load each weight into its shard.
+        self.zero3_loading = start_deepspeed(cfg) if cfg.deepspeed != "none" else None
+        # A DeepSpeed checkpoint holds the weights in shards, restored by `learner.load`: build from the base.
+        weights_from = restored if cfg.deepspeed == "none" else None
+        models = _build_models(cfg, policy_dir, weights_from, self.estimator.critic)
+        self.learner = make_learner(cfg, *models, worker.device, worker.world)
+        if restored:
+            self.learner.load(restored)
+        self.kl_control = alg.AdaptiveKL(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
+        self.moments = alg.RunningMoments(*state["moments"])
+        self.prompts, self.reward_prompts = _read_prompts(cfg)
+        if not self.prompts:
+            raise UserError(f"{cfg.dataset_dir}/prompts/train has no prompts: run `humor-ray data build` with prompts")
+        self.pool = EnginePool(args.engines)
+        self.writer = None
+        if worker.rank == 0 and "tensorboard" in cfg.report_to:
+            from tensorboardX import SummaryWriter
 
-    checkpoint = ray.train.get_checkpoint()
-    scratch = tempfile.mkdtemp(prefix="humor_ray_ppo_")
-    restored, state = None, {"step": 0, "kl_coef": cfg.init_kl_coef, "moments": [0.0, 1.0, 0.0], "history": []}
-    if checkpoint:
+            self.writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard", cfg.run_name))
+        self.decoding = cfg.decoding()
+        self.history: list[dict] = state["history"]
+        self.step: int = state["step"]
+        self.figures = stage_metrics.StageMetrics(cfg.run_name, "ppo")
+
+    def _restore(self) -> tuple[str | None, dict]:
+        """(a local copy of the checkpoint Ray Train resumes from, or None; the run's state at it)."""
+        cfg, checkpoint = self.cfg, self.worker.checkpoint
+        state = {"step": 0, "kl_coef": cfg.init_kl_coef, "moments": [0.0, 1.0, 0.0], "history": []}
+        if not checkpoint:
+            return None, state
         with checkpoint.as_directory() as directory:
-            restored = shutil.copytree(directory, os.path.join(scratch, "restored"))
+            restored = shutil.copytree(directory, os.path.join(self.worker.scratch, "restored"))
         state = json.loads(Path(restored, "state.json").read_text())
-        note(f"resuming from {checkpoint.path} at step {state['step']}")
-    policy_dir = registry.resolve(cfg.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    transformers.set_seed(cfg.seed)  # new weights (value head, LoRA) start the same on every run
-    # Alive while training: under ZeRO-3 it makes `from_pretrained` load each weight into its shard.
-    zero3_loading = start_deepspeed(cfg) if cfg.deepspeed != "none" else None
-    # A DeepSpeed checkpoint holds the weights in shards, restored by `learner.load`: build from the base.
-    weights_from = restored if cfg.deepspeed == "none" else None
-    learner = make_learner(cfg, *_build_models(cfg, policy_dir, weights_from), device, world)
-    if restored:
-        learner.load(restored)
-    policy, reference, value_model = learner.policy, learner.reference, learner.value
-    kl_control = alg.AdaptiveKL(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
-    moments = alg.RunningMoments(*state["moments"])
-    prompts, reward_prompts = _read_prompts(cfg)
-    if not prompts:
-        raise UserError(f"{cfg.dataset_dir}/prompts/train has no prompts: run `humor-ray data build` with prompts")
-    pool = EnginePool(engines)
-    writer = None
-    if rank == 0 and "tensorboard" in cfg.report_to:
-        from tensorboardX import SummaryWriter
+        self.log.info(f"resuming from {checkpoint.path} at step {state['step']}")
+        return restored, state
 
-        writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard", cfg.run_name))
-    decoding, n = cfg.decoding(), cfg.samples_per_prompt
-    history: list[dict] = state["history"]
-    step = state["step"]
+    def train(self) -> None:
+        cfg = self.cfg
+        if self.step > 0:  # the engines hold the base weights: bring them to the restored policy
+            self.sync_weights(self.step)
+        self.log.info(f"ready: {len(self.prompts)} prompts, {cfg.estimator}, step {self.step} of {cfg.max_steps}")
+        while self.step < cfg.max_steps:
+            times: dict[str, float] = {}
+            samples, chosen = self._timed(times, self.rollout)
+            captions, scores, retries = self._timed(times, self.score, samples, chosen)
+            experience = self._timed(times, self.make_experience, samples, captions, scores, retries)
+            stats = self._timed(times, self.update, experience)
+            self.step += 1
+            self._timed(times, self.sync_weights, self.step)
+            metrics = self._record(experience, stats, times)
+            self._timed(times, self.checkpoint, metrics)
+            self._export(experience, metrics, times)
+        self.finish()
 
-    def sync(version: int) -> float:
-        """Every engine gets the policy's weights as `version`; returns the seconds it took."""
+    @staticmethod
+    def _timed(times: dict, phase, *args):
         begin = time.perf_counter()
-        with learner.whole_weights():
-            ref = ray.put(policy_weights(policy)) if rank == 0 else None
-        ref = _broadcast(ref, rank)
-        if rank == 0:
-            pool.sync(ref, version)
-        else:
-            pool.publish(ref, version)
-        if world > 1:
-            torch.distributed.barrier()
-        return time.perf_counter() - begin
+        result = phase(*args)
+        times[phase.__name__] = time.perf_counter() - begin
+        return result
 
-    if step > 0:  # the engines hold the base weights: bring them to the restored policy
-        sync(step)
-    note(f"ready: {len(prompts)} prompts, {cfg.estimator}, step {step} of {cfg.max_steps}")
-    while step < cfg.max_steps:
-        times = {}
-        begin = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, step, rank])
-        chosen = rng.choice(len(prompts), cfg.rollout_batch_size, replace=len(prompts) < cfg.rollout_batch_size)
-        step_prompts = [prompts[i] for i in chosen]
-        samples = pool.generate(step_prompts, n, decoding)
-        times["generate"] = time.perf_counter() - begin
+    def rollout(self) -> tuple[list[Sample], list[int]]:
+        """This step's prompts (drawn by seed, step and rank), sampled by the engines; and which they were."""
+        import numpy as np
 
-        begin = time.perf_counter()
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, self.step, self.worker.rank])
+        count = len(self.prompts)
+        chosen = rng.choice(count, cfg.rollout_batch_size, replace=count < cfg.rollout_batch_size)
+        return self.pool.generate([self.prompts[i] for i in chosen], cfg.samples_per_prompt, self.decoding), chosen
+
+    def score(self, samples: list[Sample], chosen) -> tuple[list[str], torch.Tensor, int]:
+        """(the captions, the reward model's scores (B,), reward calls retried)."""
+        import torch
+
+        from humor_ray.rl.engines import first_line
+        from humor_ray.rl.reward import score_with_retries
+
         captions = [first_line(s.text) for s in samples]
-        scores, reward_retries = score_with_retries(
-            reward_actor, [reward_prompts[chosen[s.prompt_index]] for s in samples], captions)
-        scores = torch.tensor(scores, dtype=torch.float32, device=device)
-        times["score"] = time.perf_counter() - begin
+        scores, retries = score_with_retries(
+            self.reward_actor, [self.reward_prompts[chosen[s.prompt_index]] for s in samples], captions)
+        return captions, torch.tensor(scores, dtype=torch.float32, device=self.worker.device), retries
 
-        begin = time.perf_counter()
-        batch = _batch(samples, pad_id, device)
-        mask = batch["mask"]
-        size = len(samples)
+    def make_experience(self, samples: list[Sample], captions: list[str], scores, retries: int) -> Experience:
+        """Log-probs, reference log-probs and values of the samples, then the advantages."""
+        import torch
+
+        cfg, device = self.cfg, self.worker.device
+        seqs = _sequences(samples, self.pad_id, device)
+        mask = seqs.mask
         old_logprobs, raw_logprobs, entropy = (torch.zeros_like(mask) for _ in range(3))
-        ref_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
+        ref_logprobs, values = torch.zeros_like(mask), torch.zeros_like(mask)
         with torch.no_grad():
-            for start in range(0, size, cfg.forward_batch_size):
+            for start in range(0, len(samples), cfg.forward_batch_size):
                 rows = slice(start, start + cfg.forward_batch_size)
-                old_logprobs[rows], raw_logprobs[rows], entropy[rows] = _logprobs(policy, batch, rows,
-                                                                                   cfg.temperature, raw=True)
-                if reference is None:
-                    with unwrap(policy).disable_adapter():
-                        ref_logprobs[rows] = _logprobs(policy, batch, rows, cfg.temperature)
-                else:
-                    ref_logprobs[rows] = _logprobs(reference, batch, rows, cfg.temperature)
-                if value_model is not None:
-                    old_values[rows] = _values(value_model, batch, rows)
+                old_logprobs[rows], raw_logprobs[rows], entropy[rows] = _logprobs(
+                    self.learner.policy, seqs, rows, cfg.temperature, raw=True)
+                ref_logprobs[rows] = self._reference_logprobs(seqs, rows)
+                if self.learner.value is not None:
+                    values[rows] = _values(self.learner.value, seqs, rows)
         engine_logprobs = torch.zeros_like(mask)
         for row, s in enumerate(samples):
             engine_logprobs[row, :len(s.logprobs)] = torch.tensor(s.logprobs)
-        gap = alg.masked_mean((raw_logprobs - engine_logprobs).abs(), mask).item()
         kl = (old_logprobs - ref_logprobs) * mask
-        sequence_kl = kl.sum(1)
-        total, total_sq, count, kl_total = _all_sum([scores.sum().item(), (scores ** 2).sum().item(), size,
-                                                      sequence_kl.sum().item()], device)
-        if cfg.estimator == "gae":
-            if cfg.normalize_rewards:
-                moments.update(total, total_sq, count)
-                normalized = moments.normalize(scores)
-            else:
-                normalized = scores
-            rewards = alg.token_rewards(normalized, kl, mask, kl_control.value)
-            advantages, returns = alg.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            advantages = alg.masked_whiten(advantages, mask)
-        else:
-            sequence_returns = scores - kl_control.value * sequence_kl
-            advantages = alg.group_advantages(sequence_returns, n, cfg.estimator)[:, None] * mask
-            returns = None
-        times["reference"] = time.perf_counter() - begin
+        totals = _all_sum([scores.sum().item(), (scores ** 2).sum().item(), len(samples), kl.sum(1).sum().item()],
+                          device)
+        normalized = scores
+        if self.estimator.critic and cfg.normalize_rewards:
+            self.moments.update(*totals[:3])
+            normalized = self.moments.normalize(scores)
+        advantages, returns = self.estimator.advantages(normalized, kl, mask, values, self.kl_control.value, cfg)
+        return Experience(samples, captions, scores, retries, seqs, old_logprobs, raw_logprobs, engine_logprobs,
+                          entropy, values, kl, advantages, returns, totals)
 
-        begin = time.perf_counter()
+    def _reference_logprobs(self, seqs: Sequences, rows):
+        if self.learner.reference is not None:
+            return _logprobs(self.learner.reference, seqs, rows, self.cfg.temperature)
+        with unwrap(self.learner.policy).disable_adapter():  # LoRA: the policy without its adapter
+            return _logprobs(self.learner.policy, seqs, rows, self.cfg.temperature)
+
+    def update(self, exp: Experience) -> dict[str, list[float]]:
+        """`--ppo_epochs` passes of clipped PPO over the experience, in shuffled mini-batches; the losses."""
+        import torch
+
+        from humor_ray.rl import algorithms as alg
+
+        cfg, policy, value_model = self.cfg, self.learner.policy, self.learner.value
         stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": []}
-        order_rng = torch.Generator().manual_seed(cfg.seed + step)
+        order_rng = torch.Generator().manual_seed(cfg.seed + self.step)
+        size, mask = len(exp.samples), exp.sequences.mask
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(size, generator=order_rng)
             for start in range(0, size, cfg.mini_batch_size):
-                rows = order[start:start + cfg.mini_batch_size].to(device)
-                logprobs = _logprobs(policy, batch, rows, cfg.temperature)
-                pg_loss, clipfrac, approx_kl = alg.policy_loss(logprobs, old_logprobs[rows], advantages[rows],
+                rows = order[start:start + cfg.mini_batch_size].to(self.worker.device)
+                logprobs = _logprobs(policy, exp.sequences, rows, cfg.temperature)
+                pg_loss, clipfrac, approx_kl = alg.policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows],
                                                                mask[rows], cfg.cliprange)
                 stats["pg_loss"].append(pg_loss.item())
                 v_loss = None
                 if value_model is not None:
-                    values = _values(value_model, batch, rows)
-                    v_loss = alg.value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.cliprange_value)
+                    values = _values(value_model, exp.sequences, rows)
+                    v_loss = alg.value_loss(values, exp.values[rows], exp.returns[rows], mask[rows],
+                                            cfg.cliprange_value)
                     stats["vf_loss"].append(v_loss.item())
-                learner.update(pg_loss, v_loss)
+                self.learner.update(pg_loss, v_loss)
                 stats["clipfrac"].append(clipfrac.item())
                 stats["approx_kl"].append(approx_kl.item())
-        times["train"] = time.perf_counter() - begin
+        return stats
 
-        step += 1
-        times["sync"] = sync(step)
-        mean_kl = kl_total / count
-        kl_coef_used = kl_control.value
-        kl_control.update(mean_kl, int(count))
-        generated = float(mask.sum().item())
-        step_time = sum(times.values())
-        if gap > cfg.staleness_alarm and rank == 0:
-            print(f"[ppo] WARNING step {step}: trainer and engine log-probs differ by {gap:.4f} on average "
-                  f"(alarm at {cfg.staleness_alarm}): the engines may not hold the current weights", flush=True)
+    def sync_weights(self, version: int) -> None:
+        """Every engine gets the policy's weights as `version`."""
+        import ray
+        import torch
+
+        rank = self.worker.rank
+        with self.learner.whole_weights():
+            ref = ray.put(policy_weights(self.learner.policy)) if rank == 0 else None
+        ref = _broadcast(ref, rank)
+        if rank == 0:
+            self.pool.sync(ref, version)
+        else:
+            self.pool.publish(ref, version)
+        if self.worker.world > 1:
+            torch.distributed.barrier()
+
+    def _record(self, exp: Experience, stats: dict, times: dict) -> dict:
+        """The step's metrics, added to the history, TensorBoard and the progress board; the KL controller
+        takes the step's KL."""
+        import numpy as np
+
+        from humor_ray.rl import algorithms as alg
+
+        cfg, step, device = self.cfg, self.step, self.worker.device
+        total, total_sq, count, kl_total = exp.totals
+        mean_kl, kl_coef_used = kl_total / count, self.kl_control.value
+        self.kl_control.update(mean_kl, int(count))
+        size, generated = len(exp.samples), float(exp.sequences.mask.sum().item())
+        step_time, gap = sum(times.values()), exp.logprob_gap()
+        if gap > cfg.staleness_alarm and self.worker.rank == 0:
+            self.log.warning(f"step {step}: trainer and engine log-probs differ by {gap:.4f} on average "
+                             f"(alarm at {cfg.staleness_alarm}): the engines may not hold the current weights")
         metrics = {
-            "step": step, "reward/mean": total / count, "reward/std": float(scores.std().item()) if size > 1 else 0.0,
-            "kl": mean_kl, "kl_coef": kl_coef_used, "entropy": alg.masked_mean(entropy, mask).item(),
-            "logprob_gap": gap, "engine_version": samples[0].version, "engine_restarts": pool.restarts,
-            "reward_retries": reward_retries, "caption_tokens": generated / size,
-            "empty_captions": sum(not c for c in captions),
+            "step": step, "reward/mean": total / count,
+            "reward/std": float(exp.scores.std().item()) if size > 1 else 0.0,
+            "kl": mean_kl, "kl_coef": kl_coef_used, "entropy": alg.masked_mean(exp.entropy, exp.sequences.mask).item(),
+            "logprob_gap": gap, "engine_version": exp.samples[0].version, "engine_restarts": self.pool.restarts,
+            "reward_retries": exp.reward_retries, "caption_tokens": generated / size,
+            "empty_captions": sum(not c for c in exp.captions),
             "tokens_per_second": _all_sum([generated], device)[0] / step_time,
             **{k: float(np.mean(v)) for k, v in stats.items() if v},
-            **{f"time/{k}": v for k, v in times.items()}, "time/step": step_time,
+            **{f"time/{HISTORY_TIMES[k]}": v for k, v in times.items()}, "time/step": step_time,
         }
-        history.append(metrics)
-        if writer is not None:
+        self.history.append(metrics)
+        if self.writer is not None:
             for key, value in metrics.items():
                 if key != "step":
-                    writer.add_scalar(key, value, step)
-            writer.add_text("sample", f"{captions[0]!r} (reward {scores[0].item():.3f})", step)
-            writer.flush()
-        if rank == 0:
-            board.post.remote(step, cfg.max_steps, {"reward": metrics["reward/mean"], "kl": mean_kl,
-                                                     "gap": gap, "s/step": step_time})
+                    self.writer.add_scalar(key, value, step)
+            self.writer.add_text("sample", f"{exp.captions[0]!r} (reward {exp.scores[0].item():.3f})", step)
+            self.writer.flush()
+        if self.worker.rank == 0:
+            self.board.post.remote(step, cfg.max_steps, {"reward": metrics["reward/mean"], "kl": mean_kl,
+                                                         "gap": gap, "s/step": step_time})
+        return metrics
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Every `--save_steps` (and at the end) a checkpoint; every `--logging_steps` the metrics to Ray Train."""
+        import ray.train
+
+        cfg, step, rank = self.cfg, self.step, self.worker.rank
         save = step % cfg.save_steps == 0 or step == cfg.max_steps
         ray_checkpoint = None
         if save:
-            directory = os.path.join(scratch, f"checkpoint-{step}")
+            directory = os.path.join(self.worker.scratch, f"checkpoint-{step}")
             os.makedirs(directory)
             if rank == 0:
                 Path(directory, "state.json").write_text(json.dumps({
-                    "step": step, "kl_coef": kl_control.value, "history": history,
-                    "moments": [moments.mean, moments.var, moments.count]}))
+                    "step": step, "kl_coef": self.kl_control.value, "history": self.history,
+                    "moments": [self.moments.mean, self.moments.var, self.moments.count]}))
             # The ranks that wrote files report them; Ray Train merges them into one checkpoint.
-            if learner.save(directory, rank) or rank == 0:
+            if self.learner.save(directory, rank) or rank == 0:
                 ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
         if save or step % cfg.logging_steps == 0:
             ray.train.report(metrics, checkpoint=ray_checkpoint)
         if save:
             shutil.rmtree(directory, ignore_errors=True)  # reported = copied to the run's storage
-    zero3_loading = None  # noqa: F841 (the final merge loads whole models again)
-    with learner.whole_weights():
-        if rank == 0:
-            _save_final(cfg, policy, tokenizer, history, checkpoint.path if checkpoint else None)
-            note(f"final policy in {cfg.output_dir}/final")
-    if writer is not None:
-        writer.close()
+
+    def _export(self, exp: Experience, metrics: dict, times: dict) -> None:
+        """The step's figures for the Ray dashboard (rank 0: the others' are the same run's)."""
+        if self.worker.rank != 0 or not stage_metrics.enabled():
+            return
+        figures = self.figures
+        figures.gauge("ppo_step", self.step, "PPO steps done")
+        figures.gauge("ppo_reward", metrics["reward/mean"], "mean reward of the step's captions, all workers")
+        figures.gauge("ppo_kl", metrics["kl"], "KL from the reference, nats per caption")
+        figures.gauge("ppo_kl_coef", metrics["kl_coef"], "the KL penalty coefficient of the step")
+        for phase, seconds in times.items():
+            figures.gauge("ppo_phase_seconds", seconds, "seconds of the step's phase", phase=phase)
+        for engine in sorted({s.engine for s in exp.samples}):
+            rows = [i for i, s in enumerate(exp.samples) if s.engine == engine]
+            figures.gauge("ppo_weight_version", max(exp.samples[i].version for i in rows),
+                          "the weight version the engine sampled with", engine=str(engine))
+            figures.gauge("ppo_logprob_gap", exp.logprob_gap(rows), "mean trainer-engine log-prob gap of the "
+                          "engine's samples", engine=str(engine))
+
+    def finish(self) -> None:
+        """The final policy, merged for serving, and metrics.json (rank 0)."""
+        self.zero3_loading = None  # the final merge loads whole models again
+        with self.learner.whole_weights():
+            if self.worker.rank == 0:
+                checkpoint = self.worker.checkpoint
+                _save_final(self.cfg, self.learner.policy, self.tokenizer, self.history,
+                            checkpoint.path if checkpoint else None)
+                self.log.info(f"final policy in {self.cfg.output_dir}/final")
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _worker_loop(config: dict) -> None:
+    args: WorkerArgs = config["args"]
+    PPOWorker(args, start_worker(args.config, "ppo")).train()
 
 
 def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_from: str | None) -> None:
@@ -488,16 +584,17 @@ def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_fro
 def run(cfg: Config):
     """Start the engines and the reward actor, then the trainer workers; resumes when rerun."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from humor_ray.cluster import init_ray
     from humor_ray.models import registry
     from humor_ray.rl.engines import start_engines
     from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
-    from humor_ray.train.launcher import ProgressBoard, TrainError, absolute_local_paths, fit_with_progress
+    from humor_ray.train.launcher import TrainError, absolute_local_paths
 
+    setup_logging()
+    log = get_logger("ppo")
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "reward_model"))
+    cfg.run_name = cfg.run_name or "ppo"
     prompts_dir = os.path.join(cfg.dataset_dir, "prompts", "train")
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
@@ -509,32 +606,21 @@ def run(cfg: Config):
     engines = start_engines(cfg.engine, policy_dir, cfg.num_engines, num_gpus=engine_gpus,
                             max_model_len=cfg.engine_max_model_len, seed=cfg.seed)
     reward_actor = start_reward_actor(reward_spec, max_length=cfg.reward_max_length, num_gpus=reward_gpus)
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    # Ready before the trainer starts, so a model that cannot load fails here with its own message.
     try:
-        ray.get([e.version.remote() for e in engines] + [reward_actor.pid.remote()])
-    except ray.exceptions.RayActorError as err:
-        raise TrainError(f"a rollout engine or the reward model could not start: {err}") from None
-    storage = cfg.storage_path or os.path.join(cfg.output_dir, "ray")
-    run_config = RunConfig(name=cfg.run_name, storage_path=storage,
-                           checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
-                           failure_config=FailureConfig(max_failures=cfg.max_failures))
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": trainer_gpus} if cfg.use_gpu else {})}
-    trainer = TorchTrainer(
-        _worker_loop, scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                                   resources_per_worker=resources),
-        train_loop_config=dict(dataclasses.asdict(cfg), _engines=engines, _reward=reward_actor, _board=board),
-        run_config=run_config)
-    print(f"[ppo] {cfg.num_workers} trainer worker(s), {cfg.num_engines} {cfg.engine} engine(s), policy "
-          f"{cfg.model_name}, reward {reward_spec}, {cfg.estimator}, {cfg.max_steps} steps -> {cfg.output_dir}",
-          file=sys.stderr, flush=True)
-    try:
-        result = fit_with_progress(trainer, board, cfg.run_name, "ppo", ("reward", "kl", "gap", "s/step"))
+        # Ready before the trainer starts, so a model that cannot load fails here with its own message.
+        try:
+            ray.get([e.version.remote() for e in engines] + [reward_actor.pid.remote()])
+        except ray.exceptions.RayActorError as err:
+            raise TrainError(f"a rollout engine or the reward model could not start: {err}") from None
+        log.info(f"{cfg.num_workers} trainer worker(s), {cfg.num_engines} {cfg.engine} engine(s), policy "
+                 f"{cfg.model_name}, reward {reward_spec}, {cfg.estimator}, {cfg.max_steps} steps -> {cfg.output_dir}")
+        result = run_trainer(_worker_loop, WorkerArgs(config=cfg, engines=engines, reward=reward_actor), "ppo",
+                             shown=("reward", "kl", "gap", "s/step"), gpus_per_worker=trainer_gpus)
     finally:
-        for actor in [*engines, reward_actor, board]:
+        for actor in [*engines, reward_actor]:
             ray.kill(actor)
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
     last = summary["history"][-1] if summary["history"] else {}
-    print(f"[ppo] done: {summary['model']}  step {last.get('step')} reward {last.get('reward/mean', float('nan')):.4f} "
-          f"kl {last.get('kl', float('nan')):.3f}", file=sys.stderr, flush=True)
+    log.info(f"done: {summary['model']}  step {last.get('step')} reward {last.get('reward/mean', float('nan')):.4f} "
+             f"kl {last.get('kl', float('nan')):.3f}")
     return result

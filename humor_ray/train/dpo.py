@@ -10,13 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 from humor_ray.config import field
-from humor_ray.train.launcher import TrainConfig, hf_args, launch, lora_config
+from humor_ray.train.launcher import Stage, TrainConfig, hf_args, launch, lora_config
 
 NAME = "dpo"
-COLUMNS = ["prompt", "chosen", "rejected"]
-CAPTION_COLUMNS = ("chosen", "rejected")
-MODEL_KIND = "causal_lm"
-BEST_METRIC = ("eval_loss", "min")
 
 
 @dataclasses.dataclass
@@ -69,5 +65,10 @@ def make_trainer(cfg: Config, train, evaluation, scratch: str):
                       processing_class=tokenizer, peft_config=peft)
 
 
+STAGE = Stage(name=NAME, columns=("prompt", "chosen", "rejected"), caption_columns=("chosen", "rejected"),
+              model_kind="causal_lm", best_metric=("eval_loss", "min"), dataset_name=dataset_name,
+              make_trainer=make_trainer)
+
+
 def run(cfg: Config):
-    return launch(__name__, cfg)
+    return launch(STAGE, cfg)

@@ -1,100 +1,84 @@
-"""One Ray Train launcher for every training stage (sft, rm, dpo).
+"""One Ray Train driver and one worker preamble for every training stage (sft, rm, dpo, llava, and ppo's
+trainer workers).
 
-A stage is a small module that declares:
-- `NAME`, `COLUMNS` (the dataset columns it reads), `CAPTION_COLUMNS` (the ones that follow the prompt
-  and get a separating space), `MODEL_KIND` ("causal_lm" or "reward"), `BEST_METRIC` (name, "min"/"max");
-- `Config`, a `TrainConfig` subclass, and `dataset_name(cfg)`;
-- `make_trainer(cfg, train, evaluation, scratch)`, building its TRL trainer inside a worker. It creates
-  the training arguments BEFORE loading the model: under ZeRO-3 the arguments set up DeepSpeed's
-  partitioned loading, which must be in place when the weights are read.
-Everything else is here, once: Ray Train scaling, storage, checkpoints and automatic restarts;
-streaming the Parquet datasets to the workers through Ray Data shards; LoRA and DeepSpeed; resuming;
-the progress bar; the final Hugging Face export.
+A TRL stage is a small module that declares a `Stage` (the dataset columns it reads, its export kind, the
+metric that ranks its checkpoints, how it builds its trainer) and a `Config` composed of `TrainConfig`.
+Everything else is here, once: Ray Train scaling, storage, checkpoints and automatic restarts
+(`run_trainer`); each worker's set-up (`start_worker`); streaming the Parquet datasets to the workers
+through Ray Data shards; LoRA and DeepSpeed; resuming; the progress bar; the final Hugging Face export.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from humor_ray.config import UserError, field
+from humor_ray.config import DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions, UserError, field
+from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
 from humor_ray.train.export import save_merged
-
-DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3_offload")
-
-
-def check_deepspeed(value: str) -> None:
-    """The `--deepspeed` option of every trainer: a preset or a DeepSpeed JSON file."""
-    if value not in DEEPSPEED_PRESETS and not value.endswith(".json"):
-        raise ValueError(f"--deepspeed must be one of {DEEPSPEED_PRESETS} or a .json file")
-
 
 class TrainError(UserError):
     """A training run that cannot start or finish; the message says why."""
 
 
+# The groups in reverse: a dataclass lists the last base's fields first, and --help shows run options first.
 @dataclasses.dataclass
-class TrainConfig:
-    """Options every training stage shares (TRL's names where TRL has one)."""
-    output_dir: str = field(None, "where checkpoints, logs and the final model go")
-    dataset_dir: str = field(None, "the output of `humor-ray data build`")
-    model_name: str = field("tiny", "a preset (tiny, smollm2-135m, minilm), a Hugging Face id or a local path")
-    run_name: str | None = field(None, "name of the run in Ray and TensorBoard (default: the stage name)")
+class TrainConfig(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOptions):
+    """Options every TRL training stage shares (TRL's names where TRL has one)."""
     do_train: bool = field(True, "train")
     do_eval: bool = field(True, "evaluate on the held-out contests during and after training")
-    max_steps: int = field(100, "optimizer steps")
-    learning_rate: float = field(1.41e-5, "peak learning rate")
     per_device_train_batch_size: int = field(8, "examples per worker per micro-batch")
     gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
     max_length: int = field(512, "tokens per example, at most")
-    seed: int = field(2024, "seed for weights, LoRA and data order")
-    logging_steps: int = field(10, "log every this many steps")
     eval_steps: int = field(50, "evaluate every this many steps")
-    save_steps: int = field(50, "checkpoint every this many steps")
-    save_total_limit: int = field(2, "checkpoints kept")
     max_eval_examples: int = field(1000, "held-out examples used per evaluation")
     new_padding_token: bool = field(False, "add a real pad token and resize the embeddings")
-    lora_r: int = field(0, "LoRA rank; 0 trains every weight")
-    lora_alpha: int = field(16, "LoRA alpha")
-    lora_targets: list[str] = field(["all-linear"], "modules LoRA adapts")
-    num_workers: int = field(1, "Ray Train workers (data-parallel)")
-    use_gpu: bool = field(False, "one GPU per worker")
-    cpus_per_worker: int = field(1, "CPUs each worker reserves (and its torch threads)")
-    deepspeed: str = field("none", "none, zero2, zero3, zero3_offload, or a DeepSpeed JSON file")
-    report_to: list[str] = field(["tensorboard"], "tensorboard, mlflow, wandb or none")
-    max_failures: int = field(2, "worker failures Ray Train recovers from by restarting from the last checkpoint")
-    storage_path: str | None = field(None, "Ray Train storage (local or s3://); default <output_dir>/ray")
 
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir:
             raise ValueError("training needs --output_dir and --dataset_dir")
-        check_deepspeed(self.deepspeed)
+        super().__post_init__()
         if self.save_steps % self.eval_steps and self.do_eval:
             raise ValueError("--save_steps must be a multiple of --eval_steps, so every checkpoint has fresh "
                              "evaluation metrics")
-        if self.num_workers < 1 or self.max_steps < 1:
-            raise ValueError("--num_workers and --max_steps must be at least 1")
-        trackers = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
-        for tracker in self.report_to:
-            if tracker != "none" and tracker not in trackers:
-                raise ValueError(f"--report_to {tracker}: use tensorboard, mlflow, wandb or none")
-            if tracker in trackers and importlib.util.find_spec(trackers[tracker]) is None:
-                raise ValueError(f"--report_to {tracker} needs the {trackers[tracker]} package: "
-                                 f"pip install {trackers[tracker]}")
 
     def base_model(self) -> str:
         """The model training starts from (DPO may start from an SFT output instead)."""
         return self.model_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A TRL training stage: what it reads and how it builds its trainer; `launch` does the rest."""
+    name: str
+    columns: tuple[str, ...]  # the dataset columns it reads
+    caption_columns: tuple[str, ...]  # those that follow the prompt and get a separating space
+    model_kind: str  # the final export: causal_lm, reward or image_text
+    best_metric: tuple[str, str]  # (metric, "min" or "max"): what ranks the kept checkpoints
+    dataset_name: Callable[[Any], str]  # cfg -> the dataset folder it reads
+    # (cfg, train, evaluation, scratch) -> its TRL trainer, inside a worker. It creates the training
+    # arguments BEFORE loading the model: under ZeRO-3 they set up DeepSpeed's partitioned loading.
+    make_trainer: Callable
+
+
+@dataclasses.dataclass
+class WorkerArgs:
+    """What the driver hands every Ray Train worker."""
+    config: Any  # the stage's config
+    board: Any = None  # the ProgressBoard actor rank 0 posts to (run_trainer starts it)
+    stage: Stage | None = None  # a TRL stage: what the worker builds
+    engines: list = dataclasses.field(default_factory=list)  # ppo: the rollout engine actors
+    reward: Any = None  # ppo: the reward-model actor
 
 
 def zero_optimization(preset: str, use_gpu: bool) -> dict:
@@ -157,7 +141,7 @@ def lora_config(cfg: TrainConfig, task_type: str, **overrides):
     return LoraConfig(**{**settings, **overrides})
 
 
-def split_path(cfg: TrainConfig, stage, split: str) -> str:
+def split_path(cfg: TrainConfig, stage: Stage, split: str) -> str:
     return os.path.join(cfg.dataset_dir, stage.dataset_name(cfg), split)
 
 
@@ -228,8 +212,6 @@ class ProgressBoard:
 def quiet_train_reports() -> None:
     """Ray Train logs every report's full metrics from each worker; TensorBoard, the dashboard and the
     progress bar show them already."""
-    import logging
-
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray Train version: its logging stays as it is
@@ -281,64 +263,105 @@ def _metrics_callback(run_name: str, stage_name: str):
     return ExportMetrics()
 
 
-def _worker_loop(config: dict) -> None:
-    import ray.train
-    import torch
-    import transformers
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+@dataclasses.dataclass
+class WorkerContext:
+    """What a Ray Train worker knows about itself, the same for every stage."""
+    rank: int
+    world: int
+    device: Any  # torch.device
+    scratch: str  # a private temporary folder
+    log: logging.Logger  # "<stage> worker <rank>"
+    checkpoint: Any  # the ray.train.Checkpoint to resume from, or None
 
-    stage = importlib.import_module(config.pop("_stage_module"))
-    board = config.pop("_progress_board")
-    cfg = stage.Config(**config)
+
+def start_worker(cfg, name: str) -> WorkerContext:
+    """The preamble of every stage's worker loop: logging, torch threads, rank, device, checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    setup_logging()
     quiet_train_reports()
-    # TensorBoard events next to the run's outputs, where `tensorboard --logdir` finds them.
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     torch.set_num_threads(cfg.cpus_per_worker)
-    # TRL still calls the old gradient-checkpointing names; one warning per call floods the logs.
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    return WorkerContext(rank=rank, world=context.get_world_size(), device=device,
+                         scratch=tempfile.mkdtemp(prefix=f"humor_ray_{name}_"),
+                         log=get_logger(f"{name} worker {rank}"), checkpoint=ray.train.get_checkpoint())
+
+
+def _worker_loop(config: dict) -> None:
+    args: WorkerArgs = config["args"]
+    cfg, stage = args.config, args.stage
+    worker = start_worker(cfg, stage.name)
+    # TensorBoard events next to the run's outputs, where `tensorboard --logdir` finds them.
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
+    # TRL still calls the old gradient-checkpointing names; one warning per call floods the logs.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     if cfg.deepspeed in ("zero3", "zero3_offload") and not cfg.use_gpu:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    started = time.perf_counter()
+    train, evaluation = _worker_datasets(cfg, stage, worker)
+    trainer = _ready_trainer(cfg, stage, worker, args.board, train, evaluation)
+    if cfg.do_train:
+        trainer.train(resume_from_checkpoint=_resume_from(worker))
+        worker.log.info("trained")
+    _save_final_model(cfg, stage, worker, trainer, evaluation)
 
-    def note(message: str) -> None:
-        print(f"[{stage.NAME} worker {rank}] {message} ({time.perf_counter() - started:.1f} s)", flush=True)
+
+def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext):
+    """(this worker's training rows, the held-out rows or None)."""
+    import ray.train
 
     # A run of N steps needs N * batch * accumulation examples per worker; tokenizing the rest of the
     # shard would only cost time.
     needed = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    train = shard_dataset(ray.train.get_dataset_shard("train"), stage.COLUMNS, needed, stage.CAPTION_COLUMNS,
-                          seed=cfg.seed + rank)
+    columns = list(stage.columns)
+    train = shard_dataset(ray.train.get_dataset_shard("train"), columns, needed, stage.caption_columns,
+                          seed=cfg.seed + worker.rank)
     if train is None:
-        raise TrainError(f"worker {rank} got no training rows: the {stage.dataset_name(cfg)} train split is empty")
-    evaluation = (eval_dataset(split_path(cfg, stage, "eval"), stage.COLUMNS, cfg.max_eval_examples, cfg.seed,
-                               stage.CAPTION_COLUMNS) if cfg.do_eval else None)
-    note(f"data: {len(train):,} train rows, {len(evaluation) if evaluation else 0:,} eval rows")
-    scratch = tempfile.mkdtemp(prefix=f"humor_ray_{stage.NAME}_")
+        raise TrainError(f"worker {worker.rank} got no training rows: the {stage.dataset_name(cfg)} train split "
+                         "is empty")
+    evaluation = (eval_dataset(split_path(cfg, stage, "eval"), columns, cfg.max_eval_examples, cfg.seed,
+                               stage.caption_columns) if cfg.do_eval else None)
+    worker.log.info(f"data: {len(train):,} train rows, {len(evaluation) if evaluation else 0:,} eval rows")
+    return train, evaluation
+
+
+def _ready_trainer(cfg: TrainConfig, stage: Stage, worker: WorkerContext, board, train, evaluation):
+    """The stage's TRL trainer with Ray Train's reporting, the progress board and the metrics export."""
+    import transformers
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
     transformers.set_seed(cfg.seed)  # new weights (a reward head, LoRA) start the same on every run
-    trainer = stage.make_trainer(cfg, train, evaluation, scratch)
+    trainer = stage.make_trainer(cfg, train, evaluation, worker.scratch)
     if len(trainer.train_dataset) == 0:
         raise TrainError(f"no training example fits in --max_length {cfg.max_length} tokens; raise it")
-    note("trainer ready")
+    worker.log.info("trainer ready")
     trainer.add_callback(RayTrainReportCallback())
-    if rank == 0:  # the logs are the same on every rank
+    if worker.rank == 0:  # the logs are the same on every rank
         trainer.add_callback(_progress_callback(board))
-        trainer.add_callback(_metrics_callback(cfg.run_name, stage.NAME))
+        trainer.add_callback(_metrics_callback(cfg.run_name, stage.name))
     trainer.remove_callback(transformers.PrinterCallback)  # the driver's progress bar and TensorBoard show the logs
-    trainer = prepare_trainer(trainer)
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as restored:
-            resume = os.path.join(scratch, "resumed")
-            shutil.copytree(os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME), resume)
-        note(f"resuming from {checkpoint.path}")
-    if cfg.do_train:
-        trainer.train(resume_from_checkpoint=resume)
-        note("trained")
+    return prepare_trainer(trainer)
+
+
+def _resume_from(worker: WorkerContext) -> str | None:
+    """A local copy of the checkpoint's Hugging Face folder, when Ray Train restarts or resumes a run."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    if not worker.checkpoint:
+        return None
+    resume = os.path.join(worker.scratch, "resumed")
+    with worker.checkpoint.as_directory() as restored:
+        shutil.copytree(os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME), resume)
+    worker.log.info(f"resuming from {worker.checkpoint.path}")
+    return resume
+
+
+def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, trainer, evaluation) -> None:
     metrics = {}
     if evaluation is not None:
         # The last step's evaluation already ran when --eval_steps divides --max_steps: reuse it.
@@ -347,13 +370,13 @@ def _worker_loop(config: dict) -> None:
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate()
     final = os.path.join(cfg.output_dir, "final")
     trainer.save_model(final)  # every rank takes part (DeepSpeed gathers); rank 0 writes
-    if rank == 0:
+    if worker.rank == 0:
         trainer.processing_class.save_pretrained(final)
-        serve = save_merged(cfg.base_model(), stage.MODEL_KIND, cfg.new_padding_token, final)
+        serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, final)
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as handle:
             json.dump({"eval": metrics, "log_history": trainer.state.log_history, "model": serve,
-                       "resumed_from": checkpoint.path if checkpoint else None}, handle, indent=1)
-        note(f"final model in {serve}")
+                       "resumed_from": worker.checkpoint.path if worker.checkpoint else None}, handle, indent=1)
+        worker.log.info(f"final model in {serve}")
 
 
 # ---------------------------------------------------------------- the driver
@@ -363,6 +386,8 @@ TRAINER_SHOWN = ("loss", "eval_loss", "eval_accuracy", "eval_rewards/accuracies"
 
 def show_progress(board, name: str, stop, shown: tuple[str, ...] = TRAINER_SHOWN) -> None:
     """The driver's progress bar: steps done and the latest of the `shown` logs, until `stop` is set."""
+    import sys
+
     import ray
     from tqdm import tqdm
 
@@ -411,18 +436,40 @@ def fit_with_progress(trainer, board, run_name: str, stage_name: str, shown: tup
         progress.join()
 
 
-def launch(stage_module: str, cfg: TrainConfig):
-    """Run a stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
+def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str, *, shown=TRAINER_SHOWN,
+                datasets: dict | None = None, checkpoint_config=None, gpus_per_worker: float = 1.0):
+    """`loop` on `--num_workers` Ray Train workers, each given `args` (and the progress board this starts):
+    storage, the checkpoints kept, restarts after failures, the driver's progress bar."""
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cfg = args.config
+    run_config = RunConfig(name=cfg.run_name, storage_path=cfg.storage_path or os.path.join(cfg.output_dir, "ray"),
+                           checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=cfg.save_total_limit),
+                           failure_config=FailureConfig(max_failures=cfg.max_failures))
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if cfg.use_gpu else {})}
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    trainer = TorchTrainer(loop, train_loop_config={"args": dataclasses.replace(args, board=board)},
+                           scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                                        resources_per_worker=resources),
+                           run_config=run_config, datasets=datasets)
+    try:
+        return fit_with_progress(trainer, board, cfg.run_name, stage_name, shown)
+    finally:
+        ray.kill(board)
+
+
+def launch(stage: Stage, cfg: TrainConfig):
+    """Run a TRL stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
+    import ray.data
+    from ray.train import CheckpointConfig
+
     from humor_ray.cluster import init_ray
 
-    stage = importlib.import_module(stage_module)
+    setup_logging()
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name", "images"))
-    cfg.run_name = cfg.run_name or stage.NAME
+    cfg.run_name = cfg.run_name or stage.name
     for split in ("train", "eval") if cfg.do_eval else ("train",):
         path = split_path(cfg, stage, split)
         if "://" not in path and not os.path.isdir(path):
@@ -431,30 +478,19 @@ def launch(stage_module: str, cfg: TrainConfig):
     init_ray(dashboard=True)
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(stage.COLUMNS)
+    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
     train = train.randomize_block_order(seed=cfg.seed)
-    storage = cfg.storage_path or os.path.join(cfg.output_dir, "ray")
-    metric, order = stage.BEST_METRIC if cfg.do_eval else (None, "max")
-    run_config = RunConfig(
-        name=cfg.run_name, storage_path=storage,
-        # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always
-        # kept too, for resuming); without it, the newest ones.
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=metric,
-                                           checkpoint_score_order=order),
-        failure_config=FailureConfig(max_failures=cfg.max_failures))
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    loop_config = dict(dataclasses.asdict(cfg), _stage_module=stage_module, _progress_board=board)
-    scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})})
-    trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config, datasets={"train": train})
-    print(f"[{stage.NAME}] {cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
-          f"{cfg.output_dir}", file=sys.stderr, flush=True)
-    try:
-        result = fit_with_progress(trainer, board, cfg.run_name, stage.NAME)
-    finally:
-        ray.kill(board)
+    metric, order = stage.best_metric if cfg.do_eval else (None, "max")
+    # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always kept
+    # too, for resuming); without it, the newest ones.
+    kept = CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=metric,
+                            checkpoint_score_order=order)
+    log = get_logger(stage.name)
+    log.info(f"{cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
+             f"{cfg.output_dir}")
+    result = run_trainer(_worker_loop, WorkerArgs(config=cfg, stage=stage), stage.name, datasets={"train": train},
+                         checkpoint_config=kept)
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
-    print(f"[{stage.NAME}] done: {summary['model']}  eval {shown}", file=sys.stderr, flush=True)
+    log.info(f"done: {summary['model']}  eval {shown}")
     return result

@@ -15,13 +15,9 @@ import os
 import sys
 
 from humor_ray.config import data_root, field
-from humor_ray.train.launcher import TrainConfig, TrainError, hf_args, launch, lora_config
+from humor_ray.train.launcher import Stage, TrainConfig, TrainError, hf_args, launch, lora_config
 
 NAME = "llava"
-COLUMNS = ["contest", "image", "prompt", "caption"]
-CAPTION_COLUMNS = ()  # the chat template separates the turns
-MODEL_KIND = "image_text"
-BEST_METRIC = ("eval_loss", "min")
 PROJECTOR, TOWER = "multi_modal_projector", "vision_tower"
 # The language model's linear layers (Llama, Mistral): what LoRA adapts unless --lora_targets names others.
 LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -151,7 +147,13 @@ def _tower_path(model) -> str:
     return next(name for name, _ in model.named_modules() if name.split(".")[-1] == TOWER)
 
 
+# No caption column gets a leading space: the chat template separates the turns.
+STAGE = Stage(name=NAME, columns=("contest", "image", "prompt", "caption"), caption_columns=(),
+              model_kind="image_text", best_metric=("eval_loss", "min"), dataset_name=dataset_name,
+              make_trainer=make_trainer)
+
+
 def run(cfg: Config):
     if "://" not in cfg.images and not os.path.isdir(cfg.images):
         raise TrainError(f"--images {cfg.images}: no such folder (the cartoons the llava_sft rows name)")
-    return launch(__name__, cfg)
+    return launch(STAGE, cfg)

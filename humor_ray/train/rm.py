@@ -10,13 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 from humor_ray.config import field
-from humor_ray.train.launcher import TrainConfig, hf_args, launch, lora_config
+from humor_ray.train.launcher import Stage, TrainConfig, hf_args, launch, lora_config
 
 NAME = "rm"
-COLUMNS = ["prompt", "chosen", "rejected"]
-CAPTION_COLUMNS = ()  # `encode` joins prompt and caption itself
-MODEL_KIND = "reward"
-BEST_METRIC = ("eval_accuracy", "max")
 
 
 @dataclasses.dataclass
@@ -77,5 +73,11 @@ def make_trainer(cfg: Config, train, evaluation, scratch: str):
                          peft_config=lora_config(cfg, "SEQ_CLS"))
 
 
+# No caption column gets a leading space: `encode` joins prompt and caption itself.
+STAGE = Stage(name=NAME, columns=("prompt", "chosen", "rejected"), caption_columns=(),
+              model_kind="reward", best_metric=("eval_accuracy", "max"), dataset_name=dataset_name,
+              make_trainer=make_trainer)
+
+
 def run(cfg: Config):
-    return launch(__name__, cfg)
+    return launch(STAGE, cfg)

@@ -5,13 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 from humor_ray.config import field
-from humor_ray.train.launcher import TrainConfig, hf_args, launch, lora_config
+from humor_ray.train.launcher import Stage, TrainConfig, hf_args, launch, lora_config
 
 NAME = "sft"
-COLUMNS = ["prompt", "completion"]
-CAPTION_COLUMNS = ("completion",)
-MODEL_KIND = "causal_lm"
-BEST_METRIC = ("eval_loss", "min")
 
 
 @dataclasses.dataclass
@@ -36,5 +32,10 @@ def make_trainer(cfg: Config, train, evaluation, scratch: str):
                       processing_class=tokenizer, peft_config=lora_config(cfg, "CAUSAL_LM"))
 
 
+STAGE = Stage(name=NAME, columns=("prompt", "completion"), caption_columns=("completion",),
+              model_kind="causal_lm", best_metric=("eval_loss", "min"), dataset_name=dataset_name,
+              make_trainer=make_trainer)
+
+
 def run(cfg: Config):
-    return launch(__name__, cfg)
+    return launch(STAGE, cfg)
