@@ -66,7 +66,7 @@ def train_plain(args, model: str) -> float:
 def generate_with(kind: str, model_dir: str, prompt: str, cartoons: list, args) -> dict:
     import ray
 
-    from humor_ray.rl.engines import Decoding, start_engines
+    from humor_ray.engines import Decoding, start_engines
 
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     started = time.perf_counter()

@@ -26,7 +26,7 @@ import pyarrow.dataset as pds
 def measure_engine(kind: str, model_dir: str, prompts: list[str], args) -> dict:
     import ray
 
-    from humor_ray.rl.engines import Decoding, start_engines
+    from humor_ray.engines import Decoding, start_engines
 
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     started = time.perf_counter()

@@ -146,7 +146,7 @@ def test_two_workers_under_zero3(tmp_path, datasets_dir, real_data):
 def test_captions_come_from_the_completion_tokens_never_a_character_offset(trained):
     """The original system cut LLaVA's decoded output at len(prompt) characters, which lands inside a word
     whenever decoding does not reproduce the prompt's characters exactly. Ours decodes the new tokens only."""
-    from humor_ray.rl.engines import Decoding, HFEngine
+    from humor_ray.engines import Decoding, HFEngine
 
     out, config = trained
     engine = HFEngine(str(out / "final" / "merged"))

@@ -14,7 +14,7 @@ import torch
 
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
-from humor_ray.rl.engines import Decoding, EnginePool, first_line, start_engines
+from humor_ray.engines import Decoding, EnginePool, first_line, start_engines
 from humor_ray.rl.reward import RewardModel, vowel_share
 
 pytestmark = pytest.mark.timeout(900)

@@ -10,6 +10,7 @@ import psutil
 import pytest
 from conftest import build_real_datasets
 
+from humor_ray.models.reward_inputs import encode
 from humor_ray.train import dpo, rm, sft
 
 pytestmark = pytest.mark.timeout(900)
@@ -78,12 +79,12 @@ def test_reward_input_keeps_the_caption_and_the_end_of_a_long_prompt():
     prompt = "scene: an office\n" + "description: " + "a very long description " * 100 + "\nfunny caption:"
     for spec in ("minilm", "tiny"):
         tokenizer = registry.load_tokenizer(spec)
-        (ids,) = rm.encode(tokenizer, [prompt], ["I said the quarterly report, not the quarterly rapport."], 64)
+        (ids,) = encode(tokenizer, [prompt], ["I said the quarterly report, not the quarterly rapport."], 64)
         text = tokenizer.decode(ids)
         assert len(ids) <= 64, spec
         assert "rapport" in text and "funny caption" in text and "scene" not in text, (spec, text)
         # A caption longer than the whole budget still gives a valid input (real captions can be).
-        (ids,) = rm.encode(tokenizer, [prompt], ["ha " * 200], 64)
+        (ids,) = encode(tokenizer, [prompt], ["ha " * 200], 64)
         assert len(ids) <= 64 and "funny caption" in tokenizer.decode(ids)
 
 

@@ -26,16 +26,18 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from humor_ray.config import UserError, field
+from humor_ray.config import ConfigError, UserError, field
+from humor_ray.data.generations import choose_contests, read_generations
+from humor_ray.log import get_logger
 
 GROUPS = ("top10", "rank200", "rank1000", "median")
 JUDGES = ("rm", "llm")
 PROTOCOLS = ("overall", "best_pick")
+log = get_logger("judge")
 
 
 @dataclasses.dataclass
@@ -65,49 +67,18 @@ class JudgeConfig:
 
     def __post_init__(self):
         if not self.dataset_dir or not self.generations or not self.output_dir:
-            raise ValueError("judge needs --dataset_dir, --generations and --output_dir")
+            raise ConfigError("judge needs --dataset_dir, --generations and --output_dir")
         if self.judge not in JUDGES:
-            raise ValueError(f"--judge must be one of {JUDGES}")
+            raise ConfigError(f"--judge must be one of {JUDGES}")
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"--protocol must be one of {PROTOCOLS}")
+            raise ConfigError(f"--protocol must be one of {PROTOCOLS}")
         if self.judge == "rm" and not self.reward_model:
-            raise ValueError("--judge rm needs --reward_model")
+            raise ConfigError("--judge rm needs --reward_model")
         if self.judge == "llm" and not (self.base_url and self.model):
-            raise ValueError("--judge llm needs --base_url and --model")
+            raise ConfigError("--judge llm needs --base_url and --model")
 
 
 # ---------------------------------------------------------------- inputs
-
-def read_generations(paths: list[str], humans: bool = False):
-    """A long table (contest, method, sample, caption) from every generation source; the released
-    human captions (`human_*`) only with `humans=True`."""
-    import pandas as pd
-
-    from humor_ray.eval.diversity import read_released
-
-    frames, source_of = [], {}
-    for spec in paths:
-        path = Path(spec)
-        if (path / "captions.parquet").is_file():
-            frame = pd.read_parquet(path / "captions.parquet", columns=["contest", "method", "sample", "caption"])
-        elif path.is_dir():
-            frame = read_released(path)
-        elif path.is_file():
-            frame = read_released(path)
-        else:
-            raise UserError(f"--generations {spec}: no such file or directory")
-        for method in frame["method"].unique():
-            if method in source_of:
-                raise UserError(f"method {method!r} comes from both {source_of[method]} and {spec}: give one of "
-                                "them another name (`humor-ray generate --method NAME`)")
-            source_of[method] = spec
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    if not humans:
-        table = table[~table["method"].str.startswith("human")]
-    table = table[table["caption"].fillna("").str.strip() != ""]
-    return table.assign(contest=table["contest"].astype(int))
-
 
 def read_references(dataset_dir: str):
     import pandas as pd
@@ -175,7 +146,7 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
     pairs = [p for p in pairs if p[2] in context]
     flat_prompts = [context[c][0] for _, _, c, caps in pairs for _ in caps]
     flat_captions = [cap for _, _, _, caps in pairs for cap in caps]
-    print(f"[judge] scoring {len(flat_captions):,} captions with the reward model", file=sys.stderr, flush=True)
+    log.info(f"scoring {len(flat_captions):,} captions with the reward model")
     scores = model.score(flat_prompts, flat_captions, progress=True)
     means, start = {}, 0
     for kind, name, contest, caps in pairs:
@@ -341,8 +312,6 @@ def win_rates(judgments, resamples: int, seed: int) -> list[dict]:
 def run(cfg: JudgeConfig) -> dict:
     import pandas as pd
 
-    from humor_ray.infer.generate import choose_contests
-
     generations = read_generations(cfg.generations)
     references = read_references(cfg.dataset_dir)
     keep = choose_contests(references["contest"], cfg.contests, cfg.max_contests,
@@ -351,8 +320,7 @@ def run(cfg: JudgeConfig) -> dict:
     generations = generations[generations["contest"].isin(keep)]
     missing = sorted(set(generations["contest"]) - set(references["contest"]))
     if missing:
-        print(f"[judge] {len(missing)} generated contests have no human references and are skipped: {missing[:10]}",
-              file=sys.stderr)
+        log.warning(f"{len(missing)} generated contests have no human references and are skipped: {missing[:10]}")
     if cfg.judge == "rm":
         judgments, stats = rm_judgments(cfg, generations, references), {}
     else:
@@ -369,7 +337,7 @@ def run(cfg: JudgeConfig) -> dict:
                "reliability": reliability, "references": [r for r in rates if r["method"].startswith("human_")],
                "stats": stats}
     Path(cfg.output_dir, "winrates.json").write_text(json.dumps(summary, indent=1))
-    print(format_table(summary), file=sys.stderr, flush=True)
+    print(format_table(summary))  # the command's result, on standard output
     return summary
 
 

@@ -82,7 +82,7 @@ class TorchLearner:
 
 def _chosen_settings(cfg) -> dict:
     """What --deepspeed names: the user's JSON file, or the preset's ZeRO section."""
-    from humor_ray.train.launcher import zero_optimization
+    from humor_ray.train.deepspeed_presets import zero_optimization
 
     if cfg.deepspeed.endswith(".json"):
         with open(cfg.deepspeed) as handle:

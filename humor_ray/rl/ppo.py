@@ -29,9 +29,9 @@ from pathlib import Path
 
 from humor_ray.config import UserError, field
 from humor_ray.rl.algorithms import ESTIMATORS
-from humor_ray.rl.engines import ENGINES, DecodingOptions
+from humor_ray.engines import ENGINES, DecodingOptions
 from humor_ray.rl.learners import unwrap
-from humor_ray.train.launcher import check_deepspeed
+from humor_ray.train.deepspeed_presets import check_deepspeed
 
 PLACEMENTS = ("separate", "colocate")
 
@@ -269,7 +269,7 @@ def _worker_loop(config: dict) -> None:
 
     from humor_ray.models import registry
     from humor_ray.rl import algorithms as alg
-    from humor_ray.rl.engines import EnginePool, first_line
+    from humor_ray.engines import EnginePool, first_line
     from humor_ray.rl.learners import make_learner, start_deepspeed
     from humor_ray.rl.reward import score_with_retries
     from humor_ray.train.launcher import quiet_train_reports
@@ -493,7 +493,7 @@ def run(cfg: Config):
 
     from humor_ray.cluster import init_ray
     from humor_ray.models import registry
-    from humor_ray.rl.engines import start_engines
+    from humor_ray.engines import start_engines
     from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
     from humor_ray.train.launcher import ProgressBoard, TrainError, absolute_local_paths, fit_with_progress
 

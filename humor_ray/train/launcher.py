@@ -28,16 +28,8 @@ from pathlib import Path
 
 from humor_ray.config import UserError, field
 from humor_ray.metrics import StageMetrics
+from humor_ray.train.deepspeed_presets import check_deepspeed, deepspeed_config
 from humor_ray.train.export import save_merged
-
-DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3_offload")
-
-
-def check_deepspeed(value: str) -> None:
-    """The `--deepspeed` option of every trainer: a preset or a DeepSpeed JSON file."""
-    if value not in DEEPSPEED_PRESETS and not value.endswith(".json"):
-        raise ValueError(f"--deepspeed must be one of {DEEPSPEED_PRESETS} or a .json file")
-
 
 class TrainError(UserError):
     """A training run that cannot start or finish; the message says why."""
@@ -95,31 +87,6 @@ class TrainConfig:
     def base_model(self) -> str:
         """The model training starts from (DPO may start from an SFT output instead)."""
         return self.model_name
-
-
-def zero_optimization(preset: str, use_gpu: bool) -> dict:
-    """The `zero_optimization` section of a DeepSpeed preset (zero2, zero3, zero3_offload)."""
-    stage = 2 if preset == "zero2" else 3
-    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
-    if stage == 3:
-        # Needed for a normal Hugging Face checkpoint at save time.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if preset == "zero3_offload":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    return zero
-
-
-def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
-    """A DeepSpeed config for the HF Trainer ("auto" values are filled from the training args)."""
-    if preset == "none":
-        return None
-    if preset.endswith(".json"):
-        return preset
-    return {"zero_optimization": zero_optimization(preset, use_gpu),
-            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
 def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
