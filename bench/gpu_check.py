@@ -89,7 +89,8 @@ def main() -> None:
         print(f"  {phase:<10}{statistics.median(m[f'time/{phase}'] for m in history):8.3f} s")
     print(f"  logprob gap {max(m['logprob_gap'] for m in history):.2e}")
     print(f"llava_sft on vLLM with the cartoons: {captions['captions']} captions for {captions['contests']} contests "
-          f"in {captions['seconds']} s ({captions['captions'] / captions['seconds']:.1f} captions/s, start-up included)")
+          f"in {captions['seconds']} s ({captions['captions'] / captions['seconds']:.1f} captions/s, "
+          "start-up included)")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def train_plain(args, model: str) -> float:
     cfg = config(args, model, out)
     table = pds.dataset(os.path.join(args.datasets, "llava_sft", "train"), format="parquet").to_table(
         columns=llava.COLUMNS)
-    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[: cfg.max_steps * cfg.per_device_train_batch_size]
+    count = cfg.max_steps * cfg.per_device_train_batch_size
+    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[:count]
     trainer = llava.make_trainer(cfg, as_dataset(table.take(rows), llava.COLUMNS), None, out)
     trainer.train()
     return steady_samples_per_second(trainer.state.log_history, args.warmup, args.batch)

@@ -92,7 +92,8 @@ def main() -> None:
           f"{results['vllm']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x tokens/s", flush=True)
     shares = {model: ppo_sync_share(args, model) for model in args.ppo_models}
     print(f"\nPPO step (vLLM engine, {args.ppo_steps - 1} steps after the first, medians): share of step time")
-    print(f"{'policy':<14}{'step s':>8}" + "".join(f"{p:>11}" for p in ("generate", "score", "reference", "train", "sync")))
+    phases = ("generate", "score", "reference", "train", "sync")
+    print(f"{'policy':<14}{'step s':>8}" + "".join(f"{p:>11}" for p in phases))
     for model, s in shares.items():
         print(f"{model:<14}{s['step_s']:>8.2f}" + "".join(f"{s[p]:>10.1%} " for p in ("generate", "score", "reference",
                                                                                      "train", "sync")))

@@ -33,7 +33,8 @@ class DemoConfig:
                                           "30 for tiny; 0 skips training)")
     ppo_steps: int | None = field(None, "PPO steps (default 2 for SmolLM2, 4 for tiny)")
     eval_contests: int = field(4, "evaluation contests captions are generated and judged for")
-    judge_base_url: str | None = field(None, "an OpenAI-compatible endpoint for the LLM judge (default: the reward model judges)")
+    judge_base_url: str | None = field(None, "an OpenAI-compatible endpoint for the LLM judge (default: the reward "
+                                             "model judges)")
     judge_model: str | None = field(None, "the LLM judge's model, with --judge_base_url")
 
     def __post_init__(self):

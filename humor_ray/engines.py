@@ -51,7 +51,8 @@ class DecodingOptions:
     temperature: float = field(Decoding.temperature, "sampling temperature")
     top_p: float = field(Decoding.top_p, "nucleus sampling")
     repetition_penalty: float = field(Decoding.repetition_penalty, "repetition penalty")
-    max_new_tokens: int = field(Decoding.max_new_tokens, "tokens per generation at most (it stops at the first newline)")
+    max_new_tokens: int = field(Decoding.max_new_tokens, "tokens per generation at most (it stops at the first "
+                                                         "newline)")
 
     def decoding(self) -> Decoding:
         return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -147,7 +148,8 @@ class VLLMEngine(_Engine):
         if images is None:
             inputs = [TokensPrompt(prompt_token_ids=ids) for ids in self._prompt_ids(prompts)]
         else:  # vLLM's processor puts the image's tokens where the prompt's image token is
-            inputs = [{"prompt": prompt, "multi_modal_data": {"image": image}} for prompt, image in zip(prompts, images)]
+            inputs = [{"prompt": prompt, "multi_modal_data": {"image": image}}
+                      for prompt, image in zip(prompts, images)]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
         for index, output in enumerate(outputs):
@@ -316,7 +318,7 @@ class EnginePool:
             engine_index, chunk = running.pop(done[0])
             try:
                 samples = ray.get(done[0])
-            except Exception as err:  # noqa: BLE001 - engine crash or stale weights: recover, then retry
+            except Exception as err:  # engine crash or stale weights: recover, then retry
                 failures[chunk[0]] = failures.get(chunk[0], 0) + 1
                 if failures[chunk[0]] > self.max_retries:
                     raise RuntimeError(f"rollout engine {engine_index} failed {self.max_retries} times: {err}") from err
@@ -345,7 +347,7 @@ class EnginePool:
             try:
                 held = ray.get(engine.version.remote(), timeout=60)
                 break
-            except Exception:  # noqa: BLE001 - still restarting
+            except Exception:  # still restarting
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)

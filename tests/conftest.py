@@ -19,9 +19,9 @@ os.environ.update({
     "AWS_EC2_METADATA_DISABLED": "true",
 })
 
-import pytest  # noqa: E402
+import pytest
 
-from humor_ray.config import data_root  # noqa: E402
+from humor_ray.config import data_root
 
 
 @pytest.fixture(scope="session")

@@ -108,7 +108,8 @@ def test_reward_model_judge_win_rates_and_report_in_a_browser(tmp_path, datasets
         images = view.locator("img")
         assert images.count() >= 4  # two plots, two cartoons
         for i in range(images.count()):
-            assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0"), images.nth(i).get_attribute("src")
+            image = images.nth(i)
+            assert image.evaluate("img => img.complete && img.naturalWidth > 0"), image.get_attribute("src")
         view.screenshot(path=str(site / "screenshot.png"), full_page=True)
         browser.close()
     assert (site / "screenshot.png").stat().st_size > 10_000

@@ -92,8 +92,8 @@ def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir, monkeypatc
     out = tmp_path / "dpo"
     # Relative paths, as typed on a command line: the workers run elsewhere and must still find them.
     monkeypatch.chdir(tmp_path)
-    dpo.run(dpo.Config(output_dir="dpo", dataset_dir=os.path.relpath(datasets_dir, tmp_path), model_name="tiny", lora_r=8,
-                       new_padding_token=True, beta=0.1, loss_type=["sigmoid", "sft"], **SMALL))
+    dpo.run(dpo.Config(output_dir="dpo", dataset_dir=os.path.relpath(datasets_dir, tmp_path), model_name="tiny",
+                       lora_r=8, new_padding_token=True, beta=0.1, loss_type=["sigmoid", "sft"], **SMALL))
     metrics = metrics_of(out)
     assert steps_logged(metrics) == [1, 2, 3, 4]
     assert "eval_rewards/accuracies" in metrics["eval"] and "eval_rewards/margins" in metrics["eval"]
@@ -123,7 +123,8 @@ def test_two_workers_under_deepspeed(tmp_path, datasets_dir, zero):
 
 
 def _train_workers():
-    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+    return [p for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
 
 
 def test_a_killed_worker_is_restarted_and_training_resumes(tmp_path, datasets_dir):

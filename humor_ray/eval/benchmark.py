@@ -44,19 +44,23 @@ log = get_logger("judge")
 class JudgeConfig:
     """Win rates of methods' captions against human captions."""
     dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts, captions)")
-    generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs or directories of them")
+    generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs or "
+                                         "directories of them")
     output_dir: str = field(None, "where judgments and win rates go")
     judge: str = field("rm", "rm (the reward model, offline) or llm (an OpenAI-compatible endpoint)")
     reward_model: str | None = field(None, "for --judge rm: a `humor-ray rm` output or reward model directory")
-    reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as trained)")
-    base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as "
+                                        "trained)")
+    base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or "
+                                       "http://127.0.0.1:8000/v1")
     model: str | None = field(None, "for --judge llm: the judge model")
     api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the API key (never logged or written)")
     protocol: str = field("overall", "overall (text, few-shot, both orders) or best_pick (with the image)")
     shots: int = field(5, "few-shot examples from training contests (overall)")
     images_dir: str | None = field(None, "cartoon images (best_pick); default: the data root's images/")
     concurrency: int = field(16, "requests in flight")
-    cache_dir: str | None = field(None, "answers cache (default <output_dir>/cache): a rerun sends nothing already answered")
+    cache_dir: str | None = field(None, "answers cache (default <output_dir>/cache): a rerun sends nothing already "
+                                        "answered")
     price_per_mtok_in: float = field(0.0, "USD per million prompt tokens, for the cost count")
     price_per_mtok_out: float = field(0.0, "USD per million completion tokens")
     dry_run: bool = field(False, "print what would be sent and its cost; send nothing")
@@ -192,7 +196,8 @@ def prob_a(answer: dict) -> float:
     """P(A) against P(B) from the first answer token's top log-probs (0.5 if neither appears)."""
     best = {"A": -math.inf, "B": -math.inf}
     first = (answer.get("logprobs") or [{}])[0]
-    for option in first.get("top_logprobs") or [{"token": first.get("token", ""), "logprob": first.get("logprob", 0.0)}]:
+    options = first.get("top_logprobs") or [{"token": first.get("token", ""), "logprob": first.get("logprob", 0.0)}]
+    for option in options:
         token = option["token"].strip().upper()
         if token in best:
             best[token] = max(best[token], option["logprob"])
@@ -275,7 +280,8 @@ def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict]
         for caps in (ours, theirs):
             groups[(c, tuple(caps))] = caps
     keys = list(groups)
-    pick_requests = [pick_request(context[c][0], _image_part(images_dir, context[c][1]), list(caps)) for c, caps in keys]
+    pick_requests = [pick_request(context[c][0], _image_part(images_dir, context[c][1]), list(caps))
+                     for c, caps in keys]
     if cfg.dry_run:
         return [], client.dry_run(pick_requests)
     picks = {key: _picked(a, list(key[1])) for key, a in zip(keys, client.complete_many(pick_requests))}
@@ -344,12 +350,14 @@ def run(cfg: JudgeConfig) -> dict:
 def format_table(summary: dict) -> str:
     rates = {(r["method"], r["against"]): r for r in summary["win_rates"]}
     methods = sorted({m for m, _ in rates})
-    lines = [f"win rate vs human captions ({summary['judge']}), 95% CI", f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS)]
+    lines = [f"win rate vs human captions ({summary['judge']}), 95% CI",
+             f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS)]
     for method in methods:
         cells = []
         for group in GROUPS:
             r = rates.get((method, group))
-            cells.append(f"{100 * r['win_rate']:5.1f} [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]" if r else "-")
+            cell = f"{100 * r['win_rate']:5.1f} [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]" if r else "-"
+            cells.append(cell)
         lines.append(f"{method:<14}" + "".join(f"{c:>22}" for c in cells))
     if summary.get("reliability"):
         r = summary["reliability"]

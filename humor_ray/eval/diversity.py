@@ -12,7 +12,8 @@ contests. Two scores:
   and `words` (lowercased words and punctuation marks, V = the word vocabulary of the whole evaluation).
 
 Tables are pandas DataFrames in the long layout of `humor_ray.data.generations`, one row per caption:
-`contest, method, sample, caption`. `humor-ray diversity` prints the scores of every method and writes them to `diversity.json`.
+`contest, method, sample, caption`. `humor-ray diversity` prints the scores of every method and writes them
+to `diversity.json`.
 """
 
 from __future__ import annotations

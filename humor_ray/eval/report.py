@@ -153,7 +153,8 @@ def run(cfg: ReportConfig) -> str:
         cells = "".join(f"<div class='col'><h4>{html.escape(name)}</h4><ol>"
                         + "".join(f"<li>{html.escape(c)}</li>" for c in caps[: cfg.captions_shown]) + "</ol></div>"
                         for name, caps in columns)
-        examples.append(f"<section class='example'><h3>Contest {contest}</h3>{image_html}<div class='cols'>{cells}</div></section>")
+        examples.append(f"<section class='example'><h3>Contest {contest}</h3>{image_html}"
+                        f"<div class='cols'>{cells}</div></section>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(cfg.title)}</title>
 <style>

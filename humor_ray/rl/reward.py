@@ -103,7 +103,7 @@ def score_with_retries(actor, prompts: list[str], captions: list[str], retries: 
     for attempt in range(retries + 1):  # the last attempt returns or raises
         try:
             return ray.get(actor.score.remote(prompts, captions)), attempt
-        except Exception as err:  # noqa: BLE001 - retried; the last failure is raised
+        except Exception as err:  # retried; the last failure is raised
             if attempt == retries:
                 raise RuntimeError(f"the reward model failed {retries + 1} times: {err}") from err
             log.warning(f"scoring failed ({type(err).__name__}); retry {attempt + 1}/{retries}")
