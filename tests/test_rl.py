@@ -9,7 +9,6 @@ import time
 
 import psutil
 import pytest
-from conftest import build_real_datasets
 import torch
 
 from humor_ray.rl import algorithms as alg
@@ -18,6 +17,8 @@ from humor_ray.engines import Decoding, EnginePool, first_line, start_engines
 from humor_ray.rl.reward import RewardModel, vowel_share
 
 pytestmark = pytest.mark.timeout(900)
+# Prompts (with the cartoons' descriptions) and preference pairs of real contests.
+REAL_DATASETS = {"summaries": "5[0-4][0-9]_*.csv", "datasets": ["prompts", "pairs"]}
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -183,13 +184,6 @@ def test_builtin_reward_has_its_known_optimum():
 
 
 # ---------------------------------------------------------------- whole runs
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory, real_data, ray_local):
-    """Prompts (with the cartoons' descriptions) and preference pairs of real contests."""
-    return build_real_datasets(tmp_path_factory.mktemp("rl_datasets"), real_data,
-                               "5[0-4][0-9]_*.csv", ["prompts", "pairs"])
-
 
 def history_of(out):
     return json.loads((out / "metrics.json").read_text())["history"]

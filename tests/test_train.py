@@ -8,22 +8,16 @@ import time
 
 import psutil
 import pytest
-from conftest import build_real_datasets
 
 from humor_ray.models.reward_inputs import encode
 from humor_ray.train import dpo, rm, sft
 
 pytestmark = pytest.mark.timeout(900)
+REAL_DATASETS = {"summaries": "53[06]_LilUCB.csv", "datasets": ["sft_simple", "pairs"]}
 
 # Small runs: a few steps, every one logged, evaluation and a checkpoint every second step.
 SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
              max_eval_examples=16, max_length=256, max_failures=0, report_to=["none"])
-
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory, real_data, ray_local):
-    return build_real_datasets(tmp_path_factory.mktemp("datasets"), real_data,
-                               "53[06]_LilUCB.csv", ["sft_simple", "pairs"])
 
 
 def metrics_of(out):
