@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from humor_ray.eval import benchmark, report
-from humor_ray.eval.diversity import read_wide
+from humor_ray.data.generations import read_wide
 from humor_ray.infer import generate
 from humor_ray.infer.generate import clean_caption
 
