@@ -63,8 +63,8 @@ def _installed() -> bool:
 
 
 def setup_logging(level: str | int | None = None) -> None:
-    """Our lines on standard error at `level` (default: $HUMOR_RAY_LOG_LEVEL, else INFO); idempotent,
-    called by the CLI and at the start of each Ray worker."""
+    """Our lines on standard error at `level` (default: $HUMOR_RAY_LOG_LEVEL, else INFO); idempotent.
+    The config system calls it with `--log_level`; a process's first `get_logger` calls it too."""
     level = level or os.environ.get(LEVEL_VARIABLE) or "INFO"
     logger = logging.getLogger(ROOT)
     logger.setLevel(level.upper() if isinstance(level, str) else level)
