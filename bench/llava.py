@@ -57,7 +57,8 @@ def train_plain(args, model: str) -> float:
     cfg = config(args, model, out)
     table = pds.dataset(os.path.join(args.datasets, "llava_sft", "train"), format="parquet").to_table(
         columns=list(llava.STAGE.columns))
-    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[: cfg.max_steps * cfg.per_device_train_batch_size]
+    count = cfg.max_steps * cfg.per_device_train_batch_size
+    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[:count]
     trainer = llava.make_trainer(cfg, as_dataset(table.take(rows), list(llava.STAGE.columns)), None, out)
     trainer.train()
     return steady_samples_per_second(trainer.state.log_history, args.warmup, args.batch)
@@ -66,7 +67,7 @@ def train_plain(args, model: str) -> float:
 def generate_with(kind: str, model_dir: str, prompt: str, cartoons: list, args) -> dict:
     import ray
 
-    from humor_ray.rl.engines import Decoding, start_engines
+    from humor_ray.engines import Decoding, start_engines
 
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     started = time.perf_counter()

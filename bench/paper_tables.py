@@ -19,11 +19,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from humor_ray.config import data_root  # noqa: E402
-from humor_ray.eval.benchmark import read_generations  # noqa: E402
-from humor_ray.eval.diversity import (  # noqa: E402
-    EAD_KINDS, EMBEDDING_MODELS, PAIRS, PAPER_TABLE, RELEASED_DIR, method_diversity,
-)
+from humor_ray.config import data_root
+from humor_ray.data.generations import RELEASED_DIR, read_generations
+from humor_ray.eval.diversity import EAD_KINDS, EMBEDDING_MODELS, PAIRS, PAPER_TABLE, method_diversity
 
 
 def main() -> None:

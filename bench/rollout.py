@@ -26,7 +26,7 @@ import pyarrow.dataset as pds
 def measure_engine(kind: str, model_dir: str, prompts: list[str], args) -> dict:
     import ray
 
-    from humor_ray.rl.engines import Decoding, start_engines
+    from humor_ray.engines import Decoding, start_engines
 
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     started = time.perf_counter()
@@ -92,7 +92,8 @@ def main() -> None:
           f"{results['vllm']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x tokens/s", flush=True)
     shares = {model: ppo_sync_share(args, model) for model in args.ppo_models}
     print(f"\nPPO step (vLLM engine, {args.ppo_steps - 1} steps after the first, medians): share of step time")
-    print(f"{'policy':<14}{'step s':>8}" + "".join(f"{p:>11}" for p in ("generate", "score", "reference", "train", "sync")))
+    phases = ("generate", "score", "reference", "train", "sync")
+    print(f"{'policy':<14}{'step s':>8}" + "".join(f"{p:>11}" for p in phases))
     for model, s in shares.items():
         print(f"{model:<14}{s['step_s']:>8.2f}" + "".join(f"{s[p]:>10.1%} " for p in ("generate", "score", "reference",
                                                                                      "train", "sync")))

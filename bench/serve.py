@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import openai  # noqa: E402
+import openai
 
-from hf_server import running_server as running_hf_server  # noqa: E402 - bench/ is on a script's path
-from humor_ray.serve import ServeConfig, free_port, running_server  # noqa: E402
+from hf_server import running_server as running_hf_server  # bench/ is on a script's path
+from humor_ray.serve import ServeConfig, free_port, running_server
 
 SCENES = ["a whale in a business meeting", "two cavemen at a laptop", "a dog at a therapist's office",
           "a knight at a drive-through", "penguins in an elevator", "a snail on a treadmill",

@@ -30,7 +30,8 @@ def steady_tokens_per_second(log_history: list[dict], warmup: int) -> float:
     logs = [e for e in log_history if "loss" in e and "num_input_tokens_seen" in e and "train_runtime" in e]
     first = next(e for e in logs if e["step"] >= warmup)
     last = logs[-1]
-    return (last["num_input_tokens_seen"] - first["num_input_tokens_seen"]) / (last["train_runtime"] - first["train_runtime"])
+    tokens = last["num_input_tokens_seen"] - first["num_input_tokens_seen"]
+    return tokens / (last["train_runtime"] - first["train_runtime"])
 
 
 def config(args, output_dir: str, workers: int = 1, threads: int | None = None) -> sft.Config:
@@ -75,7 +76,8 @@ def run_plain(args) -> tuple[float, float]:
     started = time.perf_counter()
     table = pds.dataset(os.path.join(args.datasets, "sft_simple", "train"), format="parquet").to_table(
         columns=list(sft.STAGE.columns))
-    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[: cfg.max_steps * cfg.per_device_train_batch_size]
+    count = cfg.max_steps * cfg.per_device_train_batch_size
+    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[:count]
     train = as_dataset(table.take(rows), list(sft.STAGE.columns), sft.STAGE.caption_columns)
     trainer = sft.STAGE.make_trainer(cfg, train, None, out)
     trainer.train()

@@ -46,10 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     prog = "humor-ray " + " ".join(key)
     try:
         run(parse_config(getattr(module, config_name), argv[len(key):], prog))
-    except (UserError, ValueError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        user = user_error(err)
+        if user is None:
+            raise  # a bug: its traceback says where
+        print(f"{prog}: error: {user}", file=sys.stderr)
+        return 1
     return 0
+
+
+def user_error(err: BaseException) -> UserError | None:
+    """The user error `err` is, or the one a Ray failure carries (Ray raises a task's or actor's exception
+    inside a RayTaskError, as its `cause`); None for anything else."""
+    ray_exceptions = sys.modules.get("ray.exceptions")  # no Ray failure without Ray loaded
+    while ray_exceptions and isinstance(err, ray_exceptions.RayTaskError):
+        err = err.cause
+    return err if isinstance(err, UserError) else None

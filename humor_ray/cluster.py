@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import sys
+
+from humor_ray.log import LEVEL_VARIABLE, get_logger, ray_level
 
 # No model or dataset hub at run time; workers get the same settings as the driver.
 OFFLINE_ENV = {
@@ -19,6 +20,7 @@ OFFLINE_ENV = {
 # Ray Train workers beside a Ray Data pipeline deadlock when the logical CPU count is the physical
 # count on small machines, so a local cluster advertises at least this many.
 MIN_LOCAL_CPUS = 4
+log = get_logger("ray")
 
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
@@ -30,17 +32,20 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         env = {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+        if LEVEL_VARIABLE in os.environ:  # --log_level, for our lines in the workers
+            env[LEVEL_VARIABLE] = os.environ[LEVEL_VARIABLE]
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True,
+                 logging_level=ray_level())
         return
-    # A local cluster's workers inherit this process's environment: cheaper than a runtime_env,
+    # A local cluster's workers inherit this process's environment (the log level too): cheaper than a runtime_env,
     # which makes every worker start wait for the runtime-env agent.
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     # address="local": never attach to some other cluster this machine happens to run.
     context = ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
-                       include_dashboard=dashboard, log_to_driver=True, logging_level="WARNING")
+                       include_dashboard=dashboard, log_to_driver=True, logging_level=ray_level())
     if dashboard and context.dashboard_url:
-        print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr, flush=True)
+        log.info(f"Ray dashboard: http://{context.dashboard_url}")
 
 
 def local_cores() -> int | None:

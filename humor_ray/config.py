@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
 
 import yaml
+
+from humor_ray.log import LEVEL_VARIABLE, LEVELS, setup_logging
 
 
 class UserError(Exception):
@@ -49,6 +52,8 @@ def _parse_bool(text: str) -> bool:
 def build_parser(config_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description or config_cls.__doc__)
     parser.add_argument("--config", help="YAML file with values for any of the flags below")
+    parser.add_argument("--log_level", "--log-level", type=str.upper, choices=LEVELS,
+                        help="what the run logs to standard error (default INFO; DEBUG adds Ray's own lines)")
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         kind, is_list = _base_type(hints[field.name])
@@ -69,7 +74,21 @@ def build_parser(config_cls, prog: str, description: str = "") -> argparse.Argum
     return parser
 
 
+def find_job_spec(path: str) -> str:
+    """A `--config` file: the path as given when it exists, else a job spec shipped with the package, by
+    its name in jobs/ (`sft-tiny.yaml`, `jobs/sft-tiny.yaml`, `serve/smollm2.yaml`)."""
+    if os.path.exists(path):
+        return path
+    name = Path(path).as_posix().removeprefix("jobs/")
+    package = Path(__file__).resolve().parent
+    for jobs in (package / "jobs", package.parent / "jobs"):  # an installed wheel; a source checkout
+        if (jobs / name).is_file():
+            return str(jobs / name)
+    return path
+
+
 def load_yaml(path: str) -> dict:
+    path = find_job_spec(path)
     try:
         with open(path) as handle:
             values = yaml.safe_load(handle) or {}
@@ -84,8 +103,6 @@ def load_yaml(path: str) -> dict:
 
 def _expand(value):
     """`${HUMOR_RAY_DATA}/summaries` in a job spec: the same file works on every machine."""
-    import os
-
     if isinstance(value, str):
         return os.path.expandvars(value)
     if isinstance(value, list):
@@ -98,6 +115,10 @@ def parse_config(config_cls, argv: list[str] | None, prog: str):
     parser = build_parser(config_cls, prog)
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
+    level = args.pop("log_level", None)
+    if level:
+        os.environ[LEVEL_VARIABLE] = level  # Ray workers inherit it (see humor_ray/cluster.py)
+    setup_logging(level)
     values = load_yaml(config_path) if config_path else {}
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - known)
@@ -219,8 +240,6 @@ class LoggingOptions(Options):
 
 def data_root() -> Path:
     """The real contest data: `$HUMOR_RAY_DATA`, else `../shared/data` beside the checkout."""
-    import os
-
     env = os.environ.get("HUMOR_RAY_DATA")
     if env:
         return Path(env)

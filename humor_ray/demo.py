@@ -5,20 +5,19 @@ report, on CPU with the laptop job specs in short runs: the policy is --policy (
 the tiny preset), the LLaVA its vision-language preset (SmolLM2 under an untrained vision tower, or
 tiny-llava), the reward model MiniLM. The judge is the reward model (offline) unless --judge_base_url
 names an OpenAI-compatible endpoint. Every stage writes under --output and can be rerun alone with
-the command it prints, after the minutes elapsed so far."""
+the command it logs."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
-from humor_ray.config import field, parse_config
+from humor_ray.config import ConfigError, field, parse_config
+from humor_ray.log import get_logger
 
-REPO = Path(__file__).resolve().parents[1]
+log = get_logger("demo")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "humor_ray" / "data"
 
 
@@ -34,12 +33,13 @@ class DemoConfig:
                                           "30 for tiny; 0 skips training)")
     ppo_steps: int | None = field(None, "PPO steps (default 2 for SmolLM2, 4 for tiny)")
     eval_contests: int = field(4, "evaluation contests captions are generated and judged for")
-    judge_base_url: str | None = field(None, "an OpenAI-compatible endpoint for the LLM judge (default: the reward model judges)")
+    judge_base_url: str | None = field(None, "an OpenAI-compatible endpoint for the LLM judge (default: the reward "
+                                             "model judges)")
     judge_model: str | None = field(None, "the LLM judge's model, with --judge_base_url")
 
     def __post_init__(self):
         if self.policy not in POLICY_SPECS:
-            raise ValueError(f"--policy must be one of {sorted(POLICY_SPECS)}")
+            raise ConfigError(f"--policy must be one of {sorted(POLICY_SPECS)}")
         tiny = self.policy == "tiny"
         if self.train_steps is None:
             self.train_steps = 30 if tiny else 8
@@ -49,12 +49,6 @@ class DemoConfig:
 
 # The job specs each policy's stages run (jobs/<stage>-<size>.yaml).
 POLICY_SPECS = {"smollm2-135m": "smollm2", "tiny": "tiny"}
-_started = time.perf_counter()  # reset when a run starts
-
-
-def log(message: str) -> None:
-    minutes, seconds = divmod(int(time.perf_counter() - _started), 60)
-    print(f"[demo {minutes}:{seconds:02d}] {message}", file=sys.stderr, flush=True)
 
 
 def locate_data(cfg: DemoConfig) -> Path:
@@ -67,7 +61,7 @@ def locate_data(cfg: DemoConfig) -> Path:
             raise fetch.FetchError(f"{given} has no summaries/ folder: point HUMOR_RAY_DATA at the contest data")
         return Path(given)
     if not (DEFAULT_CACHE / "summaries").is_dir():
-        log(f"HUMOR_RAY_DATA is not set: downloading the public data into {DEFAULT_CACHE}")
+        log.info(f"HUMOR_RAY_DATA is not set: downloading the public data into {DEFAULT_CACHE}")
         fetch.run(fetch.FetchConfig(output=str(DEFAULT_CACHE), mirror=cfg.mirror))
     return DEFAULT_CACHE
 
@@ -76,29 +70,27 @@ def run(cfg: DemoConfig) -> dict:
     from humor_ray.cluster import init_ray
     from humor_ray.data import build
 
-    global _started
-    _started = time.perf_counter()
     data = locate_data(cfg)
     # With the dashboard from the start: the training stages are watched there (and Ray Train asks the
     # cluster's state through it); the data build alone would start Ray without it.
     init_ray(dashboard=True)
     os.environ["HUMOR_RAY_DATA"] = str(data)
     datasets = Path(cfg.output) / "datasets"
-    log(f"stage 1: data build from {data} -> {datasets}")
-    build_cfg = parse_config(build.BuildConfig, ["--config", str(REPO / "jobs" / "data.yaml"),
+    log.info(f"stage 1: data build from {data} -> {datasets}")
+    build_cfg = parse_config(build.BuildConfig, ["--config", "jobs/data.yaml",
                                                  "--output", str(datasets)], "humor-ray data build")
     # The upstream download has no paper split or Humor-in-AI descriptions: use what is there.
     build_cfg.descriptions = [d for d in build_cfg.descriptions if Path(d).is_file()]
     if build_cfg.splits and not Path(build_cfg.splits).is_file():
-        log(f"no split file at {build_cfg.splits}: contests are split by hash")
+        log.info(f"no split file at {build_cfg.splits}: contests are split by hash")
         build_cfg.splits = None
     report = build.run(build_cfg)
-    log(f"datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}")
+    log.info(f"datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}")
     if cfg.train_steps > 0:
         report["training"] = train(cfg, datasets)
         report["report"] = evaluate(cfg, datasets)
-        log(f"report: {Path(report['report']).resolve()}")
-    log(f"done: {Path(cfg.output).resolve()}")
+        log.info(f"report: {Path(report['report']).resolve()}")
+    log.info(f"done: {Path(cfg.output).resolve()}")
     return report
 
 
@@ -125,10 +117,10 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
         out = runs / name
         _stage(number, name, module.run, module.Config, spec, [*short, "--output_dir", str(out), *extra])
         results[name] = json.loads((out / "metrics.json").read_text())["eval"]
-    log(f"sft held-out loss {results['sft'].get('eval_loss', float('nan')):.3f}; reward model held-out "
-        f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
-        f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}; llava held-out loss "
-        f"{results['llava'].get('eval_loss', float('nan')):.3f}")
+    log.info(f"sft held-out loss {results['sft'].get('eval_loss', float('nan')):.3f}; reward model held-out "
+             f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
+             f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}; llava held-out loss "
+             f"{results['llava'].get('eval_loss', float('nan')):.3f}")
     return results
 
 
@@ -137,7 +129,7 @@ def eval_contests(datasets: Path, released: Path, count: int) -> list[int]:
     generations covers, so that ours and theirs are judged on the same cartoons."""
     import pyarrow.dataset as pds
 
-    from humor_ray.eval.benchmark import read_generations
+    from humor_ray.data.generations import read_generations
 
     contests = sorted(pds.dataset(datasets / "prompts" / "eval", format="parquet").to_table(
         columns=["contest"])["contest"].to_pylist())
@@ -151,8 +143,8 @@ def eval_contests(datasets: Path, released: Path, count: int) -> list[int]:
 
 def _stage(number: int, name: str, function, config_class, spec: str | None, args: list[str]):
     """One stage as its command line would run it (printed, so it can be rerun alone)."""
-    argv = (["--config", str(REPO / "jobs" / spec)] if spec else []) + args
-    log(f"stage {number}: humor-ray {name} {' '.join(argv)}")
+    argv = (["--config", f"jobs/{spec}"] if spec else []) + args
+    log.info(f"stage {number}: humor-ray {name} {' '.join(argv)}")
     return function(parse_config(config_class, argv, f"humor-ray {name}"))
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import socket
 import time
@@ -41,11 +40,12 @@ from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.llm import LLMConfig, LLMServer, build_openai_app
 
-from humor_ray.config import UserError, field
+from humor_ray.config import ConfigError, UserError, field
+from humor_ray.engines import Decoding
+from humor_ray.log import get_logger
 from humor_ray.models import registry
-from humor_ray.rl.engines import Decoding
 
-log = logging.getLogger(__name__)
+log = get_logger("serve")
 
 APP_NAME = "humor-ray"
 # The replica's environment: vLLM's KV cache on CPU is sized by this (GiB); offline like every stage.
@@ -73,7 +73,7 @@ class ServeConfig:
 
     def __post_init__(self):
         if self.num_replicas < 1:
-            raise ValueError(f"--num_replicas must be >= 1, got {self.num_replicas}")
+            raise ConfigError(f"--num_replicas must be >= 1, got {self.num_replicas}")
         if self.autoscale is not None:
             self.replica_range()
         self.adapters()  # a bad adapter directory fails here, before any cluster starts
@@ -82,7 +82,7 @@ class ServeConfig:
         low, sep, high = str(self.autoscale).partition(":")
         if not (sep and low.strip().isdigit() and high.strip().isdigit() and 0 <= int(low) <= int(high)
                 and int(high) >= 1):
-            raise ValueError(f"--autoscale must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale!r}")
+            raise ConfigError(f"--autoscale must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale!r}")
         return int(low), int(high)
 
     def model_id(self) -> str:
@@ -270,6 +270,6 @@ def free_port() -> int:
 def run(cfg: ServeConfig) -> None:
     """Serve until interrupted."""
     with running_server(cfg) as url:
-        print(f"serving {cfg.model_id()} at {url}", flush=True)
+        log.info(f"serving {cfg.model_id()} at {url}")
         while True:
             time.sleep(3600)

@@ -19,9 +19,9 @@ os.environ.update({
     "AWS_EC2_METADATA_DISABLED": "true",
 })
 
-import pytest  # noqa: E402
+import pytest
 
-from humor_ray.config import data_root  # noqa: E402
+from humor_ray.config import data_root
 
 
 @pytest.fixture(scope="session")
@@ -45,16 +45,20 @@ def ray_local():
     ray.shutdown()
 
 
-def build_real_datasets(out, real_data, summaries: str, datasets: list[str], images: bool = False):
-    """`humor-ray data build` of the real summary files matching `summaries` (a glob under summaries/), with
-    the paper's splits, the Humor-in-AI descriptions and, with `images`, the cartoons; only `datasets`."""
+@pytest.fixture(scope="module")
+def datasets_dir(request, tmp_path_factory, real_data, ray_local):
+    """`humor-ray data build` of the real data a test module names in its `REAL_DATASETS`: `summaries` (a glob
+    under summaries/), `datasets` (which to write) and `images` (with the cartoons, default no); the paper's
+    splits and the Humor-in-AI descriptions always. Each module builds only what its tests read."""
     from humor_ray.data import build
 
+    spec = request.module.REAL_DATASETS
+    out = tmp_path_factory.mktemp(f"{request.module.__name__}_datasets")
     build.run(build.BuildConfig(
-        input=str(real_data / "summaries" / summaries), output=str(out),
+        input=str(real_data / "summaries" / spec["summaries"]), output=str(out),
         splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
         descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
-        images=str(real_data / "images") if images else None, datasets=datasets))
+        images=str(real_data / "images") if spec.get("images") else None, datasets=spec["datasets"]))
     return out
 
 

@@ -215,7 +215,10 @@ def run_cli(*args, ray_address=None):
 def test_cli_strict_and_nothing_usable(inputs, tmp_path, ray_local):
     # The command joins the session's cluster, as it would under `ray job submit`.
     address = ray_local.get_runtime_context().gcs_address
-    run = lambda *args: run_cli(*args, ray_address=address)  # noqa: E731
+
+    def run(*args):
+        return run_cli(*args, ray_address=address)
+
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     shutil.copy(inputs / "902_garbage.parquet", only_bad)

@@ -1,9 +1,14 @@
 import dataclasses
+import os
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, Options, RunOptions,
-                              ScaleOptions, field, parse_config)
+                              ScaleOptions, field, load_yaml, parse_config)
+from humor_ray.log import LEVEL_VARIABLE, RAY_DATA_CONFIG_VARIABLE, RAY_DATA_QUIET, get_logger, setup_logging
 
 
 @dataclasses.dataclass
@@ -99,3 +104,42 @@ def test_stages_compose_the_shared_option_groups():
         assert len({repr([getattr(cfg, name) for name in names]) for cfg in configs}) == 1, group.__name__
     with pytest.raises(ConfigError, match="^--deepspeed zero9: choose from none, zero2, zero3, zero3_offload or a"):
         ppo.Config(**required, reward_model="x", deepspeed="zero9")
+
+
+def test_a_job_spec_by_its_name_from_anywhere(tmp_path, monkeypatch):
+    """`--config sft-tiny.yaml` or `jobs/sft-tiny.yaml` from any directory: the specs shipped with the package."""
+    monkeypatch.chdir(tmp_path)
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "sft-tiny.yaml").read_text())
+    for name in ("sft-tiny.yaml", "jobs/sft-tiny.yaml"):
+        assert load_yaml(name)["model_name"] == spec["model_name"]
+    assert load_yaml("serve/smollm2.yaml")
+    with pytest.raises(ConfigError, match="config file not found: sft-huge.yaml"):
+        load_yaml("sft-huge.yaml")
+    (tmp_path / "sft-tiny.yaml").write_text("model_name: mine\n")  # a file of that name here comes first
+    assert load_yaml("sft-tiny.yaml") == {"model_name": "mine"}
+
+
+@pytest.fixture
+def log_level(monkeypatch):
+    """The level a test sets, undone after it (the variables by monkeypatch, the logger's level here)."""
+    monkeypatch.delenv(LEVEL_VARIABLE, raising=False)
+    monkeypatch.delenv(RAY_DATA_CONFIG_VARIABLE, raising=False)
+    yield
+    setup_logging("INFO")
+
+
+def test_log_level_flag(log_level, capsys):
+    log = get_logger("example")
+    parse_config(Example, ["--log_level", "warning"], "t")
+    log.info("not shown")
+    log.warning("shown")
+    err = capsys.readouterr().err
+    assert "not shown" not in err and re.search(r"^\[ *\d+\.\d s example\] WARNING: shown$", err, re.MULTILINE), err
+    # Ray workers inherit the level; Ray Data's console shows only its warnings.
+    assert os.environ[LEVEL_VARIABLE] == "WARNING" and os.environ[RAY_DATA_CONFIG_VARIABLE] == RAY_DATA_QUIET
+    parse_config(Example, ["--log-level", "DEBUG"], "t")
+    log.debug("details")
+    assert "] DEBUG: details" in capsys.readouterr().err and RAY_DATA_CONFIG_VARIABLE not in os.environ
+    with pytest.raises(SystemExit):
+        parse_config(Example, ["--log_level", "loud"], "t")
+    assert "invalid choice: 'LOUD'" in capsys.readouterr().err

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 from humor_ray.config import UserError
+from humor_ray.data.generations import read_released, read_wide
 from humor_ray.eval.diversity import (
-    PAPER_TABLE, PAPER_VOCAB_SIZE, ead, ead_scores, embedding_diversity, method_diversity, paper_words,
-    read_released, read_wide, tokenize, vocabulary_size,
+    PAPER_TABLE, PAPER_VOCAB_SIZE, ead, ead_scores, embedding_diversity, method_diversity, paper_words, tokenize,
+    vocabulary_size,
 )
 
 pytestmark = pytest.mark.timeout(300)

@@ -6,14 +6,16 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import build_real_datasets
 
 from humor_ray.eval import benchmark, report
-from humor_ray.eval.diversity import read_wide
+from humor_ray.data.generations import read_wide
 from humor_ray.infer import generate
 from humor_ray.infer.generate import clean_caption
 
 pytestmark = pytest.mark.timeout(900)
+# Contests 530-549: training contests for the judge's few-shot examples, six evaluation contests with human
+# references and the cartoons' descriptions.
+REAL_DATASETS = {"summaries": "5[34][0-9]_*.csv", "datasets": ["prompts", "references", "captions"], "images": True}
 
 
 def test_captions_are_cleaned_like_a_reader_would():
@@ -23,14 +25,6 @@ def test_captions_are_cleaned_like_a_reader_would():
     assert clean_caption("I told you the elephant would nev", finished=False) == "I told you the elephant would"
     assert clean_caption("Incompr", finished=False) == ""
     assert clean_caption("\n\n", finished=True) == ""
-
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory, real_data, ray_local):
-    """Contests 530-549: training contests for the judge's few-shot examples, six evaluation contests
-    with human references and the cartoons' descriptions."""
-    return build_real_datasets(tmp_path_factory.mktemp("eval_datasets"), real_data,
-                               "5[34][0-9]_*.csv", ["prompts", "references", "captions"], images=True)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +102,8 @@ def test_reward_model_judge_win_rates_and_report_in_a_browser(tmp_path, datasets
         images = view.locator("img")
         assert images.count() >= 4  # two plots, two cartoons
         for i in range(images.count()):
-            assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0"), images.nth(i).get_attribute("src")
+            image = images.nth(i)
+            assert image.evaluate("img => img.complete && img.naturalWidth > 0"), image.get_attribute("src")
         view.screenshot(path=str(site / "screenshot.png"), full_page=True)
         browser.close()
     assert (site / "screenshot.png").stat().st_size > 10_000

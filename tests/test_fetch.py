@@ -29,7 +29,7 @@ SMALL = ("descriptions/humor_in_ai_prompt_descriptions.csv", "benchmarks/humor_i
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves files under `server.root`, honouring `Range: bytes=N-`; logs (path, Range) per GET."""
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):  # http.server's naming
         self.server.requests.append((self.path, self.headers.get("Range")))
         file = self.server.root / urllib.parse.unquote(urllib.parse.urlparse(self.path).path).lstrip("/")
         if not file.is_file():

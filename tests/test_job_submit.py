@@ -1,7 +1,6 @@
 """The data stage as a real Ray job: `ray start --head` on loopback, then `ray job submit`."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

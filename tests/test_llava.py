@@ -5,7 +5,6 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import build_real_datasets
 import torch
 
 from humor_ray.eval import benchmark
@@ -16,16 +15,11 @@ from humor_ray.models.vision import chat_prompt, check_images, open_image
 from humor_ray.train import llava
 
 pytestmark = pytest.mark.timeout(900)
+# Contests 530-539 with their cartoons: 536 and 537 are evaluation contests.
+REAL_DATASETS = {"summaries": "53[0-9]_*.csv", "datasets": ["llava_sft", "prompts", "references"], "images": True}
 
 SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
              max_eval_examples=8, max_length=256, max_failures=0, report_to=["none"], learning_rate=1e-3)
-
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory, real_data, ray_local):
-    """Contests 530-539 with their cartoons: 536 and 537 are evaluation contests."""
-    return build_real_datasets(tmp_path_factory.mktemp("llava_datasets"), real_data,
-                               "53[0-9]_*.csv", ["llava_sft", "prompts", "references"], images=True)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +140,7 @@ def test_two_workers_under_zero3(tmp_path, datasets_dir, real_data):
 def test_captions_come_from_the_completion_tokens_never_a_character_offset(trained):
     """The original system cut LLaVA's decoded output at len(prompt) characters, which lands inside a word
     whenever decoding does not reproduce the prompt's characters exactly. Ours decodes the new tokens only."""
-    from humor_ray.rl.engines import Decoding, HFEngine
+    from humor_ray.engines import Decoding, HFEngine
 
     out, config = trained
     engine = HFEngine(str(out / "final" / "merged"))

@@ -10,15 +10,16 @@ import types
 
 import psutil
 import pytest
-from conftest import build_real_datasets
 import torch
 
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
-from humor_ray.rl.engines import Decoding, EnginePool, first_line, start_engines
+from humor_ray.engines import Decoding, EnginePool, first_line, start_engines
 from humor_ray.rl.reward import RewardModel, vowel_share
 
 pytestmark = pytest.mark.timeout(900)
+# Prompts (with the cartoons' descriptions) and preference pairs of real contests.
+REAL_DATASETS = {"summaries": "5[0-4][0-9]_*.csv", "datasets": ["prompts", "pairs"]}
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -49,7 +50,8 @@ def test_token_rewards_put_the_score_on_the_last_token_and_the_kl_on_every_token
 def test_group_advantages():
     returns = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
     grpo = alg.grpo_advantages(returns, 3)
-    assert grpo[:3].mean().item() == pytest.approx(0.0, abs=1e-6) and grpo[:3].std().item() == pytest.approx(1.0, rel=1e-4)
+    assert grpo[:3].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert grpo[:3].std().item() == pytest.approx(1.0, rel=1e-4)
     assert grpo[3:].abs().max().item() < 1e-3  # equal returns: nothing to prefer
     rloo = alg.rloo_advantages(returns, 3)
     assert rloo[:3].tolist() == pytest.approx([1.0 - 2.5, 2.0 - 2.0, 3.0 - 1.5])
@@ -190,13 +192,6 @@ def test_builtin_reward_has_its_known_optimum():
 
 
 # ---------------------------------------------------------------- whole runs
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory, real_data, ray_local):
-    """Prompts (with the cartoons' descriptions) and preference pairs of real contests."""
-    return build_real_datasets(tmp_path_factory.mktemp("rl_datasets"), real_data,
-                               "5[0-4][0-9]_*.csv", ["prompts", "pairs"])
-
 
 def history_of(out):
     return json.loads((out / "metrics.json").read_text())["history"]

@@ -8,21 +8,16 @@ import time
 
 import psutil
 import pytest
-from conftest import build_real_datasets
 
+from humor_ray.models.reward_inputs import encode
 from humor_ray.train import dpo, rm, sft
 
 pytestmark = pytest.mark.timeout(900)
+REAL_DATASETS = {"summaries": "53[06]_LilUCB.csv", "datasets": ["sft_simple", "pairs"]}
 
 # Small runs: a few steps, every one logged, evaluation and a checkpoint every second step.
 SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
              max_eval_examples=16, max_length=256, max_failures=0, report_to=["none"])
-
-
-@pytest.fixture(scope="module")
-def datasets_dir(tmp_path_factory, real_data, ray_local):
-    return build_real_datasets(tmp_path_factory.mktemp("datasets"), real_data,
-                               "53[06]_LilUCB.csv", ["sft_simple", "pairs"])
 
 
 def metrics_of(out):
@@ -78,12 +73,12 @@ def test_reward_input_keeps_the_caption_and_the_end_of_a_long_prompt():
     prompt = "scene: an office\n" + "description: " + "a very long description " * 100 + "\nfunny caption:"
     for spec in ("minilm", "tiny"):
         tokenizer = registry.load_tokenizer(spec)
-        (ids,) = rm.encode(tokenizer, [prompt], ["I said the quarterly report, not the quarterly rapport."], 64)
+        (ids,) = encode(tokenizer, [prompt], ["I said the quarterly report, not the quarterly rapport."], 64)
         text = tokenizer.decode(ids)
         assert len(ids) <= 64, spec
         assert "rapport" in text and "funny caption" in text and "scene" not in text, (spec, text)
         # A caption longer than the whole budget still gives a valid input (real captions can be).
-        (ids,) = rm.encode(tokenizer, [prompt], ["ha " * 200], 64)
+        (ids,) = encode(tokenizer, [prompt], ["ha " * 200], 64)
         assert len(ids) <= 64 and "funny caption" in tokenizer.decode(ids)
 
 
@@ -91,8 +86,8 @@ def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir, monkeypatc
     out = tmp_path / "dpo"
     # Relative paths, as typed on a command line: the workers run elsewhere and must still find them.
     monkeypatch.chdir(tmp_path)
-    dpo.run(dpo.Config(output_dir="dpo", dataset_dir=os.path.relpath(datasets_dir, tmp_path), model_name="tiny", lora_r=8,
-                       new_padding_token=True, beta=0.1, loss_type=["sigmoid", "sft"], **SMALL))
+    dpo.run(dpo.Config(output_dir="dpo", dataset_dir=os.path.relpath(datasets_dir, tmp_path), model_name="tiny",
+                       lora_r=8, new_padding_token=True, beta=0.1, loss_type=["sigmoid", "sft"], **SMALL))
     metrics = metrics_of(out)
     assert steps_logged(metrics) == [1, 2, 3, 4]
     assert "eval_rewards/accuracies" in metrics["eval"] and "eval_rewards/margins" in metrics["eval"]

@@ -16,7 +16,6 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import PurePosixPath
@@ -27,10 +26,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from humor_ray.config import Options, UserError, field
+from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data import prompts, readers, text
 from humor_ray.data.pairs import sample_pairs
+from humor_ray.log import get_logger
 from humor_ray.metrics import StageMetrics
+
+log = get_logger("data build")
 
 SPLITS = ("train", "eval")
 BUILDABLE = ("captions", "pairs", "sft", "sft_simple", "prompts", "llava_sft", "references")
@@ -66,18 +68,15 @@ class BuildConfig(Options):
 
     def __post_init__(self):
         if not self.input or not self.output:
-            raise ValueError("data build needs --input and --output")
+            raise ConfigError("data build needs --input and --output")
         super().__post_init__()
         if not 0 <= self.eval_fraction <= 1:
-            raise ValueError("--eval-fraction must be between 0 and 1")
+            raise ConfigError("--eval-fraction must be between 0 and 1")
 
 
 class BuildError(UserError):
     """Nothing usable came out of the input (or --strict and something was rejected)."""
 
-
-def log(message: str) -> None:
-    print(f"[data build] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- output filesystem helpers
@@ -623,7 +622,7 @@ def run(cfg: BuildConfig) -> dict:
     init_ray(num_cpus=local_cores())
     _warm_up_workers()
     ray_ready = time.perf_counter()
-    log(f"pass 1/2: reading {len(paths)} files ({len(excluded)} excluded)")
+    log.info(f"pass 1/2: reading {len(paths)} files ({len(excluded)} excluded)")
     sizes = [info.size or 0 for info in in_fs.get_file_info(paths)]
     files = _ray_map([{"index": i, "path": p, "uri": input_uri_prefix or p} for i, p in enumerate(paths)],
                      stage_files, sizes, output=cfg.output)
@@ -634,7 +633,7 @@ def run(cfg: BuildConfig) -> dict:
         warnings += f["warnings"]
         if f["error"]:
             quarantined_files.append({"source": f["path"], "reason": f["error"]})
-            log(f"skipped: {f['error']}")
+            log.warning(f"skipped: {f['error']}")
     groups = [dict(g, path=f["path"]) for f in files for g in f["groups"] if not g["lookup"]]
     rejected = {}
     for g_index, g in enumerate(groups):
@@ -646,7 +645,7 @@ def run(cfg: BuildConfig) -> dict:
     for g_index, reason in sorted(rejected.items()):
         g = groups[g_index]
         quarantined_files.append({"source": g["path"], "reason": f"contest {g['contest']}: {reason}"})
-        log(f"skipped {PurePosixPath(g['path']).name}: contest {g['contest']}: {reason}")
+        log.warning(f"skipped {PurePosixPath(g['path']).name}: contest {g['contest']}: {reason}")
 
     usable = defaultdict(list)
     for g_index, g in enumerate(groups):
@@ -669,7 +668,7 @@ def run(cfg: BuildConfig) -> dict:
     if not plans:
         raise BuildError("nothing usable remains: every file was rejected (see the messages above)")
 
-    log(f"pass 2/2: building datasets for {len(plans)} contests")
+    log.info(f"pass 2/2: building datasets for {len(plans)} contests")
     sizes = [sum(g["votes"] for g in usable[p["contest"]]) for p in plans]
     built = _ray_map(plans, build_contests, sizes, cfg=dataclasses.asdict(cfg))
     build_done = time.perf_counter()
@@ -757,11 +756,11 @@ def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, spl
 
 def _print_summary(report: dict, output: str) -> None:
     c = report["contests"]
-    log(f"done in {report['seconds']['total']} s: {c['total']} contests ({c['train']} train, {c['eval']} eval), "
-        f"{report['captions']['kept']:,} captions, {report['votes']:,} votes")
-    log("; ".join(f"{name} " + " / ".join(f"{n:,} {split}" for split, n in counts.items())
-                  for name, counts in report["datasets"].items()))
+    log.info(f"done in {report['seconds']['total']} s: {c['total']} contests ({c['train']} train, {c['eval']} eval), "
+             f"{report['captions']['kept']:,} captions, {report['votes']:,} votes")
+    log.info("; ".join(f"{name} " + " / ".join(f"{n:,} {split}" for split, n in counts.items())
+                       for name, counts in report["datasets"].items()))
     q = report["quarantined"]
-    log(f"quarantined {q['rows']:,} rows and {q['files']} files; scrubbed {report['scrubbed']}; "
-        f"{len(c['without_context'])} contests without context, {len(c['without_image'])} without image")
-    log(f"report: {_join(output, 'report.json')}")
+    log.info(f"quarantined {q['rows']:,} rows and {q['files']} files; scrubbed {report['scrubbed']}; "
+             f"{len(c['without_context'])} contests without context, {len(c['without_image'])} without image")
+    log.info(f"report: {_join(output, 'report.json')}")

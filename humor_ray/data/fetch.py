@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 import urllib.parse
@@ -30,7 +29,10 @@ from pathlib import Path
 
 import requests
 
-from humor_ray.config import UserError, field
+from humor_ray.config import ConfigError, UserError, field
+from humor_ray.log import get_logger
+
+log = get_logger("data fetch")
 
 UPSTREAM_REPO = "nextml/caption-contest-data-api"
 UPSTREAM_COMMIT = "9e38b2b73a4541dd26111e05b90bcca6bdcae008"
@@ -84,13 +86,13 @@ class FetchConfig:
 
     def __post_init__(self):
         if not self.output:
-            raise ValueError("data fetch needs --output")
+            raise ConfigError("data fetch needs --output")
         if self.workers < 1:
-            raise ValueError("--workers must be at least 1")
+            raise ConfigError("--workers must be at least 1")
         if self.retries < 0:
-            raise ValueError("--retries must be 0 or more")
+            raise ConfigError("--retries must be 0 or more")
         if self.timeout <= 0:
-            raise ValueError("--timeout must be positive")
+            raise ConfigError("--timeout must be positive")
 
 
 class FetchError(UserError, RuntimeError):
@@ -119,9 +121,6 @@ class _Missing(Exception):
 class _BadDownload(Exception):
     """One attempt gave a wrong or incomplete file; worth retrying."""
 
-
-def log(message: str) -> None:
-    print(f"[data fetch] {message}", file=sys.stderr, flush=True)
 
 
 def _hexdigest(path: Path, digest) -> str:
@@ -319,8 +318,8 @@ class _Fetcher:
             for future in concurrent.futures.as_completed(futures):
                 self.tally(future.result())
                 if s["files"] % PROGRESS_EVERY == 0 or s["files"] == total:
-                    log(f"{s['files']}/{total} files: {s['downloaded']} downloaded, {s['skipped']} already there, "
-                        f"{len(s['missing'])} missing, {len(s['failed'])} failed, {s['bytes'] / 1e6:.1f} MB")
+                    log.info(f"{s['files']}/{total} files: {s['downloaded']} downloaded, {s['skipped']} already there, "
+                             f"{len(s['missing'])} missing, {len(s['failed'])} failed, {s['bytes'] / 1e6:.1f} MB")
         finally:
             # on a fatal error (unreachable source, Ctrl-C) do not start the files still queued
             pool.shutdown(wait=True, cancel_futures=True)
@@ -338,7 +337,7 @@ class _Fetcher:
             self.summary["missing"].append(item.path)
         else:
             self.summary["failed"].append({"path": item.path, "error": result["error"]})
-            log(f"FAILED {item.path}: {result['error']}")
+            log.warning(f"FAILED {item.path}: {result['error']}")
 
 
 # ---------------------------------------------------------------- what to fetch
@@ -406,7 +405,7 @@ def _upstream_tree(cfg: FetchConfig) -> dict:
                          f"(403 is GitHub's hourly rate limit: try later, or pass --mirror URL/DIR)")
     tree = resp.json()
     if tree.get("truncated"):
-        log("warning: GitHub truncated the file list; some files may be missing")
+        log.warning("GitHub truncated the file list; some files may be missing")
     return tree
 
 
@@ -422,7 +421,7 @@ def run(cfg: FetchConfig) -> dict:
     if mirror and not _is_http(mirror) and not Path(mirror).is_dir():
         raise FetchError(f"mirror directory {mirror} does not exist")
     fetcher = _Fetcher(cfg, mirror or UPSTREAM_RAW_URL)
-    log(f"fetching from {fetcher.summary['source']} into {fetcher.out} with {cfg.workers} workers")
+    log.info(f"fetching from {fetcher.summary['source']} into {fetcher.out} with {cfg.workers} workers")
     try:
         if mirror:
             # The manifest comes first, alone: it says which summaries exist and what they hash to, and
@@ -442,11 +441,11 @@ def run(cfg: FetchConfig) -> dict:
         fetcher.save_record()  # even after an interruption, so the next run can verify what arrived
     summary = fetcher.summary
     summary["seconds"] = round(time.monotonic() - started, 1)
-    log(f"done in {summary['seconds']} s: {summary['downloaded']} downloaded, {summary['skipped']} already "
-        f"there, {summary['bytes'] / 1e6:.1f} MB")
+    log.info(f"done in {summary['seconds']} s: {summary['downloaded']} downloaded, {summary['skipped']} already "
+             f"there, {summary['bytes'] / 1e6:.1f} MB")
     if summary["missing"]:
         shown = ", ".join(summary["missing"][:5]) + (" ..." if len(summary["missing"]) > 5 else "")
-        log(f"{len(summary['missing'])} optional files not on the source: {shown}")
+        log.info(f"{len(summary['missing'])} optional files not on the source: {shown}")
     if summary["failed"]:
         lines = "\n".join(f"  {f['path']}: {f['error']}" for f in summary["failed"])
         raise FetchError(f"{len(summary['failed'])} files failed (rerun to retry them):\n{lines}", summary)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 import time
 
 import numpy as np
@@ -27,8 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from humor_ray.config import field
+from humor_ray.config import ConfigError, field
 from humor_ray.data import readers
+from humor_ray.log import get_logger
+
+log = get_logger("data synth")
 
 # ---------------------------------------------------------------- calibration
 # Measured on the real data in /work/shared/data: the 176 contests with usable_for_humor=1 in
@@ -237,22 +239,19 @@ class SynthConfig:
 
     def __post_init__(self):
         if not self.output:
-            raise ValueError("data synth needs --output")
+            raise ConfigError("data synth needs --output")
         for name in ("ratings", "contests", "seed"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"--{name} must be a whole number, not {value!r}")
+                raise ConfigError(f"--{name} must be a whole number, not {value!r}")
         if self.ratings is None or self.ratings < 1:
-            raise ValueError(f"--ratings must be at least 1, not {self.ratings}")
+            raise ConfigError(f"--ratings must be at least 1, not {self.ratings}")
         if self.contests is not None and not 1 <= self.contests <= self.ratings:
-            raise ValueError(f"--contests must be between 1 and --ratings ({self.ratings:,}): every "
+            raise ConfigError(f"--contests must be between 1 and --ratings ({self.ratings:,}): every "
                              f"contest needs a rating; got {self.contests}")
         if self.seed < 0:
-            raise ValueError(f"--seed must not be negative, not {self.seed}")
+            raise ConfigError(f"--seed must not be negative, not {self.seed}")
 
-
-def log(message: str) -> None:
-    print(f"[data synth] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the plan: votes per contest and shard
@@ -403,8 +402,8 @@ def run(cfg: SynthConfig) -> dict:
         if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
             fs.delete_dir(f"{root}/{name}")
         fs.create_dir(f"{root}/{name}", recursive=True)
-    log(f"{cfg.ratings:,} ratings in {len(votes):,} contests ({FIRST_CONTEST}-{FIRST_CONTEST + len(votes) - 1}), "
-        f"{len(tasks):,} shards -> {cfg.output}")
+    log.info(f"{cfg.ratings:,} ratings in {len(votes):,} contests ({FIRST_CONTEST}-{FIRST_CONTEST + len(votes) - 1}), "
+             f"{len(tasks):,} shards -> {cfg.output}")
 
     init_ray()
     task = ray.remote(num_cpus=1)(write_shard)
@@ -422,7 +421,7 @@ def run(cfg: SynthConfig) -> dict:
         done += 1
         if time.perf_counter() - last_log > 5 or done == len(tasks):
             last_log = time.perf_counter()
-            log(f"{done:,}/{len(tasks):,} shards, {summary['ratings']:,} ratings, {last_log - started:.0f} s")
+            log.info(f"{done:,}/{len(tasks):,} shards, {summary['ratings']:,} ratings, {last_log - started:.0f} s")
 
     for contest, n_votes, shard in tasks:
         if len(pending) >= max_in_flight:
@@ -433,6 +432,6 @@ def run(cfg: SynthConfig) -> dict:
     if summary["ratings"] != cfg.ratings:  # a bug, not a user error: the plan sums to exactly N
         raise RuntimeError(f"wrote {summary['ratings']:,} ratings, expected {cfg.ratings:,}")
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    log(f"done: {summary['ratings']:,} ratings, {summary['captions']:,} captions, {summary['contests']:,} "
-        f"contests, {summary['files']:,} files in {summary['seconds']} s")
+    log.info(f"done: {summary['ratings']:,} ratings, {summary['captions']:,} captions, {summary['contests']:,} "
+             f"contests, {summary['files']:,} files in {summary['seconds']} s")
     return summary

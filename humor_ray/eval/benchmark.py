@@ -26,28 +26,33 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from humor_ray.config import Options, UserError, field
+from humor_ray.config import ConfigError, Options, UserError, field
+from humor_ray.data.generations import choose_contests, read_generations
+from humor_ray.log import get_logger
 
 GROUPS = ("top10", "rank200", "rank1000", "median")
 JUDGES = ("rm", "llm")
 PROTOCOLS = ("overall", "best_pick")
+log = get_logger("judge")
 
 
 @dataclasses.dataclass
 class JudgeConfig(Options):
     """Win rates of methods' captions against human captions."""
     dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts, captions)")
-    generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs or directories of them")
+    generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs or "
+                                         "directories of them")
     output_dir: str = field(None, "where judgments and win rates go")
     judge: str = field("rm", "rm (the reward model, offline) or llm (an OpenAI-compatible endpoint)", choices=JUDGES)
     reward_model: str | None = field(None, "for --judge rm: a `humor-ray rm` output or reward model directory")
-    reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as trained)")
-    base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as "
+                                        "trained)")
+    base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or "
+                                       "http://127.0.0.1:8000/v1")
     model: str | None = field(None, "for --judge llm: the judge model")
     api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the API key (never logged or written)")
     protocol: str = field("overall", "overall (text, few-shot, both orders) or best_pick (with the image)",
@@ -55,7 +60,8 @@ class JudgeConfig(Options):
     shots: int = field(5, "few-shot examples from training contests (overall)")
     images_dir: str | None = field(None, "cartoon images (best_pick); default: the data root's images/")
     concurrency: int = field(16, "requests in flight")
-    cache_dir: str | None = field(None, "answers cache (default <output_dir>/cache): a rerun sends nothing already answered")
+    cache_dir: str | None = field(None, "answers cache (default <output_dir>/cache): a rerun sends nothing already "
+                                        "answered")
     price_per_mtok_in: float = field(0.0, "USD per million prompt tokens, for the cost count")
     price_per_mtok_out: float = field(0.0, "USD per million completion tokens")
     dry_run: bool = field(False, "print what would be sent and its cost; send nothing")
@@ -66,46 +72,15 @@ class JudgeConfig(Options):
 
     def __post_init__(self):
         if not self.dataset_dir or not self.generations or not self.output_dir:
-            raise ValueError("judge needs --dataset_dir, --generations and --output_dir")
+            raise ConfigError("judge needs --dataset_dir, --generations and --output_dir")
         super().__post_init__()
         if self.judge == "rm" and not self.reward_model:
-            raise ValueError("--judge rm needs --reward_model")
+            raise ConfigError("--judge rm needs --reward_model")
         if self.judge == "llm" and not (self.base_url and self.model):
-            raise ValueError("--judge llm needs --base_url and --model")
+            raise ConfigError("--judge llm needs --base_url and --model")
 
 
 # ---------------------------------------------------------------- inputs
-
-def read_generations(paths: list[str], humans: bool = False):
-    """A long table (contest, method, sample, caption) from every generation source; the released
-    human captions (`human_*`) only with `humans=True`."""
-    import pandas as pd
-
-    from humor_ray.eval.diversity import read_released
-
-    frames, source_of = [], {}
-    for spec in paths:
-        path = Path(spec)
-        if (path / "captions.parquet").is_file():
-            frame = pd.read_parquet(path / "captions.parquet", columns=["contest", "method", "sample", "caption"])
-        elif path.is_dir():
-            frame = read_released(path)
-        elif path.is_file():
-            frame = read_released(path)
-        else:
-            raise UserError(f"--generations {spec}: no such file or directory")
-        for method in frame["method"].unique():
-            if method in source_of:
-                raise UserError(f"method {method!r} comes from both {source_of[method]} and {spec}: give one of "
-                                "them another name (`humor-ray generate --method NAME`)")
-            source_of[method] = spec
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    if not humans:
-        table = table[~table["method"].str.startswith("human")]
-    table = table[table["caption"].fillna("").str.strip() != ""]
-    return table.assign(contest=table["contest"].astype(int))
-
 
 def read_references(dataset_dir: str):
     import pandas as pd
@@ -173,7 +148,7 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
     pairs = [p for p in pairs if p[2] in context]
     flat_prompts = [context[c][0] for _, _, c, caps in pairs for _ in caps]
     flat_captions = [cap for _, _, _, caps in pairs for cap in caps]
-    print(f"[judge] scoring {len(flat_captions):,} captions with the reward model", file=sys.stderr, flush=True)
+    log.info(f"scoring {len(flat_captions):,} captions with the reward model")
     scores = model.score(flat_prompts, flat_captions, progress=True)
     means, start = {}, 0
     for kind, name, contest, caps in pairs:
@@ -219,7 +194,8 @@ def prob_a(answer: dict) -> float:
     """P(A) against P(B) from the first answer token's top log-probs (0.5 if neither appears)."""
     best = {"A": -math.inf, "B": -math.inf}
     first = (answer.get("logprobs") or [{}])[0]
-    for option in first.get("top_logprobs") or [{"token": first.get("token", ""), "logprob": first.get("logprob", 0.0)}]:
+    options = first.get("top_logprobs") or [{"token": first.get("token", ""), "logprob": first.get("logprob", 0.0)}]
+    for option in options:
         token = option["token"].strip().upper()
         if token in best:
             best[token] = max(best[token], option["logprob"])
@@ -302,7 +278,8 @@ def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict]
         for caps in (ours, theirs):
             groups[(c, tuple(caps))] = caps
     keys = list(groups)
-    pick_requests = [pick_request(context[c][0], _image_part(images_dir, context[c][1]), list(caps)) for c, caps in keys]
+    pick_requests = [pick_request(context[c][0], _image_part(images_dir, context[c][1]), list(caps))
+                     for c, caps in keys]
     if cfg.dry_run:
         return [], client.dry_run(pick_requests)
     picks = {key: _picked(a, list(key[1])) for key, a in zip(keys, client.complete_many(pick_requests))}
@@ -339,8 +316,6 @@ def win_rates(judgments, resamples: int, seed: int) -> list[dict]:
 def run(cfg: JudgeConfig) -> dict:
     import pandas as pd
 
-    from humor_ray.infer.generate import choose_contests
-
     generations = read_generations(cfg.generations)
     references = read_references(cfg.dataset_dir)
     keep = choose_contests(references["contest"], cfg.contests, cfg.max_contests,
@@ -349,8 +324,7 @@ def run(cfg: JudgeConfig) -> dict:
     generations = generations[generations["contest"].isin(keep)]
     missing = sorted(set(generations["contest"]) - set(references["contest"]))
     if missing:
-        print(f"[judge] {len(missing)} generated contests have no human references and are skipped: {missing[:10]}",
-              file=sys.stderr)
+        log.warning(f"{len(missing)} generated contests have no human references and are skipped: {missing[:10]}")
     if cfg.judge == "rm":
         judgments, stats = rm_judgments(cfg, generations, references), {}
     else:
@@ -367,19 +341,21 @@ def run(cfg: JudgeConfig) -> dict:
                "reliability": reliability, "references": [r for r in rates if r["method"].startswith("human_")],
                "stats": stats}
     Path(cfg.output_dir, "winrates.json").write_text(json.dumps(summary, indent=1))
-    print(format_table(summary), file=sys.stderr, flush=True)
+    print(format_table(summary))  # the command's result, on standard output
     return summary
 
 
 def format_table(summary: dict) -> str:
     rates = {(r["method"], r["against"]): r for r in summary["win_rates"]}
     methods = sorted({m for m, _ in rates})
-    lines = [f"win rate vs human captions ({summary['judge']}), 95% CI", f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS)]
+    lines = [f"win rate vs human captions ({summary['judge']}), 95% CI",
+             f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS)]
     for method in methods:
         cells = []
         for group in GROUPS:
             r = rates.get((method, group))
-            cells.append(f"{100 * r['win_rate']:5.1f} [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]" if r else "-")
+            cell = f"{100 * r['win_rate']:5.1f} [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]" if r else "-"
+            cells.append(cell)
         lines.append(f"{method:<14}" + "".join(f"{c:>22}" for c in cells))
     if summary.get("reliability"):
         r = summary["reliability"]

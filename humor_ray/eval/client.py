@@ -37,6 +37,9 @@ import openai
 from tqdm import tqdm
 
 from humor_ray.config import UserError
+from humor_ray.log import get_logger
+
+log = get_logger("judge client")
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 LOCAL_KEY_PLACEHOLDER = "none"  # local servers ignore the key, but the OpenAI client wants one
@@ -171,9 +174,9 @@ class JudgeClient:
                    "to_send": len(pending), "est_prompt_tokens": prompt_tokens,
                    "max_completion_tokens": max_completion,
                    "est_cost_usd": self._cost(prompt_tokens, max_completion)}
-        print(f"dry run against {self.base_url} ({self.model}): {summary['to_send']} of {len(requests)} requests "
-              f"to send ({summary['cached']} cached), ~{prompt_tokens} prompt tokens, <= {max_completion} "
-              f"completion tokens, <= ${summary['est_cost_usd']:.4f}")
+        log.info(f"dry run against {self.base_url} ({self.model}): {summary['to_send']} of {len(requests)} "
+                 f"requests to send ({summary['cached']} cached), ~{prompt_tokens} prompt tokens, <= "
+                 f"{max_completion} completion tokens, <= ${summary['est_cost_usd']:.4f}")
         return summary
 
     def _cost(self, prompt_tokens: int, completion_tokens: int) -> float:

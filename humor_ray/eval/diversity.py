@@ -11,10 +11,9 @@ contests. Two scores:
   paper's (words split on spaces after removing '.' and newlines, V = 32,000, Mistral-7B's vocabulary),
   and `words` (lowercased words and punctuation marks, V = the word vocabulary of the whole evaluation).
 
-Tables are pandas DataFrames in a long layout, one row per caption: `contest, method, sample,
-caption`. Generations come in a wide layout, one row per contest (`contest_number`, optional
-`prompt`, `caption1..captionN`); `read_wide` and `read_released` turn those into the long layout.
-`humor-ray diversity` prints the scores of every method and writes them to `diversity.json`.
+Tables are pandas DataFrames in the long layout of `humor_ray.data.generations`, one row per caption:
+`contest, method, sample, caption`. `humor-ray diversity` prints the scores of every method and writes them
+to `diversity.json`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -32,9 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from humor_ray.config import UserError, data_root, field
+from humor_ray.config import ConfigError, UserError, field
+from humor_ray.data.generations import read_generations
+from humor_ray.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("diversity")
 
 EMBEDDING_MODELS = ("mpnet", "minilm")
 EMBEDDING_MODEL = "mpnet"
@@ -54,11 +54,6 @@ PAPER_TABLE = {
     "zs": (0.5312, 0.9028), "zs_BoN": (0.4868, 0.8663), "sft": (0.5806, 0.9043), "dpo": (0.7129, 0.9202),
     "ppo": (0.5994, 0.9006), "llava_zs": (0.5220, 0.8986), "llava_sft": (0.5173, 0.9002),
 }
-CAPTION_COLUMN = re.compile(r"caption(\d+)")
-LONG_COLUMNS = ["contest", "method", "sample", "caption"]
-RELEASED_DIR = ("benchmarks", "humor_in_ai_examples")
-# The released human captions have no contest column: this file (ours) gives each row's contest.
-HUMAN_INDEX = "human_rows_contest_index.csv"
 
 
 # ---------------------------------------------------------------------------------------- EAD
@@ -213,127 +208,6 @@ def method_diversity(table: pd.DataFrame, model: str = EMBEDDING_MODEL, ead_kind
     return result
 
 
-# ----------------------------------------------------------------------------------- readers
-
-
-def read_wide(path: str | Path, method: str) -> pd.DataFrame:
-    """One CSV file of generations in the wide layout, one row per contest: `contest_number`, an
-    optional `prompt` and `caption1..captionN` (any column order, other columns ignored), as a long
-    table `contest, method, sample, caption`. Captions are stripped; empty ones are dropped and
-    counted in `.attrs["empty_captions"][method]`."""
-    return _wide_to_long(_read_csv(path), Path(path), method)
-
-
-def read_released(path_or_dir: str | Path | None = None) -> pd.DataFrame:
-    """The generations released with "Humor in AI" (a directory of them, default
-    `<data root>/benchmarks/humor_in_ai_examples`, or one file) as one long table; the method is the
-    file name without `.csv`. Besides the wide layout of `read_wide`, two layouts of that release
-    are read: `claude`/`gpt4o` (`contest_num` and captions in columns `0..9`) and `human_*` (columns
-    `0..9`, no contest column; row i is the contest in row i of `human_rows_contest_index.csv`).
-    One known defect is repaired: in `zs.csv` a row with no contest number holds more captions of
-    the contest above, shifted one column left (its first is under `prompt`); its texts fill that
-    row's empty caption cells."""
-    path = Path(path_or_dir) if path_or_dir is not None else data_root().joinpath(*RELEASED_DIR)
-    files = sorted(p for p in path.glob("*.csv") if p.name != HUMAN_INDEX) if path.is_dir() else [path]
-    if not files:
-        raise UserError(f"{path}: no generation files (*.csv) found")
-    tables = [_wide_to_long(_released_frame(file), file, file.stem) for file in files]
-    table = pd.concat(tables, ignore_index=True)
-    table.attrs["empty_captions"] = {m: n for t in tables for m, n in t.attrs["empty_captions"].items()}
-    return table
-
-
-def _released_frame(path: Path) -> pd.DataFrame:
-    """A released file as a frame in the wide layout (see `read_released`)."""
-    frame = _read_csv(path)
-    numbered = {c: f"caption{int(c) + 1}" for c in frame.columns if c.isdigit()}
-    frame = frame.rename(columns={"contest_num": "contest_number", **numbered})
-    if path.stem.startswith("human_"):
-        frame["contest_number"] = _human_contests(path.parent / HUMAN_INDEX, len(frame))
-    if "contest_number" in frame.columns and "prompt" in frame.columns:
-        frame = _merge_split_rows(frame, path)
-    return frame
-
-
-def _human_contests(index_path: Path, rows: int) -> list[str]:
-    """The contest of each row of a released `human_*` file, from the index file beside it."""
-    index = _read_csv(index_path)
-    if not {"row_index", "contest"} <= set(index.columns):
-        raise UserError(f"{index_path}: needs columns row_index, contest")
-    by_row = dict(zip(index["row_index"].astype(int), index["contest"]))
-    if sorted(by_row) != list(range(rows)):
-        raise UserError(f"{index_path}: does not map rows 0..{rows - 1} of the human caption files")
-    return [by_row[row] for row in range(rows)]
-
-
-def _merge_split_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Rows with no contest number that continue the row above (see `read_released`), folded into it."""
-    caption_columns = sorted((c for c in frame.columns if CAPTION_COLUMN.fullmatch(c)),
-                             key=lambda c: int(c.removeprefix("caption")))
-    frame = frame.copy()
-    for row in reversed(frame.index[frame["contest_number"].str.strip() == ""]):
-        position = frame.index.get_loc(row)
-        if position == 0:
-            raise UserError(f"{path}: row 2 has no contest_number and no row above it to belong to")
-        above = frame.index[position - 1]
-        texts = [t for t in frame.loc[row, ["prompt", *caption_columns]] if t.strip()]
-        empty = [c for c in caption_columns if not frame.at[above, c].strip()]
-        if len(texts) > len(empty):
-            raise UserError(f"{path}: row {position + 2} has no contest_number and more captions "
-                            f"({len(texts)}) than the row above has empty cells ({len(empty)})")
-        for column, text in zip(empty, texts):
-            frame.at[above, column] = text
-        frame = frame.drop(index=row)
-    return frame
-
-
-def _read_csv(path: str | Path) -> pd.DataFrame:
-    """Every cell as text ("NA" is a caption, not a missing value)."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise UserError(f"{path}: cannot read it as CSV: {err}") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame
-
-
-def _wide_to_long(frame: pd.DataFrame, path: Path, method: str) -> pd.DataFrame:
-    """The long table of one wide frame, after checking its columns and contest numbers."""
-    caption_columns = [c for c in frame.columns if CAPTION_COLUMN.fullmatch(c)]
-    missing = [what for what, absent in (("contest_number", "contest_number" not in frame.columns),
-                                         ("caption1..captionN", not caption_columns)) if absent]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} of the wide generations layout "
-                        f"(found: {', '.join(frame.columns) or 'none'})")
-    contests = [_contest_number(value, path, row + 2) for row, value in enumerate(frame["contest_number"])]
-    repeated = sorted(set(pd.Series(contests)[pd.Series(contests).duplicated()]))
-    if repeated:
-        raise UserError(f"{path}: contest(s) {', '.join(map(str, repeated))} have more than one row")
-    long = (frame[caption_columns].assign(contest=contests)
-            .melt(id_vars="contest", var_name="sample", value_name="caption"))
-    long["sample"] = long["sample"].str.removeprefix("caption").astype(int)
-    long["caption"] = long["caption"].str.strip()
-    empty = long["caption"] == ""
-    if empty.any():
-        log.warning("%s: %d empty caption(s) dropped", path, int(empty.sum()))
-    long = long[~empty].assign(method=method)[LONG_COLUMNS]
-    long = long.astype({"contest": "int64", "sample": "int64"}).sort_values(["contest", "sample"])
-    long = long.reset_index(drop=True)
-    long.attrs["empty_captions"] = {method: int(empty.sum())}
-    return long
-
-
-def _contest_number(value: str, path: Path, line: int) -> int:
-    """A contest number; the release writes some as floats ("543.0")."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not number.is_integer():
-        raise UserError(f"{path}: line {line}: contest_number {value!r} is not a whole number")
-    return int(number)
-
-
 # ------------------------------------------------------------------------------- the stage
 
 
@@ -353,18 +227,16 @@ class DiversityConfig:
 
     def __post_init__(self):
         if not self.generations:
-            raise ValueError("diversity needs --generations")
+            raise ConfigError("diversity needs --generations")
         if self.embedding not in EMBEDDING_MODELS:
-            raise ValueError(f"--embedding must be one of {EMBEDDING_MODELS}")
+            raise ConfigError(f"--embedding must be one of {EMBEDDING_MODELS}")
         if self.ead not in EAD_KINDS:
-            raise ValueError(f"--ead must be one of {tuple(EAD_KINDS)}")
+            raise ConfigError(f"--ead must be one of {tuple(EAD_KINDS)}")
         if self.pairs not in PAIRS:
-            raise ValueError(f"--pairs must be one of {PAIRS}")
+            raise ConfigError(f"--pairs must be one of {PAIRS}")
 
 
 def run(cfg: DiversityConfig) -> dict[str, dict[str, float]]:
-    from humor_ray.eval.benchmark import read_generations
-
     table = read_generations(cfg.generations, humans=True)
     if cfg.contests:
         unknown = sorted(set(cfg.contests) - set(table["contest"]))
@@ -380,5 +252,5 @@ def run(cfg: DiversityConfig) -> dict[str, dict[str, float]]:
         out.mkdir(parents=True, exist_ok=True)
         settings = {"embedding": cfg.embedding, "ead": cfg.ead, "pairs": cfg.pairs, "contests": cfg.contests or "all"}
         (out / "diversity.json").write_text(json.dumps({"settings": settings, "methods": result}, indent=1))
-        print(f"[diversity] {out / 'diversity.json'}")
+        log.info(f"scores in {out / 'diversity.json'}")
     return result

@@ -16,11 +16,14 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
-from humor_ray.config import UserError, data_root, field
-from humor_ray.eval.benchmark import GROUPS, read_generations, read_references
+from humor_ray.config import ConfigError, UserError, data_root, field
+from humor_ray.data.generations import read_generations
+from humor_ray.eval.benchmark import GROUPS, read_references
+from humor_ray.log import get_logger
+
+log = get_logger("report")
 
 
 @dataclasses.dataclass
@@ -40,7 +43,7 @@ class ReportConfig:
 
     def __post_init__(self):
         if not (self.judge_dir and self.generations and self.dataset_dir and self.output_dir):
-            raise ValueError("report needs --judge_dir, --generations, --dataset_dir and --output_dir")
+            raise ConfigError("report needs --judge_dir, --generations, --dataset_dir and --output_dir")
 
 
 def _plots(out: Path, summary: dict, diversity: dict, lengths: dict) -> dict[str, str]:
@@ -150,7 +153,8 @@ def run(cfg: ReportConfig) -> str:
         cells = "".join(f"<div class='col'><h4>{html.escape(name)}</h4><ol>"
                         + "".join(f"<li>{html.escape(c)}</li>" for c in caps[: cfg.captions_shown]) + "</ol></div>"
                         for name, caps in columns)
-        examples.append(f"<section class='example'><h3>Contest {contest}</h3>{image_html}<div class='cols'>{cells}</div></section>")
+        examples.append(f"<section class='example'><h3>Contest {contest}</h3>{image_html}"
+                        f"<div class='cols'>{cells}</div></section>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(cfg.title)}</title>
 <style>
@@ -179,7 +183,7 @@ img {{ max-width: 100%; }}
     path = out / "report.html"
     path.write_text(page)
     Path(out, "diversity.json").write_text(json.dumps(diversity_rows, indent=1, default=_json_number))
-    print(f"[report] {path}", file=sys.stderr, flush=True)
+    log.info(f"report in {path}")
     return str(path)
 
 

@@ -21,15 +21,17 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
-from humor_ray.config import Options, UserError, data_root, field
-from humor_ray.rl.engines import ENGINES, Decoding, DecodingOptions, first_line
+from humor_ray.config import ConfigError, Options, UserError, data_root, field
+from humor_ray.data.generations import choose_contests
+from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, first_line
+from humor_ray.log import get_logger
 
 # Labels a model may put before its caption, or echo from the prompt's last line.
 _LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
+log = get_logger("generate")
 
 
 @dataclasses.dataclass
@@ -55,14 +57,14 @@ class GenerateConfig(Options, DecodingOptions):
 
     def __post_init__(self):
         if not self.dataset_dir or not self.output_dir:
-            raise ValueError("generation needs --dataset_dir and --output_dir")
+            raise ConfigError("generation needs --dataset_dir and --output_dir")
         super().__post_init__()
         if self.images is None:
             self.images = str(data_root() / "images")
         if "://" not in self.images:  # the engine actors run in other directories
             self.images = os.path.abspath(self.images)
         if min(self.n, self.num_engines, self.batch_size, self.max_attempts) < 1:
-            raise ValueError("--n, --num_engines, --batch_size and --max_attempts must be at least 1")
+            raise ConfigError("--n, --num_engines, --batch_size and --max_attempts must be at least 1")
 
     def method_name(self) -> str:
         if self.method:
@@ -82,9 +84,9 @@ class BonConfig(GenerateConfig):
     def __post_init__(self):
         super().__post_init__()
         if not self.reward_model:
-            raise ValueError("bon needs --reward_model")
+            raise ConfigError("bon needs --reward_model")
         if self.candidates_factor < 1:
-            raise ValueError("--candidates_factor must be at least 1")
+            raise ConfigError("--candidates_factor must be at least 1")
 
     def method_name(self) -> str:
         return self.method or f"{super().method_name()}_BoN"
@@ -105,7 +107,7 @@ class CaptionWriter:
 
     def __init__(self, engine: str, model_dir: str, n: int, decoding: Decoding, max_attempts: int, seed: int,
                  images: str | None = None):
-        from humor_ray.rl.engines import engine_class
+        from humor_ray.engines import engine_class
 
         # On a GPU the engine is alone on it: vLLM may take most of its memory.
         self.engine = engine_class(engine)(model_dir, 0, None, 0.85 if _gpu() else 0.0, seed)
@@ -165,18 +167,6 @@ def _gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def choose_contests(available, contests: list[int], max_contests: int | None, source: str) -> list[int]:
-    """The contests a run covers, in order: `contests` when given (each must be in `available`),
-    else all of `available`; then only the first `max_contests`."""
-    chosen = sorted(set(available))
-    if contests:
-        unknown = sorted(set(contests) - set(chosen))
-        if unknown:
-            raise UserError(f"--contests {unknown}: not in {source}")
-        chosen = [c for c in chosen if c in set(contests)]
-    return chosen[:max_contests] if max_contests else chosen
-
-
 def read_prompts(cfg: GenerateConfig):
     """The split's prompts: contest, what the policy reads, what the reward model reads."""
     import pyarrow as pa
@@ -206,7 +196,7 @@ def with_cartoons(cfg: GenerateConfig, prompts, model_dir: str):
     usable, problems = check_images(cfg.images, dict(zip(prompts["contest"].to_pylist(),
                                                          prompts["image"].to_pylist())))
     for problem in problems:
-        print(f"[{cfg.method_name()}] {problem}", file=sys.stderr, flush=True)
+        log.warning(f"{cfg.method_name()}: {problem}")
     if not usable:
         raise UserError(f"no evaluation contest has a readable cartoon under {cfg.images}")
     prompts = prompts.filter(pa.array([c in usable for c in prompts["contest"].to_pylist()]))
@@ -236,8 +226,7 @@ def _generate(cfg: GenerateConfig, per_contest: int):
         fn_constructor_kwargs={"engine": cfg.engine, "model_dir": model_dir, "n": per_contest,
                                "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed,
                                "images": cfg.images if vision else None},
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                                  "VLLM_LOGGING_LEVEL": "ERROR"}})
+        runtime_env={"env_vars": VLLM_ENV})
     return prompts, rows, started
 
 
@@ -272,10 +261,10 @@ def _finish(cfg: GenerateConfig, prompts, table, started: float, extra: dict) ->
                "missing_captions": short, "seconds": round(time.perf_counter() - started, 1), **extra}
     Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))
     if short:
-        print(f"[{method}] {sum(short.values())} captions still empty after {cfg.max_attempts} draws, in contests "
-              f"{sorted(short)}", file=sys.stderr)
-    print(f"[{method}] {table.num_rows} captions for {len(prompt_of)} contests in {summary['seconds']} s -> "
-          f"{cfg.output_dir}", file=sys.stderr, flush=True)
+        log.warning(f"{method}: {sum(short.values())} captions still empty after {cfg.max_attempts} draws, in "
+                    f"contests {sorted(short)}")
+    log.info(f"{method}: {table.num_rows} captions for {len(prompt_of)} contests in {summary['seconds']} s -> "
+             f"{cfg.output_dir}")
     return summary
 
 

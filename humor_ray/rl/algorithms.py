@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from humor_ray.config import ConfigError
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
@@ -52,7 +54,7 @@ def grpo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
 def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO: each sequence's return less the mean of the other samples of its group."""
     if group_size < 2:
-        raise ValueError("rloo needs --samples_per_prompt of at least 2")
+        raise ConfigError("rloo needs --samples_per_prompt of at least 2")
     grouped = returns.view(-1, group_size)
     return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
 

@@ -82,7 +82,7 @@ class TorchLearner:
 
 def _chosen_settings(cfg) -> dict:
     """What --deepspeed names: the user's JSON file, or the preset's ZeRO section."""
-    from humor_ray.train.launcher import zero_optimization
+    from humor_ray.train.deepspeed_presets import zero_optimization
 
     if cfg.deepspeed.endswith(".json"):
         with open(cfg.deepspeed) as handle:
@@ -110,10 +110,20 @@ def deepspeed_settings(cfg, world: int, learning_rate: float) -> dict:
     return settings
 
 
+@contextlib.contextmanager
+def deepspeed_loading(cfg):
+    """While open, under --deepspeed: DeepSpeed's process group is up (gloo on CPU) and, under ZeRO-3,
+    `from_pretrained` loads each weight straight into its shard (transformers reads that from a live
+    HfDeepSpeedConfig). Models built and trained inside; whole models loaded after it closes."""
+    settings = start_deepspeed(cfg) if cfg.deepspeed != "none" else None
+    try:
+        yield settings
+    finally:
+        del settings
+
+
 def start_deepspeed(cfg):
-    """Before any model is built: DeepSpeed's process group (gloo on CPU) and, under ZeRO-3, the config
-    that makes `from_pretrained` load each weight straight into its shard. Keep the result alive while
-    models are built."""
+    """DeepSpeed's process group and, under ZeRO-3, the config that must stay alive while models load."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 

@@ -32,14 +32,14 @@ from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, Lor
                               UserError, field)
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.rl.algorithms import ESTIMATORS
-from humor_ray.rl.engines import ENGINES, DecodingOptions
-from humor_ray.rl.learners import unwrap
+from humor_ray.engines import ENGINES, DecodingOptions
+from humor_ray.rl.learners import deepspeed_loading, unwrap
 from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run_trainer, start_worker
 
 if TYPE_CHECKING:
     import torch
 
-    from humor_ray.rl.engines import Sample
+    from humor_ray.engines import Sample
 
 PLACEMENTS = ("separate", "colocate")
 # The phases a step's time is reported for, with their names in metrics.json's history (kept from the start).
@@ -293,8 +293,8 @@ class PPOWorker:
 
         from humor_ray.models import registry
         from humor_ray.rl import algorithms as alg
-        from humor_ray.rl.engines import EnginePool
-        from humor_ray.rl.learners import make_learner, start_deepspeed
+        from humor_ray.engines import EnginePool
+        from humor_ray.rl.learners import make_learner
 
         cfg = self.cfg = args.config
         self.worker, self.log, self.board, self.reward_actor = worker, worker.log, args.board, args.reward
@@ -305,8 +305,6 @@ class PPOWorker:
         pad_id = self.tokenizer.pad_token_id
         self.pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
         transformers.set_seed(cfg.seed)  # new weights (value head, LoRA) start the same on every run
-        # Alive while training: under ZeRO-3 it makes `from_pretrained` load each weight into its shard.
-        self.zero3_loading = start_deepspeed(cfg) if cfg.deepspeed != "none" else None
         # A DeepSpeed checkpoint holds the weights in shards, restored by `learner.load`: build from the base.
         weights_from = restored if cfg.deepspeed == "none" else None
         models = _build_models(cfg, policy_dir, weights_from, self.estimator.critic)
@@ -357,7 +355,6 @@ class PPOWorker:
             metrics = self._record(experience, stats, times)
             self._timed(times, self.checkpoint, metrics)
             self._export(experience, metrics, times)
-        self.finish()
 
     @staticmethod
     def _timed(times: dict, phase, *args):
@@ -380,7 +377,7 @@ class PPOWorker:
         """(the captions, the reward model's scores (B,), reward calls retried)."""
         import torch
 
-        from humor_ray.rl.engines import first_line
+        from humor_ray.engines import first_line
         from humor_ray.rl.reward import score_with_retries
 
         captions = [first_line(s.text) for s in samples]
@@ -551,7 +548,6 @@ class PPOWorker:
 
     def finish(self) -> None:
         """The final policy, merged for serving, and metrics.json (rank 0)."""
-        self.zero3_loading = None  # the final merge loads whole models again
         with self.learner.whole_weights():
             if self.worker.rank == 0:
                 checkpoint = self.worker.checkpoint
@@ -564,7 +560,11 @@ class PPOWorker:
 
 def _worker_loop(config: dict) -> None:
     args: WorkerArgs = config["args"]
-    PPOWorker(args, start_worker(args.config, "ppo")).train()
+    context = start_worker(args.config, "ppo")
+    with deepspeed_loading(args.config):  # the models are built and trained in it; the final merge is not
+        worker = PPOWorker(args, context)
+        worker.train()
+    worker.finish()
 
 
 def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_from: str | None) -> None:
@@ -587,7 +587,7 @@ def run(cfg: Config):
 
     from humor_ray.cluster import init_ray
     from humor_ray.models import registry
-    from humor_ray.rl.engines import start_engines
+    from humor_ray.engines import start_engines
     from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
     from humor_ray.train.launcher import TrainError, absolute_local_paths
 
@@ -611,7 +611,7 @@ def run(cfg: Config):
         try:
             ray.get([e.version.remote() for e in engines] + [reward_actor.pid.remote()])
         except ray.exceptions.RayActorError as err:
-            raise TrainError(f"a rollout engine or the reward model could not start: {err}") from None
+            raise TrainError(f"a rollout engine or the reward model could not start: {err}") from err
         log.info(f"{cfg.num_workers} trainer worker(s), {cfg.num_engines} {cfg.engine} engine(s), policy "
                  f"{cfg.model_name}, reward {reward_spec}, {cfg.estimator}, {cfg.max_steps} steps -> {cfg.output_dir}")
         result = run_trainer(_worker_loop, WorkerArgs(config=cfg, engines=engines, reward=reward_actor), "ppo",

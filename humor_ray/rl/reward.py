@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 from humor_ray.config import UserError
+from humor_ray.log import get_logger
+from humor_ray.models.reward_inputs import encode
 
 BUILTIN = {"builtin:vowel_share"}
+log = get_logger("reward")
 
 
 def vowel_share(caption: str) -> float:
@@ -68,8 +71,6 @@ class RewardModel:
         import torch
         from tqdm import tqdm
 
-        from humor_ray.train.rm import encode
-
         scores: list[float] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         starts = range(0, len(prompts), self.batch_size)
@@ -99,12 +100,11 @@ def score_with_retries(actor, prompts: list[str], captions: list[str], retries: 
     error) is retried with backoff. Returns (scores, failed attempts)."""
     import ray
 
-    for attempt in range(retries + 1):
+    for attempt in range(retries + 1):  # the last attempt returns or raises
         try:
             return ray.get(actor.score.remote(prompts, captions)), attempt
-        except Exception as err:  # noqa: BLE001 - retried; the last failure is raised
+        except Exception as err:  # retried; the last failure is raised
             if attempt == retries:
                 raise RuntimeError(f"the reward model failed {retries + 1} times: {err}") from err
-            print(f"[reward] scoring failed ({type(err).__name__}); retry {attempt + 1}/{retries}", flush=True)
+            log.warning(f"scoring failed ({type(err).__name__}); retry {attempt + 1}/{retries}")
             time.sleep(min(30.0, 2.0 ** attempt))
-    raise AssertionError("unreachable")

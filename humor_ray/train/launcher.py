@@ -22,9 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from humor_ray.config import DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions, UserError, field
+from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions,
+                              UserError, field)
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
+from humor_ray.train.deepspeed_presets import deepspeed_config
 from humor_ray.train.export import save_merged
 
 class TrainError(UserError):
@@ -46,10 +48,10 @@ class TrainConfig(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, R
 
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir:
-            raise ValueError("training needs --output_dir and --dataset_dir")
+            raise ConfigError("training needs --output_dir and --dataset_dir")
         super().__post_init__()
         if self.save_steps % self.eval_steps and self.do_eval:
-            raise ValueError("--save_steps must be a multiple of --eval_steps, so every checkpoint has fresh "
+            raise ConfigError("--save_steps must be a multiple of --eval_steps, so every checkpoint has fresh "
                              "evaluation metrics")
 
     def base_model(self) -> str:
@@ -79,31 +81,6 @@ class WorkerArgs:
     stage: Stage | None = None  # a TRL stage: what the worker builds
     engines: list = dataclasses.field(default_factory=list)  # ppo: the rollout engine actors
     reward: Any = None  # ppo: the reward-model actor
-
-
-def zero_optimization(preset: str, use_gpu: bool) -> dict:
-    """The `zero_optimization` section of a DeepSpeed preset (zero2, zero3, zero3_offload)."""
-    stage = 2 if preset == "zero2" else 3
-    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
-    if stage == 3:
-        # Needed for a normal Hugging Face checkpoint at save time.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if preset == "zero3_offload":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    return zero
-
-
-def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
-    """A DeepSpeed config for the HF Trainer ("auto" values are filled from the training args)."""
-    if preset == "none":
-        return None
-    if preset.endswith(".json"):
-        return preset
-    return {"zero_optimization": zero_optimization(preset, use_gpu),
-            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
 def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
@@ -395,7 +372,7 @@ def show_progress(board, name: str, stop, shown: tuple[str, ...] = TRAINER_SHOWN
     while not stop.wait(2.0):
         try:
             step, total, logs = ray.get(board.read.remote(), timeout=10)
-        except Exception:  # the board is gone: the run is over
+        except ray.exceptions.RayError:  # the board is gone (the run is over), or did not answer in time
             break
         if total is None:
             continue
@@ -430,7 +407,7 @@ def fit_with_progress(trainer, board, run_name: str, stage_name: str, shown: tup
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as err:
-        raise TrainError(f"{stage_name} failed: {err}") from None
+        raise TrainError(f"{stage_name} failed: {err}") from err
     finally:
         stop.set()
         progress.join()

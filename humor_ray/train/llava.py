@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 from humor_ray.config import data_root, field
+from humor_ray.log import get_logger
 from humor_ray.train.launcher import Stage, TrainConfig, TrainError, hf_args, launch, lora_config
 
 NAME = "llava"
+log = get_logger(NAME)
 PROJECTOR, TOWER = "multi_modal_projector", "vision_tower"
 # The language model's linear layers (Llama, Mistral): what LoRA adapts unless --lora_targets names others.
 LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -73,7 +74,7 @@ def usable_rows(dataset, images: str, split: str, report: bool):
     usable, problems = check_images(images, image_of)
     if report:
         for problem in problems:
-            print(f"[{NAME}] {split}: {problem}", file=sys.stderr, flush=True)
+            log.warning(f"{split}: {problem}")
     if len(usable) == len(image_of):
         return dataset
     keep = {str(c) for c in usable}

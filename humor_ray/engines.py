@@ -19,11 +19,14 @@ import dataclasses
 import os
 import time
 
-import numpy as np
-
 from humor_ray.config import UserError, field
+from humor_ray.log import get_logger
 
 ENGINES = ("vllm", "hf")
+# Every process that runs vLLM: its engine core in-process, a small KV cache on CPU, and none of its
+# per-request and per-reload info lines, which would drown the run's own progress.
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+log = get_logger("rollout")
 
 
 class StaleWeights(Exception):
@@ -45,10 +48,11 @@ class Decoding:
 @dataclasses.dataclass
 class DecodingOptions:
     """The sampling options of every stage that generates (PPO, generate, bon): the paper's decoding."""
-    temperature: float = field(0.7, "sampling temperature")
-    top_p: float = field(0.95, "nucleus sampling")
-    repetition_penalty: float = field(1.15, "repetition penalty")
-    max_new_tokens: int = field(32, "tokens per generation at most (it stops at the first newline)")
+    temperature: float = field(Decoding.temperature, "sampling temperature")
+    top_p: float = field(Decoding.top_p, "nucleus sampling")
+    repetition_penalty: float = field(Decoding.repetition_penalty, "repetition penalty")
+    max_new_tokens: int = field(Decoding.max_new_tokens, "tokens per generation at most (it stops at the first "
+                                                         "newline)")
 
     def decoding(self) -> Decoding:
         return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -145,7 +149,8 @@ class VLLMEngine(_Engine):
         if images is None:
             inputs = [TokensPrompt(prompt_token_ids=ids) for ids in self._prompt_ids(prompts)]
         else:  # vLLM's processor puts the image's tokens where the prompt's image token is
-            inputs = [{"prompt": prompt, "multi_modal_data": {"image": image}} for prompt, image in zip(prompts, images)]
+            inputs = [{"prompt": prompt, "multi_modal_data": {"image": image}}
+                      for prompt, image in zip(prompts, images)]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
         for index, output in enumerate(outputs):
@@ -259,10 +264,7 @@ def start_engines(kind: str, model_dir: str, count: int, *, num_cpus: float = 1,
     import ray
 
     cls = engine_class(kind)
-    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # vLLM's per-request and per-reload info lines would drown the run's own progress.
-           "VLLM_LOGGING_LEVEL": "ERROR"}
+    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false", **VLLM_ENV}
     actor = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
                                     runtime_env={"env_vars": env})
     gpu_fraction = num_gpus if num_gpus else 0.0
@@ -317,7 +319,7 @@ class EnginePool:
             engine_index, chunk = running.pop(done[0])
             try:
                 samples = ray.get(done[0])
-            except Exception as err:  # noqa: BLE001 - engine crash or stale weights: recover, then retry
+            except Exception as err:  # engine crash or stale weights: recover, then retry
                 failures[chunk[0]] = failures.get(chunk[0], 0) + 1
                 if failures[chunk[0]] > self.max_retries:
                     raise RuntimeError(f"rollout engine {engine_index} failed {self.max_retries} times: {err}") from err
@@ -338,23 +340,19 @@ class EnginePool:
         import ray
 
         engine = self.engines[engine_index]
-        if "StaleWeights" not in f"{type(err).__name__} {err}":
+        # Ray raises an actor's own exception as a subclass of both RayTaskError and that exception's type.
+        if not isinstance(err, StaleWeights):
             self.restarts += 1
-            print(f"[rollout] engine {engine_index} failed ({type(err).__name__}); waiting for its restart",
-                  flush=True)
+            log.warning(f"engine {engine_index} failed ({type(err).__name__}); waiting for its restart")
         deadline = time.monotonic() + 300
         while True:
             try:
                 held = ray.get(engine.version.remote(), timeout=60)
                 break
-            except Exception:  # noqa: BLE001 - still restarting
+            except Exception:  # still restarting
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
         if held != self.version and self.latest is not None:
             ray.get(engine.load_weights.remote(self.latest, self.version))
 
-
-def summarize_lengths(samples: list[Sample]) -> dict:
-    lengths = np.array([len(s.completion_ids) for s in samples]) if samples else np.zeros(1)
-    return {"completion_tokens_mean": float(lengths.mean()), "completion_tokens_max": int(lengths.max())}
