@@ -103,3 +103,24 @@ def head_node():
     current = Path("/tmp/ray/ray_current_cluster")
     if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
         current.unlink()
+
+
+@pytest.fixture
+def s3_endpoint():
+    """A local S3-compatible server (moto) on loopback: its host:port."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("the S3 server did not start")
+    yield f"127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)

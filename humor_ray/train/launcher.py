@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -332,9 +331,10 @@ def _worker_loop(config: dict) -> None:
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as restored:
-            resume = os.path.join(scratch, "resumed")
-            shutil.copytree(os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME), resume)
+        # Into this worker's own folder: `as_directory()` shares one temporary folder among the workers of a
+        # machine, and when one machine runs several Ray nodes, one node's worker deletes it under the other's.
+        restored = checkpoint.to_directory(os.path.join(scratch, "restored"))
+        resume = os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
         note(f"resuming from {checkpoint.path}")
     if cfg.do_train:
         trainer.train(resume_from_checkpoint=resume)
