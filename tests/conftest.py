@@ -75,7 +75,9 @@ def head_node():
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     # The cluster's Python is this environment, as on a node image where humor_ray is installed.
     # Metrics reach the node's endpoint every second instead of every ten, for the metrics test.
+    # DASHBOARD_METRIC_PORT: the dashboard's own metrics server has a fixed default port another dashboard may hold.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_metrics_report_interval_ms="1000",
+               DASHBOARD_METRIC_PORT=str(free_port()),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",

@@ -37,7 +37,10 @@ def cluster():
     head = dict(num_cpus=1, gcs_server_port=free_port(), include_dashboard=True, dashboard_host="127.0.0.1",
                 dashboard_port=free_port(), dashboard_agent_listen_port=free_port(),
                 metrics_export_port=free_port(), runtime_env_agent_port=free_port())
-    nodes = Cluster(initialize_head=True, head_node_args=head)
+    # The dashboard's own metrics server has a fixed default port, taken if another dashboard runs here.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DASHBOARD_METRIC_PORT", str(free_port()))
+        nodes = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(3):
             nodes.add_node(num_cpus=1, metrics_export_port=free_port(), runtime_env_agent_port=free_port())
