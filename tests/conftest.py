@@ -79,7 +79,9 @@ def head_node():
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     # The cluster's Python is this environment, as on a node image where humor_ray is installed.
     # Metrics reach the node's endpoint every second instead of every ten, for the metrics test.
+    # DASHBOARD_METRIC_PORT: the dashboard's own metrics server has a fixed default port another dashboard may hold.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_metrics_report_interval_ms="1000",
+               DASHBOARD_METRIC_PORT=str(free_port()),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -107,3 +109,24 @@ def head_node():
     current = Path("/tmp/ray/ray_current_cluster")
     if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
         current.unlink()
+
+
+@pytest.fixture
+def s3_endpoint():
+    """A local S3-compatible server (moto) on loopback: its host:port."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("the S3 server did not start")
+    yield f"127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)

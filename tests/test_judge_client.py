@@ -1,6 +1,6 @@
 """The judge client against the real OpenAI-compatible server (`humor-ray serve`: Ray Serve + vLLM, tiny
 model, over HTTP, no mocks): order and logprobs, the cache, retries of 429/503s injected by a test proxy
-in front of it, fast failure on a 400, the API key's secrecy, and dry runs."""
+in front of it, fast failure on a 400, the API key's secrecy, dry runs, and the figures the Ray dashboard gets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from humor_ray.config import UserError
 from humor_ray.eval.client import JudgeClient
+from humor_ray.metrics import StageMetrics
 from humor_ray.serve import ServeConfig, free_port, running_server
 from proxy import running_proxy
 
@@ -118,3 +119,33 @@ def test_dry_run_sends_nothing(server, tmp_path):
     assert client.dry_run(requests)["to_send"] == 2 and client.stats.sent == 3
     client.complete_many(requests)
     assert client.stats.sent == 5
+
+
+def test_the_clients_figures_reach_the_ray_node_metrics_endpoint(server, tmp_path, ray_local):
+    """Requests, retries, cache hits, tokens and cost as the Ray dashboard gets them (the node's Prometheus
+    endpoint, scraped) equal the client's own counters."""
+    from test_metrics import scrape, series
+
+    with running_proxy(server, fail_every=2, fail_status=503) as flaky:
+        client = JudgeClient(flaky, "tiny", tmp_path, concurrency=4, price_per_mtok_in=1.0, price_per_mtok_out=4.0,
+                             figures=StageMetrics("judge-metrics", "judge"))
+        requests = [judge_request(f"count me {i}", max_tokens=2) for i in range(6)]
+        client.complete_many(requests)
+        client.complete_many(requests[:4])  # answered from the cache
+    stats = client.stats
+    assert stats.retries > 0 and stats.cache_hits == 4
+    expected = {"judge_requests": stats.sent, "judge_retries": stats.retries, "judge_cache_hits": stats.cache_hits,
+                "judge_cost_usd": stats.cost_usd}
+    port = next(node["MetricsExportPort"] for node in ray_local.nodes() if node["Alive"])
+    run = {"run": "judge-metrics", "stage": "judge"}
+    deadline = time.time() + 40  # a driver sends its figures to the node every few seconds
+    while True:
+        seen = scrape(port)
+        exported = {name: sum(series(seen, f"humor_ray_{name}", **run)) for name in expected}
+        tokens = {kind: sum(series(seen, "humor_ray_judge_tokens", kind=kind, **run))
+                  for kind in ("prompt", "completion")}
+        if exported == pytest.approx(expected) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert exported == pytest.approx(expected)
+    assert tokens == {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens}

@@ -132,6 +132,21 @@ def test_data_build_sft_and_ppo_export_their_figures_to_the_node_metrics_endpoin
     assert series(seen, "humor_ray_ppo_weight_version", engine="0", **ppo) == [steps - 1] == [last["engine_version"]]
     assert series(seen, "humor_ray_ppo_logprob_gap", engine="0", **ppo)[0] < 1e-3
 
+    # Captions from the tiny model for the evaluation contest, on those datasets: the engine actor's and the
+    # driver's figures. (The judge client's are checked in test_judge_client.py, beside its server.)
+    command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
+               "humor-ray", "generate", "--model_name", "tiny", "--dataset_dir", str(output), "--method", "metrics-gen",
+               "--output_dir", str(tmp_path / "generate"), "--n", "4", "--max_new_tokens", "16"]
+    run = {"run": "metrics-gen", "stage": "generate"}
+    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_infer_captions_per_second", **run))
+    summary = json.loads((tmp_path / "generate" / "summary.json").read_text())
+    missing = sum(summary["missing_captions"].values())
+    assert sum(series(seen, "humor_ray_infer_captions", **run)) == summary["captions"] > 0
+    assert series(seen, "humor_ray_infer_captions_missing", **run) == [missing]
+    # A caption still missing was drawn empty on each of its 3 attempts (--max_attempts).
+    assert sum(series(seen, "humor_ray_infer_empty_captions", **run)) >= 3 * missing
+    assert series(seen, "humor_ray_infer_captions_per_second", **run)[0] > 0
+
 
 def test_grafana_dashboard_queries_the_metrics_the_code_exports():
     """Every series a panel of clusters/grafana-dashboard.json asks for is one a stage records, and every

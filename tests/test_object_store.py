@@ -1,11 +1,5 @@
 """`data build` from and to s3:// over real HTTP: a local S3-compatible server (moto) on loopback."""
 
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
@@ -13,28 +7,6 @@ import pytest
 from humor_ray.data import build
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def s3_endpoint():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("the S3 server did not start")
-    yield f"127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
 
 
 def test_build_reads_and_writes_s3(s3_endpoint, real_data, ray_local):

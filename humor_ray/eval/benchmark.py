@@ -233,8 +233,10 @@ def _picked(answer: dict, captions: list[str]) -> str:
 
 
 def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict], dict]:
+    from humor_ray.cluster import init_ray
     from humor_ray.config import data_root
     from humor_ray.eval.client import JudgeClient
+    from humor_ray.metrics import StageMetrics
 
     context = read_context(cfg.dataset_dir, "eval")
     humans = {(g, int(c)): rows["caption"].tolist() for (g, c), rows in references.groupby(["group", "contest"])}
@@ -247,9 +249,12 @@ def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict]
                    if (g, c) in humans and c in context]
     comparisons += [("human_top10", "rank1000", c, humans[("top10", c)], humans[("rank1000", c)])
                     for c in contests if ("top10", c) in humans and ("rank1000", c) in humans]
+    if os.environ.get("RAY_ADDRESS"):  # submitted to a cluster: join it, so its dashboard shows the figures
+        init_ray()
     client = JudgeClient(cfg.base_url, cfg.model, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
                          concurrency=cfg.concurrency, price_per_mtok_in=cfg.price_per_mtok_in,
-                         price_per_mtok_out=cfg.price_per_mtok_out, api_key_env=cfg.api_key_env)
+                         price_per_mtok_out=cfg.price_per_mtok_out, api_key_env=cfg.api_key_env,
+                         figures=StageMetrics(Path(cfg.output_dir).name, "judge"))
     if cfg.protocol == "overall":
         shots = few_shot_groups(cfg.dataset_dir, cfg.shots, cfg.seed)
         requests = []

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from humor_ray.config import UserError
 from humor_ray.log import get_logger
+from humor_ray.metrics import StageMetrics
 
 log = get_logger("judge client")
 
@@ -116,7 +117,8 @@ class JudgeClient:
 
     def __init__(self, base_url: str, model: str, cache_dir: str | Path, concurrency: int = 16,
                  max_retries: int = 6, timeout: float = 60, price_per_mtok_in: float = 0.0,
-                 price_per_mtok_out: float = 0.0, api_key_env: str = "OPENAI_API_KEY"):
+                 price_per_mtok_out: float = 0.0, api_key_env: str = "OPENAI_API_KEY",
+                 figures: StageMetrics | None = None):
         if concurrency < 1 or max_retries < 0:
             raise UserError(f"concurrency must be >= 1 and max_retries >= 0 (got {concurrency}, {max_retries})")
         self.base_url = base_url.rstrip("/")
@@ -129,6 +131,8 @@ class JudgeClient:
         self.price_per_mtok_out = price_per_mtok_out
         self._api_key = api_key_from_env(api_key_env, self.base_url)  # None for a local server without one
         self.stats = ClientStats()
+        # The same counters for the Ray dashboard (exported only inside a Ray driver or worker).
+        self.figures = figures or StageMetrics(model, "judge")
 
     def __repr__(self) -> str:
         return (f"JudgeClient(base_url={self.base_url!r}, model={self.model!r}, "
@@ -148,7 +152,9 @@ class JudgeClient:
         cache = AnswerCache(self.cache_dir)
         try:
             answers = {key: {**answer, "cached": True} for key, answer in cache.get_many(set(keys)).items()}
-            self.stats.cache_hits += sum(key in answers for key in keys)
+            hits = sum(key in answers for key in keys)
+            self.stats.cache_hits += hits
+            self.figures.count("judge_cache_hits", hits, "requests answered from the cache")
             pending = {key: request for key, request in zip(keys, requests) if key not in answers}
             if pending:
                 asyncio.run(self._send_all(pending, keys, answers, cache))
@@ -198,6 +204,7 @@ class JudgeClient:
                     result = await self._send_with_retries(client, request)
                 except TransientError as err:
                     self.stats.failed += 1
+                    self.figures.count("judge_failed", 1, "requests still failing after every retry")
                     return str(err)
             cache.put(key, result)
             answers[key] = {**result, "cached": False}
@@ -225,6 +232,7 @@ class JudgeClient:
         exponential backoff with full jitter. The caller's concurrency slot is held while waiting, so a
         rate-limited batch slows down as a whole instead of refilling the slot at once."""
         self.stats.sent += 1
+        self.figures.count("judge_requests", 1, "requests sent to the judge (once however many attempts)")
         attempt = 0
         while True:
             try:
@@ -234,6 +242,7 @@ class JudgeClient:
                     raise
                 attempt += 1
                 self.stats.retries += 1
+                self.figures.count("judge_retries", 1, "extra attempts after a transient failure")
                 backoff = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** attempt))
                 await asyncio.sleep(backoff if err.retry_after is None else err.retry_after)
                 continue
@@ -241,6 +250,10 @@ class JudgeClient:
             self.stats.prompt_tokens += usage["prompt_tokens"]
             self.stats.completion_tokens += usage["completion_tokens"]
             self.stats.cost_usd += self._cost(usage["prompt_tokens"], usage["completion_tokens"])
+            for kind in ("prompt", "completion"):
+                self.figures.count("judge_tokens", usage[f"{kind}_tokens"], "tokens of fresh answers", kind=kind)
+            self.figures.count("judge_cost_usd", self._cost(usage["prompt_tokens"], usage["completion_tokens"]),
+                               "cost of fresh answers, at the given prices")
             return result
 
     async def _create(self, client: openai.AsyncOpenAI, request: dict):

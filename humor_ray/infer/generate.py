@@ -28,6 +28,7 @@ from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
 from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, first_line
 from humor_ray.log import get_logger
+from humor_ray.metrics import StageMetrics
 
 # Labels a model may put before its caption, or echo from the prompt's last line.
 _LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
@@ -106,12 +107,13 @@ class CaptionWriter:
     """A Ray Data actor holding one engine: contests in, `n` clean captions each out."""
 
     def __init__(self, engine: str, model_dir: str, n: int, decoding: Decoding, max_attempts: int, seed: int,
-                 images: str | None = None):
+                 figures: StageMetrics, images: str | None = None):
         from humor_ray.engines import engine_class
 
         # On a GPU the engine is alone on it: vLLM may take most of its memory.
         self.engine = engine_class(engine)(model_dir, 0, None, 0.85 if _gpu() else 0.0, seed)
         self.n, self.decoding, self.max_attempts, self.images = n, decoding, max_attempts, images
+        self.figures = figures
 
     def __call__(self, batch: dict) -> dict:
         from humor_ray.models.vision import open_image
@@ -128,14 +130,19 @@ class CaptionWriter:
             for count in sorted(set(missing.values())):
                 group = [i for i in todo if missing[i] == count]
                 images = [cartoons[i] for i in group] if cartoons else None
+                empty = 0
                 for sample in self.engine.generate([prompts[i] for i in group], count, self.decoding, images=images):
                     i = group[sample.prompt_index]
                     caption = clean_caption(sample.text, sample.finished)
                     if caption and len(found[i]) < self.n:
                         found[i].append((caption, sample.text))
+                    empty += not caption
+                self.figures.count("infer_empty_captions", empty,
+                                   "draws that gave an empty caption (drawn again up to --max_attempts)")
             for i in todo:
                 attempts[i] += 1
             todo = [i for i in todo if len(found[i]) < self.n and attempts[i] < self.max_attempts]
+        self.figures.count("infer_captions", sum(len(captions) for captions in found), "captions generated")
         out = {"contest": [], "sample": [], "caption": [], "generation": [], "prompt": [], "reward_prompt": []}
         for i, captions in enumerate(found):
             for k, (caption, raw) in enumerate(captions):
@@ -225,9 +232,14 @@ def _generate(cfg: GenerateConfig, per_contest: int):
         num_gpus=1 if cfg.use_gpu else 0,
         fn_constructor_kwargs={"engine": cfg.engine, "model_dir": model_dir, "n": per_contest,
                                "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed,
-                               "images": cfg.images if vision else None},
+                               "figures": figures(cfg), "images": cfg.images if vision else None},
         runtime_env={"env_vars": VLLM_ENV})
     return prompts, rows, started
+
+
+def figures(cfg: GenerateConfig) -> StageMetrics:
+    """The run's figures for the Ray dashboard, by method name and stage (generate or bon)."""
+    return StageMetrics(cfg.method_name(), "bon" if isinstance(cfg, BonConfig) else "generate")
 
 
 def _finish(cfg: GenerateConfig, prompts, table, started: float, extra: dict) -> dict:
@@ -260,6 +272,10 @@ def _finish(cfg: GenerateConfig, prompts, table, started: float, extra: dict) ->
     summary = {"method": method, "model": cfg.model_name, "contests": len(prompt_of), "captions": table.num_rows,
                "missing_captions": short, "seconds": round(time.perf_counter() - started, 1), **extra}
     Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))
+    run_figures = figures(cfg)
+    run_figures.gauge("infer_captions_per_second", table.num_rows / max(time.perf_counter() - started, 1e-9),
+                      "captions kept per second, the whole run")
+    run_figures.gauge("infer_captions_missing", sum(short.values()), "captions still empty after --max_attempts")
     if short:
         log.warning(f"{method}: {sum(short.values())} captions still empty after {cfg.max_attempts} draws, in "
                     f"contests {sorted(short)}")

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -331,11 +330,11 @@ def _resume_from(worker: WorkerContext) -> str | None:
 
     if not worker.checkpoint:
         return None
-    resume = os.path.join(worker.scratch, "resumed")
-    with worker.checkpoint.as_directory() as restored:
-        shutil.copytree(os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME), resume)
+    # Into this worker's own folder: `as_directory()` shares one temporary folder among the workers of a
+    # machine, and when one machine runs several Ray nodes, one node's worker deletes it under the other's.
+    restored = worker.checkpoint.to_directory(os.path.join(worker.scratch, "restored"))
     worker.log.info(f"resuming from {worker.checkpoint.path}")
-    return resume
+    return os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
 
 
 def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, trainer, evaluation) -> None:
