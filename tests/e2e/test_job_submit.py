@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(420)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
 

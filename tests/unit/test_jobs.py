@@ -8,7 +8,7 @@ import pytest
 from humor_ray.cli import STAGES
 from humor_ray.config import parse_config
 
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 
 def load(spec: Path):

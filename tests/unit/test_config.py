@@ -109,7 +109,7 @@ def test_stages_compose_the_shared_option_groups():
 def test_a_job_spec_by_its_name_from_anywhere(tmp_path, monkeypatch):
     """`--config sft-tiny.yaml` or `jobs/sft-tiny.yaml` from any directory: the specs shipped with the package."""
     monkeypatch.chdir(tmp_path)
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "sft-tiny.yaml").read_text())
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "sft-tiny.yaml").read_text())
     for name in ("sft-tiny.yaml", "jobs/sft-tiny.yaml"):
         assert load_yaml(name)["model_name"] == spec["model_name"]
     assert load_yaml("serve/smollm2.yaml")

@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray exports an application metric NAME as ray_NAME (a counter as ray_NAME_total).
 SAMPLE = re.compile(r"^(ray_humor_ray_\w+)\{([^}]*)\} ([0-9.e+-]+)$", re.M)

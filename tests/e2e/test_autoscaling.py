@@ -27,7 +27,7 @@ from conftest import RAY, free_port
 
 pytestmark = pytest.mark.timeout(360)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INPUTS = ("530_LilUCB.csv", "536_LilUCB.csv", "591_KLUCB.csv")
 
 

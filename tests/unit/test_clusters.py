@@ -14,7 +14,7 @@ import ray
 from humor_ray.cli import STAGES
 from humor_ray.config import parse_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT / "clusters"
 JOBS = ROOT / "jobs"
 SHARED = "/mnt/shared"  # where every KubeRay pod mounts the shared volume

@@ -126,7 +126,7 @@ def test_the_serve_deploy_config_is_valid_and_builds_our_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "jobs" / "serve" / "smollm2.yaml").read_text())
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "serve" / "smollm2.yaml").read_text())
     app, = ServeDeploySchema.model_validate(spec).applications
     assert app.import_path == "humor_ray.serve:build_app"
     cfg = ServeConfig(**app.args)
