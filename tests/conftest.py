@@ -71,6 +71,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def stop_cluster(head: subprocess.Popen, gcs_port: int, grace: float = 5.0) -> None:
+    """Stop a `ray start --block` head and every process of its cluster, and only those. Ray's graceful
+    stop takes about 30 s; after `grace` seconds what is left (its process group, and the processes that
+    name its GCS port) is killed."""
+    import psutil
+
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                same_group = os.getpgid(process.pid) == head.pid
+                if same_group or any(f":{gcs_port}" in part for part in process.info["cmdline"] or []):
+                    process.kill()
+            except (psutil.Error, ProcessLookupError):  # gone meanwhile
+                pass
+        head.wait(timeout=60)
+
+
 @pytest.fixture
 def head_node():
     """A Ray head on loopback, with its own ports, stopped at the end without touching other clusters:
@@ -103,8 +123,7 @@ def head_node():
     else:
         pytest.fail("the Ray head did not come up within 120 s")
     yield types.SimpleNamespace(address=address, env=env, metrics_port=metrics)
-    os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    stop_cluster(head, gcs)
     # `ray start` records its cluster for later `ray.init()` calls; ours is gone.
     current = Path("/tmp/ray/ray_current_cluster")
     if current.exists() and current.read_text().strip().endswith(f":{gcs}"):

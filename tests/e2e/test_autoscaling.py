@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import RAY, free_port
+from conftest import RAY, free_port, stop_cluster
 
 pytestmark = pytest.mark.timeout(360)
 
@@ -102,8 +102,7 @@ def autoscaling_head(tmp_path):
     finally:
         # The head first (its autoscaler launches nodes), then every process of the cluster; a fake node's
         # raylet can outlive SIGTERM, so what is left after a while gets SIGKILL.
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        stop_cluster(head, gcs)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in processes_of(temp_dir):
                 try:
