@@ -125,7 +125,7 @@ def test_llm_judge_over_http_asks_both_orders_calibrates_and_caches(tmp_path, da
         again = benchmark.run(benchmark.JudgeConfig(**config))
         # Best pick sends the cartoon with each group.
         picked = benchmark.run(benchmark.JudgeConfig(**{**config, "output_dir": str(tmp_path / "pick"),
-                                                        "protocol": "best_pick", "max_contests": 2}))
+                                                        "protocol": "best_pick", "max_contests": 1}))
     judgments = pd.read_parquet(judged / "judgments.parquet")
     ours = judgments[judgments["method"] == "tiny"]
     assert len(ours) == 2 * 4 * 2 and set(ours["order"]) == {"AB", "BA"}

@@ -323,12 +323,12 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
                   model_name="tiny", estimator="rloo", samples_per_prompt=4, rollout_batch_size=2,
                   mini_batch_size=8, lora_r=8, lora_alpha=16, learning_rate=1e-3, max_new_tokens=12,
                   reward_max_length=128, save_steps=1, report_to=["none"], max_failures=0, num_workers=2)
+    ppo.run(ppo.Config(**config, max_steps=1))
     ppo.run(ppo.Config(**config, max_steps=2))
-    ppo.run(ppo.Config(**config, max_steps=4))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"]
     history = metrics["history"]
-    assert [m["step"] for m in history] == [1, 2, 3, 4]
+    assert [m["step"] for m in history] == [1, 2]
     assert "vf_loss" not in history[0]  # no value model
     # The reward model's own scale (not the builtin rule's [0, 1]) and a policy that moved.
     assert all(torch.isfinite(torch.tensor(m["reward/mean"])) for m in history)

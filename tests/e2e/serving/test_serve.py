@@ -6,39 +6,13 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-import torch
 
 from humor_ray.config import UserError
-from humor_ray.serve import ServeConfig, free_port, running_server
+from humor_ray.serve import ServeConfig
 
-CONTEXT = 256
+from .conftest import CONTEXT
+
 CHAT = [{"role": "user", "content": "Write a caption for a cartoon of a cat at a board meeting."}]
-
-
-@pytest.fixture(scope="module")
-def adapter_run(tmp_path_factory):
-    """A LoRA adapter on the tiny model as `sft` leaves it (`RUN/final/`), with weights far from zero
-    so that its answers differ from the base model's."""
-    from peft import LoraConfig, get_peft_model
-
-    from humor_ray.models import registry
-
-    model, _ = registry.load_model("tiny")
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    for name, weight in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(weight, std=0.5)
-    final = tmp_path_factory.mktemp("sft-lora") / "final"
-    peft.save_pretrained(final)
-    return final
-
-
-@pytest.fixture(scope="module")
-def server(ray_local, adapter_run):
-    cfg = ServeConfig(model="tiny", lora=[str(adapter_run)], port=free_port(), max_model_len=CONTEXT)
-    with running_server(cfg) as base_url:
-        yield base_url
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +100,7 @@ def test_the_serve_deploy_config_is_valid_and_builds_our_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "serve" / "smollm2.yaml").read_text())
+    spec = yaml.safe_load((Path(__file__).resolve().parents[3] / "jobs" / "serve" / "smollm2.yaml").read_text())
     app, = ServeDeploySchema.model_validate(spec).applications
     assert app.import_path == "humor_ray.serve:build_app"
     cfg = ServeConfig(**app.args)

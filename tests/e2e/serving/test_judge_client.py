@@ -12,16 +12,10 @@ import pytest
 from humor_ray.config import UserError
 from humor_ray.eval.client import JudgeClient
 from humor_ray.metrics import StageMetrics
-from humor_ray.serve import ServeConfig, free_port, running_server
-from proxy import running_proxy
+
+from .proxy import running_proxy
 
 FAKE_KEY = "sk-humorray-LEAKCHECK-7c1e9a"
-
-
-@pytest.fixture(scope="module")
-def server(ray_local):
-    with running_server(ServeConfig(model="tiny", port=free_port(), max_model_len=512)) as base_url:
-        yield base_url
 
 
 @pytest.fixture(params=[429, 503])
