@@ -65,10 +65,19 @@ def datasets_dir(request, tmp_path_factory, real_data, ray_local):
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_ports_given: set[int] = set()
+
+
+def free_port() -> int:
+    """A port nothing listens on, and not one given before in this session: the OS hands a just-closed port
+    out again, and a Ray node refuses to start when two of its components get the same port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def stop_cluster(head: subprocess.Popen, gcs_port: int, grace: float = 5.0) -> None:

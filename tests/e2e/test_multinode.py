@@ -108,9 +108,16 @@ def test_ppo_engine_reward_model_and_trainer_on_three_nodes(cluster, datasets, t
               + (f"; {len(trainers)} trainer workers started: {restarts}" if restarts else ""))
 
 
-def checkpoints(fs, path: str) -> list[str]:
-    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(info.path for info in found if info.base_name.startswith("checkpoint_"))
+def registered_checkpoint(fs, run_path: str) -> str | None:
+    """The checkpoint a restart starts from: the latest one Ray Train's controller has registered, which it
+    records in the run's snapshot on storage. (A checkpoint folder on storage is not yet one: the controller
+    registers it only once every worker's report of it has reached it.)"""
+    try:
+        with fs.open_input_stream(f"{run_path}/checkpoint_manager_snapshot.json") as handle:
+            latest = json.loads(handle.read())["latest_checkpoint_result"]
+    except FileNotFoundError:
+        return None
+    return latest["checkpoint_dir_name"] if latest else None
 
 
 def test_sft_survives_losing_a_worker_node_and_resumes_from_s3(cluster, datasets, tmp_path, s3_endpoint, capsys):
@@ -126,10 +133,9 @@ def test_sft_survives_losing_a_worker_node_and_resumes_from_s3(cluster, datasets
                 "--save_total_limit", "10", "--logging_steps", "4", "--max_eval_examples", "8", "--report_to", "none",
                 wait=False)
     try:
-        # A checkpoint counts once every worker has reported it: a second one on storage means the first did.
-        while len(checkpoints(fs, "checkpoints/runs/sft-multinode")) < 2:
-            assert run.poll() is None, f"the run ended before its second checkpoint:\n{run.stdout.read()}"
-            assert time.time() - started < 240, "no second checkpoint within 240 s"
+        while not registered_checkpoint(fs, "checkpoints/runs/sft-multinode"):
+            assert run.poll() is None, f"the run ended before a checkpoint was registered:\n{run.stdout.read()}"
+            assert time.time() - started < 240, "no checkpoint registered within 240 s"
             time.sleep(0.5)
         killed_at = time.time() - started
         workers = [a for a in actors(cluster, "RayTrainWorker") if a.state == "ALIVE"]  # the PPO ones are dead
