@@ -25,6 +25,22 @@ from humor_ray.train import rm
 from humor_ray.train.launcher import eval_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "jobs/rm-minilm.yaml"
+
+
+def held_out_pairs(datasets: str, cfg: rm.Config):
+    """The held-out pairs a reward model of `cfg` is scored on: its seeded sample of pairs/eval."""
+    return eval_dataset(os.path.join(datasets, "pairs", "eval"), list(rm.STAGE.columns), cfg.max_eval_examples,
+                        cfg.seed)
+
+
+def length_baselines(held_out) -> tuple[float, float]:
+    """(longer caption wins, shorter caption wins) on `held_out`; a tie counts half."""
+    chosen_len = np.array([len(c) for c in held_out["chosen"]])
+    rejected_len = np.array([len(c) for c in held_out["rejected"]])
+    longer = float(np.mean(np.where(chosen_len == rejected_len, 0.5, chosen_len > rejected_len)))
+    shorter = float(np.mean(np.where(chosen_len == rejected_len, 0.5, chosen_len < rejected_len)))
+    return longer, shorter
 
 
 def main() -> None:
@@ -39,7 +55,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "humor_ray", "data", "build", "--config", str(ROOT / "jobs/data.yaml"),
                         "--output", datasets, "--datasets", "pairs"], check=True)
     run_dir = os.path.join(args.output, f"run-{int(time.time())}")
-    flags = ["--config", str(ROOT / "jobs/rm-minilm.yaml"), "--dataset_dir", datasets, "--output_dir", run_dir]
+    flags = ["--config", str(RECIPE), "--dataset_dir", datasets, "--output_dir", run_dir]
     if args.max_steps:
         flags += ["--max_steps", str(args.max_steps)]
     cfg = parse_config(rm.Config, flags, "bench")
@@ -52,12 +68,8 @@ def main() -> None:
     curve = sorted({e["step"]: e["eval_accuracy"] for e in metrics["log_history"] if "eval_accuracy" in e}.items())
 
     # Baselines on exactly the held-out pairs the model was scored on (same sample, same seed).
-    held_out = eval_dataset(os.path.join(datasets, "pairs", "eval"), list(rm.STAGE.columns), cfg.max_eval_examples,
-                            cfg.seed)
-    chosen_len = np.array([len(c) for c in held_out["chosen"]])
-    rejected_len = np.array([len(c) for c in held_out["rejected"]])
-    longer = float(np.mean(np.where(chosen_len == rejected_len, 0.5, chosen_len > rejected_len)))
-    shorter = float(np.mean(np.where(chosen_len == rejected_len, 0.5, chosen_len < rejected_len)))
+    held_out = held_out_pairs(datasets, cfg)
+    longer, shorter = length_baselines(held_out)
 
     print(f"\nreward model: {cfg.model_name}, {cfg.max_steps} steps x {cfg.per_device_train_batch_size} pairs, "
           f"{len(held_out):,} held-out pairs from {len(set(held_out['prompt']))} eval contests")

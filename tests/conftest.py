@@ -1,5 +1,6 @@
 """Shared test set-up: offline, real data from ../shared/data (or $HUMOR_RAY_DATA), one local Ray."""
 
+import json
 import os
 import signal
 import socket
@@ -78,6 +79,19 @@ def free_port() -> int:
         if port not in _ports_given:
             _ports_given.add(port)
             return port
+
+
+def registered_checkpoints(fs, run_path: str) -> list[str]:
+    """The checkpoints Ray Train has registered for a run (their folder names), from the record its controller
+    rewrites on every registration, `checkpoint_manager_snapshot.json` in the run's folder on `fs` (a pyarrow
+    filesystem). A checkpoint folder alone is not yet registered: that waits for every worker's report of it,
+    and a restart resumes only from a registered one."""
+    try:
+        with fs.open_input_stream(f"{run_path}/checkpoint_manager_snapshot.json") as handle:
+            snapshot = json.loads(handle.read())
+    except (FileNotFoundError, ValueError):  # not written yet, or read mid-write on a local disk
+        return []
+    return [result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]]
 
 
 def stop_cluster(head: subprocess.Popen, gcs_port: int, grace: float = 5.0) -> None:

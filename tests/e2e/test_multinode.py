@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import free_port
+from conftest import free_port, registered_checkpoints
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -108,18 +108,6 @@ def test_ppo_engine_reward_model_and_trainer_on_three_nodes(cluster, datasets, t
               + (f"; {len(trainers)} trainer workers started: {restarts}" if restarts else ""))
 
 
-def registered_checkpoint(fs, run_path: str) -> str | None:
-    """The checkpoint a restart starts from: the latest one Ray Train's controller has registered, which it
-    records in the run's snapshot on storage. (A checkpoint folder on storage is not yet one: the controller
-    registers it only once every worker's report of it has reached it.)"""
-    try:
-        with fs.open_input_stream(f"{run_path}/checkpoint_manager_snapshot.json") as handle:
-            latest = json.loads(handle.read())["latest_checkpoint_result"]
-    except FileNotFoundError:
-        return None
-    return latest["checkpoint_dir_name"] if latest else None
-
-
 def test_sft_survives_losing_a_worker_node_and_resumes_from_s3(cluster, datasets, tmp_path, s3_endpoint, capsys):
     fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", region="us-east-1",
                            allow_bucket_creation=True)
@@ -133,7 +121,7 @@ def test_sft_survives_losing_a_worker_node_and_resumes_from_s3(cluster, datasets
                 "--save_total_limit", "10", "--logging_steps", "4", "--max_eval_examples", "8", "--report_to", "none",
                 wait=False)
     try:
-        while not registered_checkpoint(fs, "checkpoints/runs/sft-multinode"):
+        while not registered_checkpoints(fs, "checkpoints/runs/sft-multinode"):
             assert run.poll() is None, f"the run ended before a checkpoint was registered:\n{run.stdout.read()}"
             assert time.time() - started < 240, "no checkpoint registered within 240 s"
             time.sleep(0.5)

@@ -7,7 +7,10 @@ import threading
 import time
 
 import psutil
+import pyarrow.fs as pafs
 import pytest
+
+from conftest import registered_checkpoints
 
 from humor_ray.models.reward_inputs import encode
 from humor_ray.train import dpo, rm, sft
@@ -135,18 +138,10 @@ def test_a_killed_worker_is_restarted_and_training_resumes(tmp_path, datasets_di
                            "max_failures": 1})
     killed = []
 
-    def registered_checkpoints():
-        # Ray Train's own record of the checkpoints it holds (a checkpoint folder alone may be half-reported).
-        try:
-            snapshot = json.loads((out / "ray" / "sft" / "checkpoint_manager_snapshot.json").read_text())
-        except (OSError, ValueError):
-            return 0
-        return len(snapshot["checkpoint_results"])
-
     def kill_after_first_checkpoint():
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
-            if registered_checkpoints():
+            if registered_checkpoints(pafs.LocalFileSystem(), str(out / "ray" / "sft")):
                 for worker in _train_workers():
                     os.kill(worker.pid, signal.SIGKILL)
                     killed.append(worker.pid)
