@@ -19,7 +19,31 @@ CLUSTERS = ROOT / "clusters"
 JOBS = ROOT / "jobs"
 SHARED = "/mnt/shared"  # where every KubeRay pod mounts the shared volume
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-IMAGE = f"humor-ray/humor-ray:{VERSION}"  # clusters/Dockerfile, tagged as its header says
+# clusters/Dockerfile, as the definitions name it: in a registry under a reserved top-level domain that never
+# resolves (RFC 2606 `.invalid`), so an unedited definition cannot pull someone else's image; users put theirs.
+REGISTRY = "your-registry.invalid"
+IMAGE = f"{REGISTRY}/humor-ray:{VERSION}"
+
+
+def test_every_image_named_is_the_projects_in_the_placeholder_registry():
+    """Any image reference in the definitions (docker, KubeRay containers) names the project's image in the
+    placeholder registry: an unqualified name (docker.io's namespace) or any other registry would pull an image
+    that is not this project's."""
+    for path in CLUSTERS.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for image in images_in(doc):
+                assert image in (f"{IMAGE}-cpu", f"{IMAGE}-gpu"), f"{path.name}: image {image}"
+    assert f"-t $REGISTRY/humor-ray:{VERSION}-cpu" in (CLUSTERS / "Dockerfile").read_text()
+
+
+def images_in(node) -> list[str]:
+    """Every value of a key `image` or `*_image` (ray up's `worker_image`, `head_image`) anywhere in a document."""
+    if isinstance(node, dict):
+        found = [v for k, v in node.items() if k == "image" or k.endswith("_image")]
+        return found + [image for v in node.values() for image in images_in(v)]
+    if isinstance(node, list):
+        return [image for v in node for image in images_in(v)]
+    return []
 
 
 def test_autoscaler_config_validates_runs_our_image_and_scales_gpus_from_zero():
