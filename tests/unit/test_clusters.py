@@ -66,6 +66,23 @@ def test_autoscaler_config_validates_runs_our_image_and_scales_gpus_from_zero():
     assert not spec.get("setup_commands"), "the image holds the stack; the nodes install nothing"
 
 
+def test_autoscaler_config_requires_the_token_on_every_node_and_keeps_the_dashboard_on_loopback():
+    """Every node's container runs with token authentication and reads the token that the file mount brings it
+    (from the user's ~/.ray/auth_token); the job API listens on the head's loopback, where `ray dashboard` reaches
+    it. tests/e2e/test_cluster_auth.py starts a head this way and submits jobs to it."""
+    spec = yaml.safe_load((CLUSTERS / "aws-autoscaling.yaml").read_text())
+    docker = spec["docker"]
+    env = dict(o.removeprefix("--env ").split("=", 1) for o in docker["run_options"] if o.startswith("--env "))
+    assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env
+    assert spec["file_mounts"][env["RAY_AUTH_TOKEN_PATH"]] == "~/.ray/auth_token"
+    # No node type runs its container with other options (which would replace these for its nodes).
+    for config in [docker] + [node.get("docker", {}) for node in spec["available_node_types"].values()]:
+        assert not {"head_run_options", "worker_run_options"} & set(config), config
+    (start,) = [c for c in spec["head_start_ray_commands"] if c.startswith("ray start")]
+    assert "--dashboard-host=127.0.0.1" in shlex.split(start)
+    assert all("RAY_AUTH" not in c for c in spec["head_start_ray_commands"] + spec["worker_start_ray_commands"])
+
+
 def kuberay(name: str) -> dict[str, list[dict]]:
     """The objects of a multi-document manifest, by kind."""
     objects: dict[str, list[dict]] = {}
@@ -158,6 +175,24 @@ def test_a_broken_rayjob_is_refused():
 def pods(cluster: dict) -> list[dict]:
     spec = cluster["spec"]
     return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def test_kuberay_cluster_requires_the_token_in_every_ray_container_and_rayjob():
+    """The operator makes the Secret and hands its token to the autoscaler, the RayJob submitters and its own
+    dashboard requests (authOptions); the Ray containers name it themselves too, so that they wait for the Secret
+    rather than start open where an operator ignores authOptions."""
+    (cluster,) = kuberay("kuberay.yaml")["RayCluster"]
+    auth = cluster["spec"]["authOptions"]
+    assert auth["mode"] == "token" and not auth.get("enableK8sTokenAuth")
+    secret = auth.get("secretName") or cluster["metadata"]["name"]  # the operator names its Secret after the cluster
+    for pod in pods(cluster):
+        env = {variable["name"]: variable for variable in pod["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": "auth_token"}}
+    for job in kuberay("rayjobs.yaml")["RayJob"]:
+        # The submitter is the operator's, with the selected cluster's token.
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        assert "submitterPodTemplate" not in job["spec"] and "rayClusterSpec" not in job["spec"]
 
 
 def test_kuberay_cluster_validates_uses_our_image_scales_from_zero_and_shares_storage():
