@@ -36,25 +36,32 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+AWS = yaml.safe_load((CLUSTERS / "aws-autoscaling.yaml").read_text())
+
+
+def aws_node_env(tmp_path: Path, node: str) -> dict:
+    """The environment of an AWS node's container (the definition's docker run options), with the user's token
+    where the definition's file mount puts it on the node, here under tmp_path/node."""
+    container_env = dict(option.removeprefix("--env ").split("=", 1) for option in AWS["docker"]["run_options"]
+                         if option.startswith("--env "))
+    node_path = container_env["RAY_AUTH_TOKEN_PATH"]
+    assert AWS["file_mounts"][node_path] == "~/.ray/auth_token"
+    node_token = tmp_path / node / node_path.lstrip("/")
+    node_token.parent.mkdir(parents=True)
+    shutil.copy(tmp_path / "user" / ".ray" / "auth_token", node_token)
+    return clean_env(**{**container_env, "RAY_AUTH_TOKEN_PATH": str(node_token), "HOME": str(tmp_path / node)})
+
+
 def aws_head(tmp_path: Path) -> tuple[list[str], dict, dict, str]:
     """The AWS head's `ray start` arguments and environment, the environment a user submits with (the README's),
     and the token. The token is made as the README says (`ray get-auth-token --generate`, into the user's home)
     and placed where the definition's file mount puts it on a node."""
-    spec = yaml.safe_load((CLUSTERS / "aws-autoscaling.yaml").read_text())
-    container_env = dict(option.removeprefix("--env ").split("=", 1) for option in spec["docker"]["run_options"]
-                         if option.startswith("--env "))
     user_home = tmp_path / "user"
     user = clean_env(HOME=str(user_home))
     subprocess.run([RAY, "get-auth-token", "--generate"], env=user, check=True, capture_output=True)
     token = (user_home / ".ray" / "auth_token").read_text()
-    # The file mount: the user's ~/.ray/auth_token at the node's path, here under tmp_path.
-    node_path = container_env["RAY_AUTH_TOKEN_PATH"]
-    assert spec["file_mounts"][node_path] == "~/.ray/auth_token"
-    node_token = tmp_path / "node" / node_path.lstrip("/")
-    node_token.parent.mkdir(parents=True)
-    shutil.copy(user_home / ".ray" / "auth_token", node_token)
-    head_env = clean_env(**{**container_env, "RAY_AUTH_TOKEN_PATH": str(node_token), "HOME": str(tmp_path / "node")})
-    stop, start = spec["head_start_ray_commands"]
+    head_env = aws_node_env(tmp_path, "head")
+    stop, start = AWS["head_start_ray_commands"]
     assert stop == "ray stop"
     argv = shlex.split(start)
     assert argv[:3] == ["ray", "start", "--head"]
@@ -83,17 +90,25 @@ def kuberay_head(tmp_path: Path) -> tuple[list[str], dict, dict, str]:
     return flags, clean_env(**env, HOME=str(tmp_path)), client, token
 
 
+NODE_PORTS = ("metrics-export-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+
+
+def start_node(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start` with these arguments, on loopback, each component on a port of its own."""
+    return subprocess.Popen(
+        [RAY, *argv, "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats",
+         *(f"--{flag}={free_port()}" for flag in NODE_PORTS)],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def start_head(flags: list[str], env: dict, tmp_path: Path) -> tuple[subprocess.Popen, int, int]:
     gcs, dashboard = free_port(), free_port()
     # DASHBOARD_METRIC_PORT: the dashboard's own metrics server has a fixed default port another dashboard may hold.
     env = {**env, "DASHBOARD_METRIC_PORT": str(free_port())}
-    head = subprocess.Popen(
-        [RAY, "start", "--head", *flags, "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=1", "--disable-usage-stats",
-         *(f"--{flag}={free_port()}" for flag in (
-             "metrics-export-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port"))],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    head = start_node(["start", "--head", *flags, f"--port={gcs}", f"--dashboard-port={dashboard}",
+                       "--include-dashboard=true", f"--ray-client-server-port={free_port()}"],
+                      env, tmp_path / "head.log")
     return head, gcs, dashboard
 
 
@@ -125,6 +140,7 @@ def test_the_job_api_refuses_a_job_without_the_token_and_runs_one_with_it(defini
     assert head_env["RAY_AUTH_MODE"] == "token"
     head, gcs, dashboard = start_head(flags, head_env, tmp_path)
     url = f"http://127.0.0.1:{dashboard}"
+    worker = None
     try:
         assert wait_for_dashboard(head, url, tmp_path)["authentication_mode"] == "token"
         if definition is aws_head:  # the dashboard listens on loopback only, as `ray dashboard` reaches it
@@ -147,7 +163,22 @@ def test_the_job_api_refuses_a_job_without_the_token_and_runs_one_with_it(defini
         accepted = submit(url, user_env, "python", "-c", "print('ran with the token')")
         log = accepted.stdout + accepted.stderr
         assert accepted.returncode == 0 and "ran with the token" in log and "succeeded" in log, log
+
+        if definition is aws_head:  # a worker node, started as the head starts its workers, joins
+            (start,) = [c for c in AWS["worker_start_ray_commands"] if c.startswith("ray start")]
+            argv = shlex.split(start.replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{gcs}"))
+            worker = start_node(argv[1:], aws_node_env(tmp_path, "worker"), tmp_path / "worker.log")
+            nodes = []
+            deadline = time.time() + 120
+            while len(nodes) < 2 and time.time() < deadline:
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+                time.sleep(1)
+                answer = requests.get(f"{url}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+                nodes = [n for n in answer.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+            assert len(nodes) == 2, nodes
     finally:
+        if worker is not None:
+            stop_cluster(worker, gcs)
         stop_cluster(head, gcs)
         current = Path("/tmp/ray/ray_current_cluster")  # `ray start` records its cluster; ours is gone
         if current.exists() and current.read_text().strip().endswith(f":{gcs}"):

@@ -1,4 +1,5 @@
-"""The cluster definitions parse, validate, run the project's image and scale workers from zero."""
+"""The cluster definitions parse, validate against their schemas (Ray's autoscaler config, KubeRay's CRDs), run
+the project's image from the user's registry, require Ray's token and scale workers from zero."""
 
 import copy
 import functools
@@ -38,10 +39,13 @@ def test_every_image_named_is_the_projects_in_the_placeholder_registry():
     """Any image reference in the definitions (docker, KubeRay containers) names the project's image in the
     placeholder registry: an unqualified name (docker.io's namespace) or any other registry would pull an image
     that is not this project's."""
+    named = set()
     for path in CLUSTERS.glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             for image in images_in(doc):
                 assert image in (f"{IMAGE}-cpu", f"{IMAGE}-gpu"), f"{path.name}: image {image}"
+                named.add(image)
+    assert named == {f"{IMAGE}-cpu", f"{IMAGE}-gpu"}
     assert f"-t $REGISTRY/humor-ray:{VERSION}-cpu" in (CLUSTERS / "Dockerfile").read_text()
 
 
