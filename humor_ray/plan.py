@@ -78,9 +78,11 @@ class Architecture:
 
 
 def shipped_configs() -> dict[str, Path]:
-    """Hugging Face id -> the shipped config.json of that model."""
+    """Hugging Face id -> the shipped config.json of that model (`*.processor.json`: its processor's settings)."""
     found = {}
     for path in sorted(CONFIGS_DIR.glob("*.json")):
+        if path.name.endswith(".processor.json"):
+            continue
         found[json.loads(path.read_text())["_name_or_path"]] = path
     return found
 
@@ -467,7 +469,6 @@ def plan_ppo(cfg, gpu_bytes: int, prompt_tokens: int) -> Plan:
     engine = _engine_role(cfg, engine_gpu, policy, gpu_bytes)
     roles.append(engine)
     engine_gpus, reward_gpus, trainer_gpus = (cfg.colocate_fractions if colocate else (1.0, 1.0, 1.0))
-    reward_gpus = reward_gpus if roles[-2].gpu else 0.0
     needed = math.ceil(cfg.num_engines * engine_gpus + reward_gpus + world * trainer_gpus - 1e-9)
     plan = Plan(spec="", stage="ppo", gpu_bytes=gpu_bytes, roles=roles, gpus_needed=needed)
     plan.assumptions.append(
@@ -490,8 +491,8 @@ def _reward_role(cfg, gpu: str, policy: Architecture) -> Role:
     --reward_max_length tokens per forward pass, without gradients."""
     from humor_ray.rl.reward import BUILTIN, resolve_reward_model
 
-    if cfg.reward_model in BUILTIN:
-        return Role("reward actor", "", 1, cfg.reward_model, note="a rule on the CPU: no GPU")
+    if cfg.reward_model in BUILTIN:  # ppo.run still gives its actor the reward model's GPU share
+        return Role("reward actor", gpu, 1, cfg.reward_model, note="a rule: its GPU (share) holds nothing")
     if cfg.reward_model == PLACEHOLDER_REWARD:
         spec, note = policy.name, "no --reward_model given: the policy's architecture with a scalar head"
     else:

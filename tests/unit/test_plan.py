@@ -199,3 +199,22 @@ def test_cpu_runs_are_not_planned():
 
     cfg = sft.Config(output_dir="/x", dataset_dir="/y", model_name="tiny", gpu_memory_gb=0.01)
     assert plan.check_before_start("sft", cfg) is None
+
+
+def test_the_gpu_check_plans_its_runs_and_finds_what_it_calls():
+    """bench/gpu_check.py --dry_run: what runs of it without a GPU (its exit code says whether the 7B LLaVA
+    recipe's collate keeps every image token, which is the recipe's business, not this test's)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry_run"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    report = json.loads(done.stdout[done.stdout.index("\n{") + 1:])
+    assert report["everything the GPU part calls exists"] == {"missing": [], "ok": True}
+    assert all(report[f"plan vs peak: {stage}"]["planned_gib"] > 0 for stage in ("sft", "rm", "dpo", "llava"))
+    assert report["ppo colocate (planned)"]["gpus_needed"] == 1
+    assert report["ppo separate (planned)"]["gpus_needed"] == 3
+    collate = report["llava collate at the 7B recipe's settings"]
+    assert collate["pixel_values"][2:] == [3, 336, 336] and len(collate["image_tokens"]) == 4
+    assert max(collate["image_tokens_expected"]) <= collate["planned_image_tokens_at_most"]
