@@ -1,4 +1,4 @@
-"""The GPU check, one prepared script for a machine with one NVIDIA GPU (about 5 minutes on an H100):
+"""The GPU check, one prepared script for a machine with one NVIDIA GPU (sized for under 8 minutes on an H100):
 
 1. the memory plan beside the measured peak: SFT, the reward model, DPO and the LLaVA on the small models
    (smollm2-135m, smollm2-llava) train --steps steps in this process with the stage's own trainer (one GPU,
