@@ -39,7 +39,7 @@ STAGES = {"sft": "humor_ray.train.sft", "rm": "humor_ray.train.rm", "dpo": "humo
           "llava": "humor_ray.train.llava", "ppo": "humor_ray.rl.ppo"}
 # What a stage's model loads as (registry.AUTO_CLASSES' kinds).
 STAGE_KIND = {"sft": "causal_lm", "dpo": "causal_lm", "rm": "reward", "llava": "image_text"}
-SHAPE = re.compile(r"#\s*shape:\s*(\d+)\s*nodes?\s*x\s*(\d+)\s*GPUs?", re.IGNORECASE)
+SHAPE = re.compile(r"#\s*shape:\s*(\d+)\s*node(?:s|\(s\))?\s*[x×]\s*(\d+)\s*GPU(?:s|\(s\))?", re.IGNORECASE)
 # Every process that holds a GPU: the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 CUDA_CONTEXT = GIB
 # vLLM's LLM class on GPUs of 70 GiB or more (vllm/engine/arg_utils.py): tokens per scheduler step and sequences.

@@ -218,3 +218,19 @@ def test_the_gpu_check_plans_its_runs_and_finds_what_it_calls():
     collate = report["llava collate at the 7B recipe's settings"]
     assert collate["pixel_values"][2:] == [3, 336, 336] and len(collate["image_tokens"]) == 4
     assert max(collate["image_tokens_expected"]) <= collate["planned_image_tokens_at_most"]
+
+
+@pytest.mark.parametrize("first_line, shape", [
+    ("# shape: 1 node(s) x 8 GPUs", (1, 8)), ("# shape: 2 nodes x 4 GPUs", (2, 4)),
+    ("# Shape: 1 node x 1 GPU (colocated)", (1, 1)), ("# SFT as in the paper", None)])
+def test_the_shape_comment(tmp_path, first_line, shape):
+    spec = tmp_path / "sft-x.yaml"
+    spec.write_text(f"{first_line}\nuse_gpu: true\n")
+    assert plan.spec_shape(str(spec)) == shape
+
+
+def test_a_job_larger_than_its_shape_does_not_fit(tmp_path):
+    spec = tmp_path / "ppo-7b.yaml"
+    spec.write_text("# shape: 1 node x 4 GPUs\n" + (JOBS / "ppo-7b.yaml").read_text())
+    result, _ = spec_plan(spec)
+    assert [p.message for p in result.problems] == ["the job needs 7 GPUs, its shape has 4"]
