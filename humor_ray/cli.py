@@ -9,6 +9,7 @@ import sys
 from humor_ray.config import UserError, parse_config
 
 # Stage name -> (module, config class[, function, default "run"]). A module loads only when its stage runs.
+# Without a config class the function takes the arguments itself and returns the exit code.
 STAGES = {
     ("data", "build"): ("humor_ray.data.build", "BuildConfig"),
     ("data", "synth"): ("humor_ray.data.synth", "SynthConfig"),
@@ -25,6 +26,7 @@ STAGES = {
     ("report",): ("humor_ray.eval.report", "ReportConfig"),
     ("serve",): ("humor_ray.serve", "ServeConfig"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
+    ("plan",): ("humor_ray.plan", None, "main"),  # parses its own flags and a job spec's; returns the exit code
 }
 
 
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(module, function[0] if function else "run")
     prog = "humor-ray " + " ".join(key)
     try:
+        if config_name is None:
+            return run(argv[len(key):])
         run(parse_config(getattr(module, config_name), argv[len(key):], prog))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

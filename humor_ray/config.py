@@ -195,6 +195,8 @@ class ScaleOptions(Options):
     num_workers: int = field(1, "Ray Train workers (data-parallel)")
     use_gpu: bool = field(False, "one GPU per worker")
     cpus_per_worker: int = field(1, "CPUs each worker reserves (and its torch threads)")
+    gpu_memory_gb: float | None = field(None, "memory of each GPU in GiB, for the memory plan a --use_gpu run checks "
+                                              "before it starts (default: this machine's GPU, else 80)")
 
     def __post_init__(self):
         super().__post_init__()

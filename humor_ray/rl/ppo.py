@@ -588,6 +588,7 @@ def run(cfg: Config):
     from humor_ray.cluster import init_ray
     from humor_ray.models import registry
     from humor_ray.engines import start_engines
+    from humor_ray.plan import check_before_start
     from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
     from humor_ray.train.launcher import TrainError, absolute_local_paths
 
@@ -599,6 +600,7 @@ def run(cfg: Config):
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
     reward_spec = resolve_reward_model(cfg.reward_model)
+    check_before_start("ppo", cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     policy_dir = registry.resolve(cfg.model_name)
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)

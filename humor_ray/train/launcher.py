@@ -442,6 +442,7 @@ def launch(stage: Stage, cfg: TrainConfig):
     from ray.train import CheckpointConfig
 
     from humor_ray.cluster import init_ray
+    from humor_ray.plan import check_before_start
 
     setup_logging()
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name", "images"))
@@ -450,6 +451,7 @@ def launch(stage: Stage, cfg: TrainConfig):
         path = split_path(cfg, stage, split)
         if "://" not in path and not os.path.isdir(path):
             raise TrainError(f"{path} not found: run `humor-ray data build` first")
+    check_before_start(stage.name, cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
     # Same seed, same rows in the same order (block order is shuffled, then kept).
