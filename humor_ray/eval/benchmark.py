@@ -32,6 +32,7 @@ import numpy as np
 
 from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data.generations import choose_contests, read_generations
+from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger
 
 GROUPS = ("top10", "rank200", "rank1000", "median")
@@ -85,6 +86,7 @@ class JudgeConfig(Options):
 def read_references(dataset_dir: str):
     import pandas as pd
 
+    require_complete(dataset_dir)
     path = os.path.join(dataset_dir, "references", "eval")
     if not os.path.isdir(path):
         raise UserError(f"{path} not found: run `humor-ray data build` with the references dataset")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from humor_ray import metrics as stage_metrics
 from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions,
                               UserError, field)
+from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.engines import ENGINES, DecodingOptions
@@ -595,6 +596,7 @@ def run(cfg: Config):
     log = get_logger("ppo")
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "reward_model"))
     cfg.run_name = cfg.run_name or "ppo"
+    require_complete(cfg.dataset_dir)
     prompts_dir = os.path.join(cfg.dataset_dir, "prompts", "train")
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")

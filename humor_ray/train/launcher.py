@@ -23,6 +23,7 @@ from typing import Any
 
 from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions,
                               UserError, field)
+from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
 from humor_ray.train.deepspeed_presets import deepspeed_config
@@ -446,6 +447,7 @@ def launch(stage: Stage, cfg: TrainConfig):
     setup_logging()
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name", "images"))
     cfg.run_name = cfg.run_name or stage.name
+    require_complete(cfg.dataset_dir)
     for split in ("train", "eval") if cfg.do_eval else ("train",):
         path = split_path(cfg, stage, split)
         if "://" not in path and not os.path.isdir(path):
