@@ -30,7 +30,7 @@ from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data import prompts, readers, text
 from humor_ray.data.outputs import OutputFolder
 from humor_ray.data.pairs import sample_pairs
-from humor_ray.log import get_logger
+from humor_ray.log import get_logger, redact
 from humor_ray.metrics import StageMetrics
 
 log = get_logger("data build")
@@ -713,7 +713,7 @@ def _build(cfg: BuildConfig, final: str) -> dict:
     for split, pairs in report["datasets"].get("pairs", {}).items():
         figures.gauge("data_pairs_written", pairs, "preference pairs written", split=split)
     with out_fs.open_output_stream(_join(root, "report.json")) as handle:
-        handle.write(json.dumps(report, indent=2).encode())
+        handle.write(redact(json.dumps(report, indent=2)).encode())
     return report
 
 

@@ -212,7 +212,9 @@ def prob_a(answer: dict) -> float:
 def _image_part(images_dir: str, image: str | None) -> list[dict]:
     if not image:
         return []
-    path = Path(images_dir) / image
+    from humor_ray.models.vision import image_location
+
+    path = Path(image_location(images_dir, image))
     if not path.is_file():
         return []
     kind = "png" if path.suffix.lower() == ".png" else "jpeg"
