@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from humor_ray.config import UserError, parse_config
+from humor_ray.log import redact
 
 # Stage name -> (module, config class[, function, default "run"]). A module loads only when its stage runs.
 # Without a config class the function takes the arguments itself and returns the exit code.
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         user = user_error(err)
         if user is None:
             raise  # a bug: its traceback says where
-        print(f"{prog}: error: {user}", file=sys.stderr)
+        print(f"{prog}: error: {redact(str(user))}", file=sys.stderr)
         return 1
     return 0
 
