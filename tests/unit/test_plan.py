@@ -161,8 +161,12 @@ def test_an_unknown_hub_model_is_one_line(monkeypatch, capsys):
 
 
 def make_dataset_dirs(root: Path, *names: str) -> str:
+    """Empty dataset folders of a complete build: the plan refuses before any of them is read."""
+    from humor_ray.data.outputs import MARKER
+
     for name in names:
         (root / name).mkdir(parents=True)
+    (root / MARKER).write_text("{}")
     return str(root)
 
 
