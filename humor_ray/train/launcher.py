@@ -492,8 +492,9 @@ def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str,
         ray.kill(board)
 
 
-def launch(stage: Stage, cfg: TrainConfig):
-    """Run a TRL stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
+def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool] | None = None):
+    """Run a TRL stage on Ray Train; resumes from the run's latest checkpoint when rerun. `keep_train_row`:
+    which training rows to keep, decided before the rows are split among the workers."""
     import ray.data
     from ray.train import CheckpointConfig
 
@@ -511,6 +512,8 @@ def launch(stage: Stage, cfg: TrainConfig):
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
+    if keep_train_row is not None:
+        train = train.filter(keep_train_row)
     train = train.randomize_block_order(seed=cfg.seed)
     metric, order = stage.best_metric if cfg.do_eval else (None, "max")
     # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always kept
