@@ -226,29 +226,41 @@ def load_processor(cfg: Config):
 
 
 class SkipRows:
-    """Keeps the training rows whose (contest, caption) is not among those to skip."""
+    """Keeps the training rows neither of a contest left out nor among the (contest, caption) rows to skip."""
 
-    def __init__(self, skipped: set[tuple[str, str]]):
-        self.skipped = skipped
+    def __init__(self, contests: set[str], rows: set[tuple[str, str]]):
+        self.contests, self.rows = contests, rows
 
     def __call__(self, row: dict) -> bool:
-        return (str(row["contest"]), str(row["caption"])) not in self.skipped
+        contest = str(row["contest"])
+        return contest not in self.contests and (contest, str(row["caption"])) not in self.rows
 
 
 def rows_to_skip(cfg: Config) -> SkipRows | None:
-    """Before the cluster starts: every training row's tokens counted with the model's processor; those that
-    cannot fit are reported and skipped, a recipe where most cannot is refused."""
+    """Before the cluster starts, on the whole training split: contests whose cartoon cannot be read, and rows
+    that cannot fit in --max_length (counted with the model's processor), are reported and skipped; a recipe
+    where most rows cannot fit is refused. Skipped here, before Ray Data splits the rows, every worker gets
+    as many rows as the others (and so takes as many steps per epoch)."""
     import pyarrow.dataset as pds
 
+    from humor_ray.models.vision import check_images
     from humor_ray.train.launcher import split_path
 
     path = split_path(cfg, STAGE, "train")
     if "://" not in path and not os.path.isdir(path):
         return None  # `launch` says what to run
     table = pds.dataset(path, format="parquet").to_table(columns=list(STAGE.columns)).to_pydict()
-    fits = fitting_rows(load_processor(cfg), cfg.images, table, cfg.max_length, "train")
-    skipped = {(str(c), str(t)) for c, t, ok in zip(table["contest"], table["caption"], fits) if not ok}
-    return SkipRows(skipped) if skipped else None
+    usable, problems = check_images(cfg.images, dict(zip((int(c) for c in table["contest"]), table["image"])))
+    for problem in problems:
+        log.warning(f"train: {problem}")
+    if not usable:
+        raise TrainError(f"no training row has a readable image under {cfg.images}")
+    readable = [int(c) in usable for c in table["contest"]]
+    kept = {name: [v for v, ok in zip(values, readable) if ok] for name, values in table.items()}
+    fits = fitting_rows(load_processor(cfg), cfg.images, kept, cfg.max_length, "train")
+    unreadable = {str(c) for c, ok in zip(table["contest"], readable) if not ok}
+    too_long = {(str(c), str(t)) for c, t, ok in zip(kept["contest"], kept["caption"], fits) if not ok}
+    return SkipRows(unreadable, too_long) if unreadable or too_long else None
 
 
 def _tower_path(model) -> str:

@@ -133,9 +133,11 @@ def test_a_recipe_whose_rows_cannot_fit_is_refused_before_training(tmp_path, dat
 
 
 def test_two_workers_under_zero3(tmp_path, datasets_dir, real_data):
+    """Also reads each cartoon as one padded view (--image_aspect_ratio pad, as the 7B recipe does)."""
     out = tmp_path / "zero3"
     llava.run(llava.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny-llava",
-                           num_workers=2, deepspeed="zero3", images=str(real_data / "images"), **SMALL))
+                           num_workers=2, deepspeed="zero3", images=str(real_data / "images"),
+                           image_aspect_ratio="pad", **SMALL))
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]
     from transformers import AutoModelForImageTextToText
@@ -147,6 +149,9 @@ def test_two_workers_under_zero3(tmp_path, datasets_dir, real_data):
 
     with safe_open(str(out / "final" / "model.safetensors"), "pt") as handle:
         assert any(k.startswith("vision_tower.vision_model.") for k in handle.keys())
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(out / "final").image_processor.do_pad
 
 
 def test_captions_come_from_the_completion_tokens_never_a_character_offset(trained):

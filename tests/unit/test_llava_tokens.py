@@ -48,7 +48,7 @@ def test_a_row_that_cannot_fit_is_reported_by_contest_and_left_out(capsys):
     assert f"train: contest 531: 1 row(s) need {long_:,} tokens, more than --max_length {short + 4}" in err
     assert "contest 530" not in err
     # The driver drops those rows, by contest and caption, before Ray Data splits the rest among the workers.
-    skip = llava.SkipRows({("531", table["caption"][3])})
+    skip = llava.SkipRows(set(), {("531", table["caption"][3])})
     assert [skip(dict(zip(table, values))) for values in zip(*table.values())] == fits
 
 
