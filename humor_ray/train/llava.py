@@ -93,6 +93,7 @@ def tokens_per_row(processor, images: str, image_names: list[str], prompts: list
             continue
         ids = processor(images=[image], text=[text["prompt"]], add_special_tokens=False)["input_ids"][0]
         prompt_tokens[name, prompt] = len(ids)
+    # The caption's turn is the same text around every caption: tokenized here as the collator does, alone.
     before, after = text["completion"].split(marker) if prompt_tokens else ("", "")
     completions = processor.tokenizer([before + caption + after for caption in captions],
                                       add_special_tokens=False)["input_ids"] if captions else []
@@ -221,7 +222,10 @@ def load_processor(cfg: Config):
 
     spec = cfg.base_model()
     hub_id = registry.HUB_ID.fullmatch(spec) and not os.path.exists(spec)
-    processor = AutoProcessor.from_pretrained(spec if hub_id else registry.resolve(spec))
+    try:
+        processor = AutoProcessor.from_pretrained(spec if hub_id else registry.resolve(spec))
+    except OSError as err:  # offline and not cached, unknown repository
+        raise TrainError(f"cannot load the processor of {spec!r} to count the rows' tokens: {err}") from None
     return vision.single_view_processor(processor) if cfg.image_aspect_ratio == "pad" else processor
 
 
