@@ -431,69 +431,89 @@ def build_contest(plan: dict, cfg: dict, fs: pafs.FileSystem, root: str, writer:
     if quarantine:
         _write(_quarantine_table(quarantine), fs, _join(root, "quarantine", f"contest-{contest:06d}.parquet"))
     ranked = rank_captions(merged)
-    n = ranked.num_rows
-    out["captions"], out["votes"] = n, int(pc.sum(ranked["votes"]).as_py() or 0)
-    if n == 0:
+    out["captions"], out["votes"] = ranked.num_rows, int(pc.sum(ranked["votes"]).as_py() or 0)
+    if ranked.num_rows == 0:
         return out
-
-    def write(dataset: str, table: pa.Table) -> None:
-        out["counts"][dataset] = table.num_rows
-        if table.num_rows:
-            writer.add(dataset, split, contest, table)
-
     context = plan["context"]
     simple, long = prompts.simple_prompt(context), prompts.long_prompt(context)
     out["prompt"] = {"contest": contest, "prompt": simple, "prompt_long": long, "image": plan["image"],
                      "has_context": bool(prompts.context_lines(context))}
     wanted = set(cfg["datasets"])
+    tables = {}
     if "captions" in wanted:
-        write("captions", pa.table({
-            "contest": pa.repeat(pa.scalar(contest, pa.int32()), n), "caption_id": ranked["caption_id"],
-            "caption": ranked["caption"], "funny": ranked["funny"], "somewhat_funny": ranked["somewhat_funny"],
-            "unfunny": ranked["unfunny"], "votes": ranked["votes"], "mean": ranked["mean"], "se": ranked["se"],
-            "rank": ranked["rank"], "split": pa.repeat(pa.scalar(split, pa.string()), n)}))
-
-    # Separate random streams per dataset: changing one sample size never changes another dataset.
+        tables["captions"] = _captions_table(contest, split, ranked)
     if wanted & {"sft", "sft_simple"}:
-        sft_rng = np.random.default_rng([cfg["seed"], contest, 0])
-        pick = sft_rng.choice(n, size=min(n, cfg["sft_per_contest"]), replace=False)
-        sampled = ranked["caption"].take(pa.array(pick))
-        for dataset, prompt in (("sft", long), ("sft_simple", simple)):
-            if dataset in wanted:
-                write(dataset, _text_rows(contest, prompt, sampled))
-
-    mean, se = ranked["mean"].to_numpy(), ranked["se"].to_numpy()
+        tables.update({d: t for d, t in _sft_tables(contest, ranked, cfg, simple, long).items() if d in wanted})
     if "pairs" in wanted:
-        chosen, rejected = sample_pairs(mean, se, cfg["max_pairs_per_contest"], cfg["sigma"],
-                                        np.random.default_rng([cfg["seed"], contest, 1]))
-        k = len(chosen)
-        write("pairs", pa.table({
-            "contest": pa.repeat(pa.scalar(contest, pa.int32()), k),
-            "prompt": pa.repeat(pa.scalar(simple, pa.string()), k),
-            "chosen": ranked["caption"].take(pa.array(chosen)),
-            "rejected": ranked["caption"].take(pa.array(rejected)),
-            "chosen_mean": pa.array(mean[chosen]), "rejected_mean": pa.array(mean[rejected]),
-            "chosen_se": pa.array(se[chosen]), "rejected_se": pa.array(se[rejected])}))
-
+        tables["pairs"] = _pairs_table(contest, ranked, cfg, simple)
     if plan["image"] and "llava_sft" in wanted:
-        top = min(n, cfg["llava_per_contest"])
-        write("llava_sft", pa.table({
-            "contest": pa.repeat(pa.scalar(contest, pa.int32()), top),
-            "image": pa.repeat(pa.scalar(plan["image"], pa.string()), top),
-            "prompt": pa.repeat(pa.scalar(prompts.image_prompt(), pa.string()), top),
-            "caption": ranked["caption"].slice(0, top), "rank": ranked["rank"].slice(0, top)}))
-
+        tables["llava_sft"] = _llava_table(contest, ranked, cfg, plan["image"])
+    for dataset, table in tables.items():
+        out["counts"][dataset] = table.num_rows
+        if table.num_rows:
+            writer.add(dataset, split, contest, table)
     if split == "eval" and "references" in wanted:
-        starts = dict(REFERENCE_GROUPS, median=max(n // 2 - GROUP_SIZE // 2, 0))
-        for group, start in starts.items():
-            if start + GROUP_SIZE <= n:
-                captions = ranked["caption"].slice(start, GROUP_SIZE).to_pylist()
-                out["references"] += [{"contest": contest, "group": group, "rank": start + i + 1,
-                                       "caption": caption, "mean": float(mean[start + i])}
-                                      for i, caption in enumerate(captions)]
-            else:
-                out.setdefault("missing_groups", []).append(group)
+        out["references"], missing = _reference_rows(contest, ranked)
+        if missing:
+            out["missing_groups"] = missing
     return out
+
+
+def _captions_table(contest: int, split: str, ranked: pa.Table) -> pa.Table:
+    n = ranked.num_rows
+    return pa.table({
+        "contest": pa.repeat(pa.scalar(contest, pa.int32()), n), "caption_id": ranked["caption_id"],
+        "caption": ranked["caption"], "funny": ranked["funny"], "somewhat_funny": ranked["somewhat_funny"],
+        "unfunny": ranked["unfunny"], "votes": ranked["votes"], "mean": ranked["mean"], "se": ranked["se"],
+        "rank": ranked["rank"], "split": pa.repeat(pa.scalar(split, pa.string()), n)})
+
+
+# Separate random streams per dataset (the last seed word): changing one sample size never changes another dataset.
+
+def _sft_tables(contest: int, ranked: pa.Table, cfg: dict, simple: str, long: str) -> dict[str, pa.Table]:
+    """The same uniformly sampled captions, after the long prompt (sft) and the simple one (sft_simple)."""
+    n = ranked.num_rows
+    pick = np.random.default_rng([cfg["seed"], contest, 0]).choice(n, size=min(n, cfg["sft_per_contest"]),
+                                                                    replace=False)
+    sampled = ranked["caption"].take(pa.array(pick))
+    return {"sft": _text_rows(contest, long, sampled), "sft_simple": _text_rows(contest, simple, sampled)}
+
+
+def _pairs_table(contest: int, ranked: pa.Table, cfg: dict, simple: str) -> pa.Table:
+    mean, se = ranked["mean"].to_numpy(), ranked["se"].to_numpy()
+    chosen, rejected = sample_pairs(mean, se, cfg["max_pairs_per_contest"], cfg["sigma"],
+                                    np.random.default_rng([cfg["seed"], contest, 1]))
+    k = len(chosen)
+    return pa.table({
+        "contest": pa.repeat(pa.scalar(contest, pa.int32()), k),
+        "prompt": pa.repeat(pa.scalar(simple, pa.string()), k),
+        "chosen": ranked["caption"].take(pa.array(chosen)),
+        "rejected": ranked["caption"].take(pa.array(rejected)),
+        "chosen_mean": pa.array(mean[chosen]), "rejected_mean": pa.array(mean[rejected]),
+        "chosen_se": pa.array(se[chosen]), "rejected_se": pa.array(se[rejected])})
+
+
+def _llava_table(contest: int, ranked: pa.Table, cfg: dict, image: str) -> pa.Table:
+    top = min(ranked.num_rows, cfg["llava_per_contest"])
+    return pa.table({
+        "contest": pa.repeat(pa.scalar(contest, pa.int32()), top),
+        "image": pa.repeat(pa.scalar(image, pa.string()), top),
+        "prompt": pa.repeat(pa.scalar(prompts.image_prompt(), pa.string()), top),
+        "caption": ranked["caption"].slice(0, top), "rank": ranked["rank"].slice(0, top)})
+
+
+def _reference_rows(contest: int, ranked: pa.Table) -> tuple[list[dict], list[str]]:
+    """The human reference groups of an evaluation contest, and the groups it has too few captions for."""
+    n, mean = ranked.num_rows, ranked["mean"].to_numpy()
+    rows, missing = [], []
+    for group, start in dict(REFERENCE_GROUPS, median=max(n // 2 - GROUP_SIZE // 2, 0)).items():
+        if start + GROUP_SIZE <= n:
+            captions = ranked["caption"].slice(start, GROUP_SIZE).to_pylist()
+            rows += [{"contest": contest, "group": group, "rank": start + i + 1, "caption": caption,
+                      "mean": float(mean[start + i])} for i, caption in enumerate(captions)]
+        else:
+            missing.append(group)
+    return rows, missing
 
 
 # ---------------------------------------------------------------- the driver
@@ -609,6 +629,7 @@ def run(cfg: BuildConfig) -> dict:
 
 
 def _build(cfg: BuildConfig, final: str) -> dict:
+    """The two passes, with the checks across files between them; writes under `cfg.output`."""
     from humor_ray.cluster import init_ray, local_cores
 
     started = time.perf_counter()
@@ -617,14 +638,7 @@ def _build(cfg: BuildConfig, final: str) -> dict:
     contexts = _load_contexts(cfg.descriptions)
     warnings: list[str] = []
     images = _find_images(cfg.images, warnings)
-    in_fs, paths = readers.list_input_files(cfg.input)
-    input_uri_prefix = cfg.input if "://" in cfg.input else ""
-    excluded = [p for p in paths if _excluded(p, cfg.exclude)]
-    paths = [p for p in paths if not _excluded(p, cfg.exclude)]
-    if not paths:
-        raise BuildError(f"{cfg.input}: no rating files (.csv, .csv.gz, .parquet) found"
-                         + (f"; {len(excluded)} excluded by --exclude" if excluded else ""))
-    out_fs, root = readers.open_filesystem(cfg.output)
+    in_fs, paths, excluded = _input_files(cfg)
 
     # Without Ray Train beside it, a local cluster needs a logical CPU per core and no more: Ray starts
     # a worker process per logical CPU, which took a second longer on a two-core laptop.
@@ -632,11 +646,46 @@ def _build(cfg: BuildConfig, final: str) -> dict:
     _warm_up_workers()
     ray_ready = time.perf_counter()
     log.info(f"pass 1/2: reading {len(paths)} files ({len(excluded)} excluded)")
+    uri_prefix = cfg.input if "://" in cfg.input else ""
     sizes = [info.size or 0 for info in in_fs.get_file_info(paths)]
-    files = _ray_map([{"index": i, "path": p, "uri": input_uri_prefix or p} for i, p in enumerate(paths)],
+    files = _ray_map([{"index": i, "path": p, "uri": uri_prefix or p} for i, p in enumerate(paths)],
                      stage_files, sizes, output=cfg.output, run=run_name)
     read_done = time.perf_counter()
 
+    usable, quarantined_files = _usable_groups(cfg, files, warnings)
+    plans = _plan_contests(cfg, files, usable, splits, contexts, images)
+    log.info(f"pass 2/2: building datasets for {len(plans)} contests")
+    sizes = [sum(g["votes"] for g in usable[p["contest"]]) for p in plans]
+    built = _ray_map(plans, build_contests, sizes, cfg=dataclasses.asdict(cfg), run=run_name)
+    build_done = time.perf_counter()
+    _write_across_contests(cfg, built, quarantined_files)
+
+    report = _report(dataclasses.replace(cfg, output=final), paths, excluded, files, built, quarantined_files,
+                     warnings, splits)
+    report["seconds"] = {"ray_start": round(ray_ready - started, 2), "read": round(read_done - ray_ready, 2),
+                         "build": round(build_done - read_done, 2),
+                         "total": round(time.perf_counter() - started, 2)}
+    _export_figures(run_name, report, len(quarantined_files), read_done - ray_ready)
+    out_fs, root = readers.open_filesystem(cfg.output)
+    with out_fs.open_output_stream(_join(root, "report.json")) as handle:
+        handle.write(redact(json.dumps(report, indent=2)).encode())
+    return report
+
+
+def _input_files(cfg: BuildConfig) -> tuple[pafs.FileSystem, list[str], list[str]]:
+    """(filesystem, the rating files to read, those left out by --exclude); none to read is an error."""
+    in_fs, paths = readers.list_input_files(cfg.input)
+    excluded = [p for p in paths if _excluded(p, cfg.exclude)]
+    paths = [p for p in paths if not _excluded(p, cfg.exclude)]
+    if not paths:
+        raise BuildError(f"{cfg.input}: no rating files (.csv, .csv.gz, .parquet) found"
+                         + (f"; {len(excluded)} excluded by --exclude" if excluded else ""))
+    return in_fs, paths, excluded
+
+
+def _usable_groups(cfg: BuildConfig, files: list[dict], warnings: list[str]) -> tuple[dict, list[dict]]:
+    """Between the passes, every file's summary at once: (contest -> its usable rating groups, the files and
+    groups quarantined with the reason). Corrupted vote counts and captions of another contest show here."""
     quarantined_files = []
     for f in files:
         warnings += f["warnings"]
@@ -655,11 +704,17 @@ def _build(cfg: BuildConfig, final: str) -> dict:
         g = groups[g_index]
         quarantined_files.append({"source": g["path"], "reason": f"contest {g['contest']}: {reason}"})
         log.warning(f"skipped {PurePosixPath(g['path']).name}: contest {g['contest']}: {reason}")
-
     usable = defaultdict(list)
     for g_index, g in enumerate(groups):
         if g_index not in rejected:
             usable[g["contest"]].append(g)
+    return usable, quarantined_files
+
+
+def _plan_contests(cfg: BuildConfig, files: list[dict], usable: dict, splits: dict, contexts: dict,
+                   images: dict) -> list[dict]:
+    """What pass 2 builds for each contest: its staged parts (all, or the largest file's with
+    --combine largest), caption lookups, split, context and image."""
     lookups = defaultdict(list)
     for f in files:
         for g in f["groups"]:
@@ -676,12 +731,12 @@ def _build(cfg: BuildConfig, final: str) -> dict:
                       "context": contexts.get(contest, {}), "image": images.get(contest)})
     if not plans:
         raise BuildError("nothing usable remains: every file was rejected (see the messages above)")
+    return plans
 
-    log.info(f"pass 2/2: building datasets for {len(plans)} contests")
-    sizes = [sum(g["votes"] for g in usable[p["contest"]]) for p in plans]
-    built = _ray_map(plans, build_contests, sizes, cfg=dataclasses.asdict(cfg), run=run_name)
-    build_done = time.perf_counter()
 
+def _write_across_contests(cfg: BuildConfig, built: list[dict], quarantined_files: list[dict]) -> None:
+    """The datasets of one file for every contest (prompts, references, quarantined files); the staging goes."""
+    out_fs, root = readers.open_filesystem(cfg.output)
     by_split = {s: [b for b in built if b["split"] == s and b["captions"]] for s in SPLITS}
     for split, rows in by_split.items():
         prompt_rows = [b["prompt"] for b in rows]
@@ -696,20 +751,14 @@ def _build(cfg: BuildConfig, final: str) -> dict:
                out_fs, _join(root, "quarantine", "files.parquet"))
     out_fs.delete_dir(_join(root, "_staging"))
 
-    report = _report(dataclasses.replace(cfg, output=final), paths, excluded, files, built, quarantined_files,
-                     warnings, splits)
-    report["seconds"] = {"ray_start": round(ray_ready - started, 2), "read": round(read_done - ray_ready, 2),
-                         "build": round(build_done - read_done, 2),
-                         "total": round(time.perf_counter() - started, 2)}
+
+def _export_figures(run_name: str, report: dict, files_quarantined: int, read_seconds: float) -> None:
     figures = _metrics(run_name)
-    figures.gauge("data_rows_read_per_second", report["captions"]["rows_read"] / max(read_done - ray_ready, 1e-9),
+    figures.gauge("data_rows_read_per_second", report["captions"]["rows_read"] / max(read_seconds, 1e-9),
                   "rows read per second in pass 1")
-    figures.gauge("data_files_quarantined", len(quarantined_files), "input files left out, with the reason")
+    figures.gauge("data_files_quarantined", files_quarantined, "input files left out, with the reason")
     for split, pairs in report["datasets"].get("pairs", {}).items():
         figures.gauge("data_pairs_written", pairs, "preference pairs written", split=split)
-    with out_fs.open_output_stream(_join(root, "report.json")) as handle:
-        handle.write(redact(json.dumps(report, indent=2)).encode())
-    return report
 
 
 def _report(cfg, paths, excluded, files, built, quarantined_files, warnings, splits) -> dict:
