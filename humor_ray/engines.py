@@ -48,11 +48,11 @@ class Decoding:
 @dataclasses.dataclass
 class DecodingOptions:
     """The sampling options of every stage that generates (PPO, generate, bon): the paper's decoding."""
-    temperature: float = field(Decoding.temperature, "sampling temperature")
-    top_p: float = field(Decoding.top_p, "nucleus sampling")
-    repetition_penalty: float = field(Decoding.repetition_penalty, "repetition penalty")
+    temperature: float = field(Decoding.temperature, "sampling temperature", exclusive_minimum=0)
+    top_p: float = field(Decoding.top_p, "nucleus sampling", exclusive_minimum=0, maximum=1)
+    repetition_penalty: float = field(Decoding.repetition_penalty, "repetition penalty", exclusive_minimum=0)
     max_new_tokens: int = field(Decoding.max_new_tokens, "tokens per generation at most (it stops at the first "
-                                                         "newline)")
+                                                         "newline)", minimum=1)
 
     def decoding(self) -> Decoding:
         return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,

@@ -52,37 +52,41 @@ HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "re
 class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOptions, DecodingOptions):
     """PPO (or GRPO/RLOO) of a caption policy against a reward model."""
     reward_model: str = field(None, "a `humor-ray rm` output directory, a reward model directory, or "
-                                    "builtin:vowel_share")
+                                    "builtin:vowel_share", required=True)
     simple_prompt: bool = field(False, "use the simple prompt instead of the long instruction prompt")
     estimator: str = field("gae", "gae (PPO with a value model); grpo or rloo: critic-free, group baselines",
                            choices=tuple(ESTIMATORS))
-    rollout_batch_size: int = field(8, "prompts per step per worker")
-    samples_per_prompt: int = field(4, "captions sampled per prompt (the group size for grpo/rloo)")
-    mini_batch_size: int = field(16, "sequences per optimizer step")
-    ppo_epochs: int = field(1, "passes over each rollout batch")
-    forward_batch_size: int = field(16, "sequences per forward pass when scoring log-probs and values")
-    value_learning_rate: float | None = field(None, "value model learning rate (default: --learning_rate)")
-    cliprange: float = field(0.2, "policy ratio clip")
-    cliprange_value: float = field(0.2, "value clip")
-    vf_coef: float = field(0.1, "weight of the value loss")
-    gamma: float = field(1.0, "discount")
-    lam: float = field(0.95, "GAE lambda")
-    init_kl_coef: float = field(0.05, "initial KL penalty coefficient")
+    rollout_batch_size: int = field(8, "prompts per step per worker", minimum=1)
+    samples_per_prompt: int = field(4, "captions sampled per prompt (the group size for grpo/rloo)", minimum=1)
+    mini_batch_size: int = field(16, "sequences per optimizer step", minimum=1)
+    ppo_epochs: int = field(1, "passes over each rollout batch", minimum=1)
+    forward_batch_size: int = field(16, "sequences per forward pass when scoring log-probs and values",
+                                     minimum=1)
+    value_learning_rate: float | None = field(None, "value model learning rate (default: --learning_rate)",
+                                                exclusive_minimum=0)
+    cliprange: float = field(0.2, "policy ratio clip", exclusive_minimum=0)
+    cliprange_value: float = field(0.2, "value clip", exclusive_minimum=0)
+    vf_coef: float = field(0.1, "weight of the value loss", minimum=0)
+    gamma: float = field(1.0, "discount", minimum=0, maximum=1)
+    lam: float = field(0.95, "GAE lambda", minimum=0, maximum=1)
+    init_kl_coef: float = field(0.05, "initial KL penalty coefficient", minimum=0)
     target_kl: float | None = field(6.0, "KL (nats per caption) the adaptive controller steers to; null keeps "
-                                         "the coefficient fixed")
-    kl_horizon: int = field(10000, "samples over which the KL controller makes a full correction")
+                                         "the coefficient fixed", exclusive_minimum=0)
+    kl_horizon: int = field(10000, "samples over which the KL controller makes a full correction",
+                           minimum=1)
     normalize_rewards: bool = field(True, "scale scores by their running mean and standard deviation")
-    max_grad_norm: float = field(1.0, "gradient clipping")
-    reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads")
+    max_grad_norm: float = field(1.0, "gradient clipping", exclusive_minimum=0)
+    reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads", minimum=1)
     engine: str = field("vllm", "rollout engine", choices=ENGINES)
-    num_engines: int = field(1, "rollout engine actors")
+    num_engines: int = field(1, "rollout engine actors", minimum=1)
     engine_max_model_len: int | None = field(None, "prompt + caption tokens an engine holds per sequence "
-                                                   "(default: the model's limit)")
+                                                   "(default: the model's limit)", minimum=1)
     placement: str = field("separate", "GPU placement: separate (each role its own GPUs) or colocate (shares "
                                        "of one)", choices=PLACEMENTS)
     colocate_fractions: list[float] = field([0.4, 0.2, 0.4], "GPU shares of engine, reward model, trainer "
-                                                             "worker when colocated")
-    staleness_alarm: float = field(0.05, "warn when the mean trainer-engine log-prob gap exceeds this")
+                                                             "worker when colocated", exclusive_minimum=0, maximum=1)
+    staleness_alarm: float = field(0.05, "warn when the mean trainer-engine log-prob gap exceeds this",
+                                   minimum=0)
 
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir or not self.reward_model:
@@ -91,11 +95,9 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
         if not ESTIMATORS[self.estimator].critic and self.samples_per_prompt < 2:
             raise ConfigError(f"--estimator {self.estimator} needs --samples_per_prompt of at least 2")
         batch = self.rollout_batch_size * self.samples_per_prompt
-        if self.mini_batch_size < 1 or batch % self.mini_batch_size:
+        if batch % self.mini_batch_size:
             raise ConfigError(f"--mini_batch_size must divide the rollout batch (rollout_batch_size x "
                               f"samples_per_prompt = {batch})")
-        if self.num_engines < 1:
-            raise ConfigError("--num_engines must be at least 1")
         if any(r not in ("tensorboard", "none") for r in self.report_to):
             raise ConfigError("--report_to for ppo: tensorboard or none")
 

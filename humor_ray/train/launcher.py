@@ -38,11 +38,11 @@ class TrainConfig(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, R
     """Options every TRL training stage shares (TRL's names where TRL has one)."""
     do_train: bool = field(True, "train")
     do_eval: bool = field(True, "evaluate on the held-out contests during and after training")
-    per_device_train_batch_size: int = field(8, "examples per worker per micro-batch")
-    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
-    max_length: int = field(512, "tokens per example, at most")
-    eval_steps: int = field(50, "evaluate every this many steps")
-    max_eval_examples: int = field(1000, "held-out examples used per evaluation")
+    per_device_train_batch_size: int = field(8, "examples per worker per micro-batch", minimum=1)
+    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step", minimum=1)
+    max_length: int = field(512, "tokens per example, at most", minimum=1)
+    eval_steps: int = field(50, "evaluate every this many steps", minimum=1)
+    max_eval_examples: int = field(1000, "held-out examples used per evaluation", minimum=1)
     new_padding_token: bool = field(False, "add a real pad token and resize the embeddings")
 
     def __post_init__(self):
