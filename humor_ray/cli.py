@@ -10,8 +10,10 @@ import sys
 
 from humor_ray.cluster import OFFLINE_ENV
 from humor_ray.config import UserError, parse_config
+from humor_ray.log import redact
 
 # Stage name -> (module, config class[, function, default "run"]). A module loads only when its stage runs.
+# Without a config class the function takes the arguments itself and returns the exit code.
 STAGES = {
     ("data", "build"): ("humor_ray.data.build", "BuildConfig"),
     ("data", "synth"): ("humor_ray.data.synth", "SynthConfig"),
@@ -28,6 +30,7 @@ STAGES = {
     ("report",): ("humor_ray.eval.report", "ReportConfig"),
     ("serve",): ("humor_ray.serve", "ServeConfig"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
+    ("plan",): ("humor_ray.plan", None, "main"),  # parses its own flags and a job spec's; returns the exit code
 }
 # Exit codes: a mistake in the flags or the config file (found before any work starts), and one the
 # run finds in its input later (missing data, an unreachable endpoint).
@@ -69,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(module, function[0] if function else "run")
     prog = "humor-ray " + " ".join(key)
     try:
-        config = parse_config(getattr(module, config_name), argv[len(key):], prog)
+        config = parse_config(getattr(module, config_name), argv[len(key):], prog) if config_name else None
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {redact(str(err))}", file=sys.stderr)
         return USAGE_ERROR
     try:
+        if config is None:
+            return run(argv[len(key):])
         run(config)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         user = user_error(err)
         if user is None:
             raise  # a bug: its traceback says where
-        print(f"{prog}: error: {user}", file=sys.stderr)
+        print(f"{prog}: error: {redact(str(user))}", file=sys.stderr)
         return RUN_ERROR
     return 0
 

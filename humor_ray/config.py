@@ -420,6 +420,9 @@ class ScaleOptions(Options):
     num_workers: int = field(1, "Ray Train workers (data-parallel)", minimum=1)
     use_gpu: bool = field(False, "one GPU per worker")
     cpus_per_worker: int = field(1, "CPUs each worker reserves (and its torch threads)", minimum=1)
+    gpu_memory_gb: float | None = field(None, "memory of each GPU in GiB, for the memory plan a --use_gpu run checks "
+                                              "before it starts (default: this machine's GPU, else 80)",
+                                        exclusive_minimum=0)
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,18 @@ RAY_DATA_QUIET = str(Path(__file__).with_name("ray_data_logging.yaml"))
 RAY_TOKEN_NOTICE = "ray._private.authentication.authentication_token_setup"
 _STARTED = time.monotonic()
 
+# Credentials a storage URI may carry (`s3://KEY:SECRET@bucket/...`, `?secret_key=...&session_token=...`).
+# The user part has no '/', the secret after ':' may (an AWS secret key often has one, left unquoted).
+_URI_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)(?:[^/@\s:]*@|[^/@\s:]*:[^@\s]*?@)", re.IGNORECASE)
+_SECRET_PARAMETER = re.compile(r"([?&][a-z_]*(?:secret|token|password|passwd|credential|access_key|signature|"
+                               r"api_key|apikey|auth)[a-z_]*=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URI in it replaced by `***`: for every log line, error line and
+    record a run writes."""
+    return _SECRET_PARAMETER.sub(r"\1***", _URI_USERINFO.sub(r"\1***@", text))
+
 
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -36,7 +49,7 @@ class _Format(logging.Formatter):
         text = f"[{elapsed:7.1f} s {stage}] {level}{record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return redact(text)
 
 
 class _Stderr(logging.StreamHandler):

@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 
 from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data import prompts, readers, text
+from humor_ray.data.outputs import OutputFolder
 from humor_ray.data.pairs import sample_pairs
-from humor_ray.log import get_logger
+from humor_ray.log import get_logger, redact
 from humor_ray.metrics import StageMetrics
 
 log = get_logger("data build")
@@ -71,6 +72,7 @@ class BuildConfig(Options):
                                           "file holds that contest's captions", minimum=0, maximum=1)
     strict: bool = field(False, "exit non-zero when anything was quarantined")
     datasets: list[str] = field(list(BUILDABLE), "which datasets to write (default: all)", choices=BUILDABLE)
+    overwrite: bool = field(False, "replace --output even when it holds files that are not an earlier build")
 
     def __post_init__(self):
         if not self.input or not self.output:
@@ -390,7 +392,7 @@ class _DatasetWriter:
             self.flush(dataset, split)
 
 
-def build_contests(plans: list[dict], cfg: dict) -> list[dict]:
+def build_contests(plans: list[dict], cfg: dict, run: str) -> list[dict]:
     """Every dataset for a group of contests, written under the output root; counts as JSON."""
     fs, root = readers.open_filesystem(cfg["output"])
     writer = _DatasetWriter(fs, root)
@@ -398,7 +400,7 @@ def build_contests(plans: list[dict], cfg: dict) -> list[dict]:
                   for plan in sorted(plans, key=lambda p: p["contest"])}
     writer.close()
     results = [by_contest[plan["contest"]] for plan in plans]
-    figures = _metrics(cfg["output"])
+    figures = _metrics(run)
     for result in results:
         figures.count("data_contests_built", 1, "contests whose datasets were written", split=result["split"])
         _count_quarantined(figures, result)
@@ -407,9 +409,13 @@ def build_contests(plans: list[dict], cfg: dict) -> list[dict]:
     return results
 
 
-def _metrics(output: str) -> StageMetrics:
-    """A build's figures, tagged with its output folder's name as the run."""
-    return StageMetrics(PurePosixPath(output.rstrip("/")).name or output, "data_build")
+def _run_name(output: str) -> str:
+    """A build's name in its figures: its output folder's name."""
+    return PurePosixPath(output.split("?", 1)[0].rstrip("/")).name or output
+
+
+def _metrics(run: str) -> StageMetrics:
+    return StageMetrics(run, "data_build")
 
 
 def _count_quarantined(figures: StageMetrics, result: dict) -> None:
@@ -519,9 +525,9 @@ def _run_block(batch: dict, fn, kwargs: dict) -> dict:
     return {"key": batch["key"], "result": np.array([json.dumps(r) for r in results], dtype=object)}
 
 
-def stage_files(items: list[dict], output: str) -> list[dict]:
+def stage_files(items: list[dict], output: str, run: str) -> list[dict]:
     results = []
-    figures = _metrics(output)
+    figures = _metrics(run)
     for item in items:
         result = stage_file(item, output)
         # Counted as each file finishes: a rate over these is the build's rows read per second.
@@ -594,19 +600,28 @@ def _all_slots_from_the_start():
         context.op_resource_reservation_enabled = saved
 
 
-def _clear_output(fs: pafs.FileSystem, root: str) -> None:
-    """A rebuild replaces every dataset: stale contest files from an earlier run must not survive."""
-    for name in (*DATASETS, "_staging"):
-        info = fs.get_file_info(_join(root, name))
-        if info.type == pafs.FileType.Directory:
-            fs.delete_dir(info.path)
-    fs.create_dir(root, recursive=True)
-
-
 def run(cfg: BuildConfig) -> dict:
+    """Build every dataset into a folder beside `--output` and put it in place once complete (see
+    humor_ray/data/outputs.py): an interrupted build leaves the earlier datasets as they were."""
+    folder = OutputFolder(cfg.output, "datasets", (*DATASETS, "_staging", "report.json"), cfg.overwrite)
+    try:
+        report = _build(dataclasses.replace(cfg, output=folder.work), final=cfg.output)
+    except BaseException:
+        folder.discard()
+        raise
+    folder.publish()
+    _print_summary(report, cfg.output)
+    if cfg.strict and (report["quarantined"]["rows"] or report["quarantined"]["files"]):
+        raise BuildError(f"--strict: {report['quarantined']['rows']} rows and {report['quarantined']['files']} "
+                         f"files were quarantined (see {_join(cfg.output, 'quarantine')})")
+    return report
+
+
+def _build(cfg: BuildConfig, final: str) -> dict:
     from humor_ray.cluster import init_ray, local_cores
 
     started = time.perf_counter()
+    run_name = _run_name(final)
     splits = _load_splits(cfg.splits)
     contexts = _load_contexts(cfg.descriptions)
     warnings: list[str] = []
@@ -619,7 +634,6 @@ def run(cfg: BuildConfig) -> dict:
         raise BuildError(f"{cfg.input}: no rating files (.csv, .csv.gz, .parquet) found"
                          + (f"; {len(excluded)} excluded by --exclude" if excluded else ""))
     out_fs, root = readers.open_filesystem(cfg.output)
-    _clear_output(out_fs, root)
 
     # Without Ray Train beside it, a local cluster needs a logical CPU per core and no more: Ray starts
     # a worker process per logical CPU, which took a second longer on a two-core laptop.
@@ -629,7 +643,7 @@ def run(cfg: BuildConfig) -> dict:
     log.info(f"pass 1/2: reading {len(paths)} files ({len(excluded)} excluded)")
     sizes = [info.size or 0 for info in in_fs.get_file_info(paths)]
     files = _ray_map([{"index": i, "path": p, "uri": input_uri_prefix or p} for i, p in enumerate(paths)],
-                     stage_files, sizes, output=cfg.output)
+                     stage_files, sizes, output=cfg.output, run=run_name)
     read_done = time.perf_counter()
 
     quarantined_files = []
@@ -674,7 +688,7 @@ def run(cfg: BuildConfig) -> dict:
 
     log.info(f"pass 2/2: building datasets for {len(plans)} contests")
     sizes = [sum(g["votes"] for g in usable[p["contest"]]) for p in plans]
-    built = _ray_map(plans, build_contests, sizes, cfg=dataclasses.asdict(cfg))
+    built = _ray_map(plans, build_contests, sizes, cfg=dataclasses.asdict(cfg), run=run_name)
     build_done = time.perf_counter()
 
     by_split = {s: [b for b in built if b["split"] == s and b["captions"]] for s in SPLITS}
@@ -691,22 +705,19 @@ def run(cfg: BuildConfig) -> dict:
                out_fs, _join(root, "quarantine", "files.parquet"))
     out_fs.delete_dir(_join(root, "_staging"))
 
-    report = _report(cfg, paths, excluded, files, built, quarantined_files, warnings, splits)
+    report = _report(dataclasses.replace(cfg, output=final), paths, excluded, files, built, quarantined_files,
+                     warnings, splits)
     report["seconds"] = {"ray_start": round(ray_ready - started, 2), "read": round(read_done - ray_ready, 2),
                          "build": round(build_done - read_done, 2),
                          "total": round(time.perf_counter() - started, 2)}
-    figures = _metrics(cfg.output)
+    figures = _metrics(run_name)
     figures.gauge("data_rows_read_per_second", report["captions"]["rows_read"] / max(read_done - ray_ready, 1e-9),
                   "rows read per second in pass 1")
     figures.gauge("data_files_quarantined", len(quarantined_files), "input files left out, with the reason")
     for split, pairs in report["datasets"].get("pairs", {}).items():
         figures.gauge("data_pairs_written", pairs, "preference pairs written", split=split)
     with out_fs.open_output_stream(_join(root, "report.json")) as handle:
-        handle.write(json.dumps(report, indent=2).encode())
-    _print_summary(report, cfg.output)
-    if cfg.strict and (report["quarantined"]["rows"] or report["quarantined"]["files"]):
-        raise BuildError(f"--strict: {report['quarantined']['rows']} rows and {report['quarantined']['files']} "
-                         f"files were quarantined (see {_join(cfg.output, 'quarantine')})")
+        handle.write(redact(json.dumps(report, indent=2)).encode())
     return report
 
 

@@ -23,11 +23,11 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from humor_ray.config import ConfigError, Options, field
 from humor_ray.data import readers
+from humor_ray.data.outputs import OutputFolder
 from humor_ray.log import get_logger
 
 log = get_logger("data synth")
@@ -230,7 +230,7 @@ _WORD_ARRAYS = {slot: pa.array(words) for slot, words in WORDS.items()}
 @dataclasses.dataclass
 class SynthConfig(Options):
     """Write synthetic raw votes and caption lookups, shaped like the real NEXT contest data."""
-    output: str = field(None, "output directory or URI; its votes/ and captions/ are replaced",
+    output: str = field(None, "output directory or URI; an earlier synth output there is replaced",
                         required=True)
     ratings: int = field(None, "total number of ratings (vote rows) to write, exactly",
                          required=True, minimum=1)
@@ -238,6 +238,7 @@ class SynthConfig(Options):
                                        f"{VOTES_PER_CONTEST:,} per contest)", minimum=1)
     seed: int = field(2024, "seed: the same seed gives the same files", minimum=0)
     participants: bool = field(False, "also write participant and timestamp columns")
+    overwrite: bool = field(False, "replace --output even when it holds files that are not an earlier synth output")
 
     def __post_init__(self):
         if not self.output:
@@ -390,6 +391,19 @@ def write_shard(output: str, seed: int, contest: int, votes: int, shard: int, pa
 
 
 def run(cfg: SynthConfig) -> dict:
+    """Write into a folder beside `--output` and put it in place once complete (humor_ray/data/outputs.py):
+    stale shards of an earlier run never mix in, and an interrupted run leaves the earlier output."""
+    folder = OutputFolder(cfg.output, "synthetic votes", ("votes", "captions"), cfg.overwrite)
+    try:
+        summary = _write_all(dataclasses.replace(cfg, output=folder.work), final=cfg.output)
+    except BaseException:
+        folder.discard()
+        raise
+    folder.publish()
+    return summary
+
+
+def _write_all(cfg: SynthConfig, final: str) -> dict:
     import ray
 
     from humor_ray.cluster import init_ray
@@ -399,12 +413,10 @@ def run(cfg: SynthConfig) -> dict:
     tasks = [(FIRST_CONTEST + i, int(v), shard) for i, v in enumerate(votes)
              for shard in range(len(shard_sizes(int(v))))]
     fs, root = readers.open_filesystem(cfg.output)
-    for name in ("votes", "captions"):  # stale shards of an earlier run would change the totals
-        if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
-            fs.delete_dir(f"{root}/{name}")
+    for name in ("votes", "captions"):
         fs.create_dir(f"{root}/{name}", recursive=True)
     log.info(f"{cfg.ratings:,} ratings in {len(votes):,} contests ({FIRST_CONTEST}-{FIRST_CONTEST + len(votes) - 1}), "
-             f"{len(tasks):,} shards -> {cfg.output}")
+             f"{len(tasks):,} shards -> {final}")
 
     init_ray()
     task = ray.remote(num_cpus=1)(write_shard)

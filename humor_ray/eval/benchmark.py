@@ -32,6 +32,7 @@ import numpy as np
 
 from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data.generations import choose_contests, read_generations
+from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger
 
 GROUPS = ("top10", "rank200", "rank1000", "median")
@@ -87,6 +88,7 @@ class JudgeConfig(Options):
 def read_references(dataset_dir: str):
     import pandas as pd
 
+    require_complete(dataset_dir)
     path = os.path.join(dataset_dir, "references", "eval")
     if not os.path.isdir(path):
         raise UserError(f"{path} not found: run `humor-ray data build` with the references dataset")
@@ -212,7 +214,9 @@ def prob_a(answer: dict) -> float:
 def _image_part(images_dir: str, image: str | None) -> list[dict]:
     if not image:
         return []
-    path = Path(images_dir) / image
+    from humor_ray.models.vision import image_location
+
+    path = Path(image_location(images_dir, image))
     if not path.is_file():
         return []
     kind = "png" if path.suffix.lower() == ".png" else "jpeg"

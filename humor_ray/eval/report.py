@@ -22,6 +22,7 @@ from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import read_generations
 from humor_ray.eval.benchmark import GROUPS, read_references
 from humor_ray.log import get_logger
+from humor_ray.models.vision import image_location
 
 log = get_logger("report")
 
@@ -143,9 +144,9 @@ def run(cfg: ReportConfig) -> str:
     for contest in sorted(common)[: cfg.examples]:
         image_html = ""
         image = image_of.get(contest)
-        if image and (images_dir / image).is_file():
+        if image and Path(image_location(str(images_dir), image)).is_file():
             target = out / "images" / f"{contest}{Path(image).suffix}"
-            shutil.copyfile(images_dir / image, target)
+            shutil.copyfile(image_location(str(images_dir), image), target)
             image_html = f"<img src='images/{target.name}' alt='cartoon {contest}'>"
         columns = [("human top 10", references[(references["contest"] == contest) &
                                                (references["group"] == "top10")]["caption"].tolist())]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
+from humor_ray.data.outputs import require_complete
 from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, first_line
 from humor_ray.log import get_logger
 from humor_ray.metrics import StageMetrics
@@ -180,6 +181,7 @@ def read_prompts(cfg: GenerateConfig):
     import pyarrow.compute as pc
     import pyarrow.dataset as pds
 
+    require_complete(cfg.dataset_dir)
     path = os.path.join(cfg.dataset_dir, "prompts", cfg.split)
     if "://" not in path and not os.path.isdir(path):
         raise UserError(f"{path} not found: run `humor-ray data build` first")

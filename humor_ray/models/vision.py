@@ -14,11 +14,29 @@ import json
 from pathlib import Path
 
 
+def image_location(images_root: str, name: str) -> str:
+    """Where the image a dataset names lies: always inside `images_root`. A dataset is input like any other,
+    and a name such as `../../home/user/.ssh/id_rsa` must never be read, let alone sent to a judge."""
+    from humor_ray.config import UserError
+
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "://" in name:
+        raise UserError(f"image {name!r} is not a file name inside --images ({images_root})")
+    location = f"{images_root.split('?', 1)[0].rstrip('/')}/{name}"
+    if "://" in images_root:
+        return location + (f"?{images_root.split('?', 1)[1]}" if "?" in images_root else "")
+    root = Path(images_root).resolve()
+    resolved = Path(location).resolve()  # a link inside the folder may still point outside it
+    if not resolved.is_relative_to(root):
+        raise UserError(f"image {name!r} resolves to {resolved}, outside --images ({root})")
+    return str(resolved)
+
+
 def _read(images_root: str, name: str) -> bytes:
     from humor_ray.data.readers import open_filesystem
 
-    fs, root = open_filesystem(images_root)
-    with fs.open_input_file(f"{root.rstrip('/')}/{name}") as handle:
+    fs, path = open_filesystem(image_location(images_root, name))
+    with fs.open_input_file(path) as handle:
         return handle.read()
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from humor_ray import metrics as stage_metrics
 from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions,
                               UserError, field)
+from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.engines import ENGINES, DecodingOptions
@@ -570,15 +571,13 @@ def _worker_loop(config: dict) -> None:
 
 
 def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_from: str | None) -> None:
-    from humor_ray.train.export import save_merged
+    from humor_ray.train.export import publish_final, save_merged, start_final
 
-    final = os.path.join(cfg.output_dir, "final")
-    shutil.rmtree(final, ignore_errors=True)
-    unwrap(policy).save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
-    serve = save_merged(cfg.model_name, "causal_lm", False, final)
-    Path(cfg.output_dir, "metrics.json").write_text(json.dumps(
-        {"model": serve, "history": history, "resumed_from": resumed_from}, indent=1))
+    written = start_final(cfg.output_dir)
+    unwrap(policy).save_pretrained(written, safe_serialization=True)
+    tokenizer.save_pretrained(written)
+    serve = save_merged(cfg.model_name, "causal_lm", False, written)
+    publish_final(cfg.output_dir, written, serve, {"history": history, "resumed_from": resumed_from})
 
 
 # ---------------------------------------------------------------- the driver
@@ -590,6 +589,7 @@ def run(cfg: Config):
     from humor_ray.cluster import init_ray
     from humor_ray.models import registry
     from humor_ray.engines import start_engines
+    from humor_ray.plan import check_before_start
     from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
     from humor_ray.train.launcher import TrainError, absolute_local_paths
 
@@ -597,10 +597,12 @@ def run(cfg: Config):
     log = get_logger("ppo")
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "reward_model"))
     cfg.run_name = cfg.run_name or "ppo"
+    require_complete(cfg.dataset_dir)
     prompts_dir = os.path.join(cfg.dataset_dir, "prompts", "train")
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
     reward_spec = resolve_reward_model(cfg.reward_model)
+    check_before_start("ppo", cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     policy_dir = registry.resolve(cfg.model_name)
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
@@ -621,8 +623,10 @@ def run(cfg: Config):
     finally:
         for actor in [*engines, reward_actor]:
             ray.kill(actor)
+    from humor_ray.train.export import final_model
+
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
     last = summary["history"][-1] if summary["history"] else {}
-    log.info(f"done: {summary['model']}  step {last.get('step')} reward {last.get('reward/mean', float('nan')):.4f} "
-             f"kl {last.get('kl', float('nan')):.3f}")
+    log.info(f"done: {final_model(cfg.output_dir)}  step {last.get('step')} "
+             f"reward {last.get('reward/mean', float('nan')):.4f} kl {last.get('kl', float('nan')):.3f}")
     return result

@@ -8,7 +8,6 @@ for checking that a policy-optimisation run really optimises, without a trained 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -32,7 +31,9 @@ def resolve_reward_model(spec: str) -> str:
         return spec
     path = Path(spec).expanduser()
     if (path / "metrics.json").is_file():  # a `humor-ray rm` output directory: the model it exported
-        return json.loads((path / "metrics.json").read_text())["model"]
+        from humor_ray.train.export import final_model
+
+        return final_model(str(path))
     if path.is_dir():
         from humor_ray.models import registry
 

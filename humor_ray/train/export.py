@@ -29,3 +29,45 @@ def save_merged(model_name: str, kind: str, new_padding_token: bool, final: str)
     (AutoProcessor if kind == "image_text" else AutoTokenizer).from_pretrained(final).save_pretrained(merged_dir)
     write_vllm_layout(merged_dir)
     return merged_dir
+
+
+# A run's final model is written beside `final/` and renamed into place when whole, so that `final/` is always
+# one complete export (never an earlier run's adapter beside this run's merge). metrics.json names the model to
+# serve relative to the run, so a moved run still finds it.
+PARTIAL = ".final.partial"
+
+
+def start_final(output_dir: str) -> str:
+    """The folder to write the final model into (emptied of an interrupted run's leftovers)."""
+    import shutil
+
+    partial = os.path.join(output_dir, PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
+def publish_final(output_dir: str, written: str, serve: str, record: dict) -> None:
+    """Put the final model written into `written` in place of `final/`, then write metrics.json with
+    `record` and the model to serve (`serve`, inside `written`) as a path relative to the run."""
+    import json
+    import shutil
+
+    final, old = os.path.join(output_dir, "final"), os.path.join(output_dir, ".final.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(written, final)
+    shutil.rmtree(old, ignore_errors=True)
+    model = os.path.normpath(os.path.join("final", os.path.relpath(serve, written)))
+    temporary = os.path.join(output_dir, ".metrics.json.partial")
+    with open(temporary, "w") as handle:
+        json.dump({"model": model, **record}, handle, indent=1)
+    os.replace(temporary, os.path.join(output_dir, "metrics.json"))
+
+
+def final_model(run_dir: str) -> str:
+    """The absolute path of the model a finished run exported (its metrics.json's `model`)."""
+    import json
+
+    model = json.loads(open(os.path.join(run_dir, "metrics.json")).read())["model"]
+    return os.path.join(os.path.abspath(run_dir), model)

@@ -23,10 +23,11 @@ from typing import Any
 
 from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, LoraOptions, RunOptions, ScaleOptions,
                               UserError, field)
+from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
 from humor_ray.train.deepspeed_presets import deepspeed_config
-from humor_ray.train.export import save_merged
+from humor_ray.train.export import PARTIAL, final_model, publish_final, save_merged, start_final
 
 class TrainError(UserError):
     """A training run that cannot start or finish; the message says why."""
@@ -344,15 +345,16 @@ def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, tra
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
         fresh = last is not None and last["step"] == trainer.state.global_step
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate()
-    final = os.path.join(cfg.output_dir, "final")
-    trainer.save_model(final)  # every rank takes part (DeepSpeed gathers); rank 0 writes
+    # Every rank takes part (DeepSpeed gathers); rank 0 alone writes, so it alone clears the folder.
+    written = start_final(cfg.output_dir) if worker.rank == 0 else os.path.join(cfg.output_dir, PARTIAL)
+    trainer.save_model(written)
     if worker.rank == 0:
-        trainer.processing_class.save_pretrained(final)
-        serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, final)
-        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as handle:
-            json.dump({"eval": metrics, "log_history": trainer.state.log_history, "model": serve,
-                       "resumed_from": worker.checkpoint.path if worker.checkpoint else None}, handle, indent=1)
-        worker.log.info(f"final model in {serve}")
+        trainer.processing_class.save_pretrained(written)
+        serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, written)
+        publish_final(cfg.output_dir, written, serve,
+                      {"eval": metrics, "log_history": trainer.state.log_history,
+                       "resumed_from": worker.checkpoint.path if worker.checkpoint else None})
+        worker.log.info(f"final model in {final_model(cfg.output_dir)}")
 
 
 # ---------------------------------------------------------------- the driver
@@ -442,14 +444,17 @@ def launch(stage: Stage, cfg: TrainConfig):
     from ray.train import CheckpointConfig
 
     from humor_ray.cluster import init_ray
+    from humor_ray.plan import check_before_start
 
     setup_logging()
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name", "images"))
     cfg.run_name = cfg.run_name or stage.name
+    require_complete(cfg.dataset_dir)
     for split in ("train", "eval") if cfg.do_eval else ("train",):
         path = split_path(cfg, stage, split)
         if "://" not in path and not os.path.isdir(path):
             raise TrainError(f"{path} not found: run `humor-ray data build` first")
+    check_before_start(stage.name, cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
     # Same seed, same rows in the same order (block order is shuffled, then kept).
@@ -468,5 +473,5 @@ def launch(stage: Stage, cfg: TrainConfig):
                          checkpoint_config=kept)
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
-    log.info(f"done: {summary['model']}  eval {shown}")
+    log.info(f"done: {final_model(cfg.output_dir)}  eval {shown}")
     return result

@@ -237,6 +237,18 @@ def test_cli_strict_and_nothing_usable(inputs, tmp_path, ray_local):
     assert run("data", "build", "--input", str(mixed), "--output", str(tmp_path / "o3")).returncode == 0
     assert pq.read_table(tmp_path / "o3" / "captions").num_rows == 2
 
+    # A build that fails leaves the earlier build complete and in place, and nothing half-written beside it.
+    result = run("data", "build", "--input", str(only_bad), "--output", str(tmp_path / "o3"))
+    assert result.returncode == 1 and "nothing usable remains" in result.stderr
+    assert (tmp_path / "o3" / "_COMPLETE").is_file() and pq.read_table(tmp_path / "o3" / "captions").num_rows == 2
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".o3.")]
+
+    # A folder holding other work (a demo's runs) is refused before anything is deleted or Ray is joined.
+    (tmp_path / "demo" / "runs").mkdir(parents=True)
+    result = run_cli("data", "build", "--input", str(mixed), "--output", str(tmp_path / "demo"))
+    assert result.returncode == 1 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "demo" / "runs").is_dir()
+
 
 def test_damaged_copies_keep_their_good_rows_and_are_reported(built, real_data, tmp_path, ray_local):
     from test_readers import latin1_copy
@@ -284,4 +296,4 @@ def test_combine_largest_and_dataset_subset(inputs, real_data, tmp_path, ray_loc
     assert report["votes"] == max(votes.values())
     assert set(report["datasets"]) == {"captions", "pairs"}
     written = {p.name for p in (tmp_path / "o").iterdir()} - {"quarantine"}
-    assert written == {"captions", "pairs", "report.json"}
+    assert written == {"captions", "pairs", "report.json", "_COMPLETE"}

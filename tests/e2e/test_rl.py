@@ -16,6 +16,7 @@ from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
 from humor_ray.engines import Decoding, EnginePool, first_line, start_engines
 from humor_ray.rl.reward import RewardModel, vowel_share
+from humor_ray.train.export import final_model
 
 pytestmark = pytest.mark.timeout(900)
 # Prompts (with the cartoons' descriptions) and preference pairs of real contests.
@@ -336,7 +337,7 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
     assert max(m["logprob_gap"] for m in history) < 1e-3
     # LoRA: the adapter and a merged model that from_pretrained (and vLLM) load.
     assert (out / "final" / "adapter_config.json").is_file()
-    AutoModelForCausalLM.from_pretrained(metrics["model"])
+    AutoModelForCausalLM.from_pretrained(final_model(str(out)))
 
 
 # ZeRO-3 (sharded weights) is the demanding case; ZeRO-2 adds two minutes: opt-in with `-m slow`.

@@ -168,9 +168,9 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_missing_datasets_say_what_to_run(tmp_path):
-    from humor_ray.train.launcher import TrainError
+    from humor_ray.config import UserError
 
-    with pytest.raises(TrainError, match="run `humor-ray data build` first"):
+    with pytest.raises(UserError, match="run `humor-ray data build` first"):
         rm.run(rm.Config(output_dir=str(tmp_path / "out"), dataset_dir=str(tmp_path / "nothing")))
 
 
