@@ -700,15 +700,16 @@ def main(argv: list[str]) -> int:
         allow_abbrev=False,
         epilog="Any other flag is the stage's own and overrides the spec (e.g. --deepspeed zero3, "
                "--per_device_train_batch_size 2, --reward_model RM_DIR). Exit code 1 when a role does not fit.")
-    parser.add_argument("--config", required=True, help="the job spec (jobs/*.yaml, or its name)")
+    parser.add_argument("--config", required=True, help="the job spec (jobs/*.yaml, or its name) (required)")
     parser.add_argument("--stage", choices=tuple(STAGES), help="the stage (default: from the file name)")
     parser.add_argument("--gpu_memory_gb", "--gpu-memory-gb", type=float,
                         help=f"memory of each GPU in GiB (default: the spec's, else {DEFAULT_GPU_GIB:g})")
     parser.add_argument("--gpus_per_node", "--gpus-per-node", type=int,
                         help=f"GPUs per node (default: the spec's `# shape:` comment, else {DEFAULT_GPUS_PER_NODE})")
     parser.add_argument("--prompt_tokens", "--prompt-tokens", type=int, default=512,
-                        help="ppo: prompt tokens per sequence (the long prompt is about 400 Mistral tokens)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+                        help="ppo: prompt tokens per sequence (the long prompt is about 400 Mistral tokens) "
+                             "(default: 512)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
     args, rest = parser.parse_known_args(argv)
     stage = args.stage or stage_of(args.config)
     if stage is None:
