@@ -18,7 +18,9 @@ sends `$OPENAI_API_KEY` to OpenAI's own API (https://api.openai.com) and no key 
 `humor-ray serve` needs none unless started with `--api_key_env`).
 
 The cache is one SQLite file, `cache_dir/answers.sqlite` (WAL mode), keyed by a hash of (base URL,
-model, canonical JSON of the request); each answer is committed as it arrives.
+model, the model's weights fingerprint where the endpoint reports one, canonical JSON of the request);
+each answer is committed as it arrives. The fingerprint (`humor-ray serve` reports it in `/v1/models`)
+keeps a model retrained and served again under the same name from getting the old model's answers.
 """
 
 from __future__ import annotations
@@ -150,17 +152,47 @@ class JudgeClient:
         return (f"JudgeClient(base_url={self.base_url!r}, model={self.model!r}, "
                 f"cache_dir={str(self.cache_dir)!r}, concurrency={self.concurrency})")
 
-    def cache_key(self, request: dict) -> str:
-        canonical = json.dumps({"base_url": self.base_url, "model": self.model, "request": request},
-                               sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    def cache_key(self, request: dict, model_version: str | None = None) -> str:
+        identity = {"base_url": self.base_url, "model": self.model, "request": request}
+        if model_version is not None:  # endpoints reporting none keep the keys they always had
+            identity["model_version"] = model_version
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def model_version(self) -> str | None:
+        """The weights fingerprint the endpoint reports for the model in `/v1/models` (the card's
+        `metadata.weights_fingerprint`, as `humor-ray serve` gives it), or None where it reports none.
+        Read once per batch: free, and a dry run needs it to know what is cached."""
+        client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key or NO_KEY_PLACEHOLDER, max_retries=2,
+                               timeout=self.timeout)
+        try:
+            cards = client.models.list(extra_headers=self._auth_headers()).data
+        except openai.NotFoundError:  # an endpoint without a model list
+            return None
+        except openai.APIStatusError as err:
+            message = self._redact(f"{self.base_url}/models answered HTTP {err.status_code}: {server_message(err)}")
+            if err.status_code == 401 and self._api_key is None:
+                message += " (the server wants a key: name its environment variable with --api_key_env)"
+            raise UserError(message) from None
+        except openai.APIConnectionError as err:
+            cause = f": {err.__cause__}" if err.__cause__ else ""
+            raise UserError(self._redact(f"cannot reach {self.base_url}{cause}")) from None
+        finally:
+            client.close()
+        for card in cards:
+            metadata = getattr(card, "metadata", None)
+            if card.id == self.model and isinstance(metadata, dict):
+                return metadata.get("weights_fingerprint")
+        return None
 
     def complete_many(self, requests: list[dict]) -> list[dict]:
         """One answer per request, in request order: {"content", "logprobs", "usage", "cached"}.
         Raises UserError at once on a request the server rejects (a 4xx other than 408/429), or after
         all requests have run if some still failed after `max_retries` retries; either way, every
         answer received so far is cached, so a rerun resumes."""
-        keys = [self.cache_key(validated(request)) for request in requests]
+        checked = [validated(request) for request in requests]
+        version = self.model_version()
+        keys = [self.cache_key(request, version) for request in checked]
         cache = AnswerCache(self.cache_dir)
         try:
             answers = {key: {**answer, "cached": True} for key, answer in cache.get_many(set(keys)).items()}
@@ -175,10 +207,13 @@ class JudgeClient:
         return [dict(answers[key]) for key in keys]
 
     def dry_run(self, requests: list[dict]) -> dict:
-        """What `complete_many(requests)` would send and cost, without sending anything. Prompt tokens
+        """What `complete_many(requests)` would send and cost, sending no request (it reads the endpoint's
+        model list for the model's fingerprint). Prompt tokens
         are estimated (characters / 4 plus per-message framing); completion tokens are the requests'
         max_tokens, an upper bound (requests without a limit count 0)."""
-        keys = [self.cache_key(validated(request)) for request in requests]
+        checked = [validated(request) for request in requests]
+        version = self.model_version()
+        keys = [self.cache_key(request, version) for request in checked]
         cache = AnswerCache(self.cache_dir)
         try:
             cached = cache.get_many(set(keys))

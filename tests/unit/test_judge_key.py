@@ -1,5 +1,6 @@
 """Where the judge client sends an API key: only over https or to loopback, OpenAI's own key only to OpenAI,
-and no Authorization header at all to a server that needs none (checked on the wire, over real HTTP)."""
+and no Authorization header at all to a server that needs none (checked on the wire, over real HTTP); and
+its cache told apart by the weights fingerprint an endpoint reports for the model."""
 
 from __future__ import annotations
 
@@ -69,24 +70,36 @@ def test_a_named_variable_must_hold_a_key(monkeypatch):
 
 
 @contextlib.contextmanager
-def recording_server():
-    """A real HTTP server on loopback that records each request's Authorization header and answers a
-    one-token chat completion."""
-    seen: list[str | None] = []
+def recording_server(fingerprint: list[str | None]):
+    """A real HTTP server on loopback, an OpenAI-compatible endpoint in miniature: it records each request's
+    Authorization header, lists the model "m" with `fingerprint[0]` as its weights fingerprint (no model list
+    at all when that is None), and answers every chat completion with one token."""
+    seen: list[tuple[str, str | None]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("content-length") or 0))
-            seen.append(self.headers.get("authorization"))
-            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                               "choices": [{"index": 0, "finish_reason": "length", "logprobs": None,
-                                            "message": {"role": "assistant", "content": "A"}}],
-                               "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
-            self.send_response(200)
+        def answer(self, status: int, payload: dict):
+            body = json.dumps(payload).encode()
+            self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self):
+            seen.append(("GET", self.headers.get("authorization")))
+            if fingerprint[0] is None:
+                return self.answer(404, {"error": {"message": "no such route", "type": "x", "param": None,
+                                                   "code": None}})
+            self.answer(200, {"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "me",
+                                                          "metadata": {"weights_fingerprint": fingerprint[0]}}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            seen.append(("POST", self.headers.get("authorization")))
+            self.answer(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                              "choices": [{"index": 0, "finish_reason": "length", "logprobs": None,
+                                           "message": {"role": "assistant", "content": "A"}}],
+                              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
 
         def log_message(self, *args):
             pass
@@ -101,11 +114,29 @@ def recording_server():
         server.server_close()
 
 
+REQUEST = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
 def test_on_the_wire_no_key_unless_one_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-must-not-leave")
     monkeypatch.setenv("HUMOR_RAY_TEST_KEY", KEY)
-    request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    with recording_server() as (url, seen):
-        JudgeClient(url, "m", tmp_path / "a").complete_many([request])
-        JudgeClient(url, "m", tmp_path / "b", api_key_env="HUMOR_RAY_TEST_KEY").complete_many([request])
-    assert seen == [None, f"Bearer {KEY}"]
+    with recording_server(["sha256:1"]) as (url, seen):
+        JudgeClient(url, "m", tmp_path / "a").complete_many([REQUEST])
+        JudgeClient(url, "m", tmp_path / "b", api_key_env="HUMOR_RAY_TEST_KEY").complete_many([REQUEST])
+    assert seen == [("GET", None), ("POST", None), ("GET", f"Bearer {KEY}"), ("POST", f"Bearer {KEY}")]
+
+
+def test_a_retrained_model_under_the_same_name_is_not_answered_from_the_cache(tmp_path):
+    fingerprint = ["sha256:first"]
+    with recording_server(fingerprint) as (url, _):
+        def sent() -> int:
+            client = JudgeClient(url, "m", tmp_path)
+            client.complete_many([REQUEST])
+            return client.stats.sent
+
+        assert [sent(), sent()] == [1, 0]
+        fingerprint[0] = "sha256:retrained"
+        assert [sent(), sent()] == [1, 0]
+        assert JudgeClient(url, "m", tmp_path).dry_run([REQUEST])["cached"] == 1
+        fingerprint[0] = None  # an endpoint without a model list: keyed by the name alone, as before
+        assert [sent(), sent()] == [1, 0]
