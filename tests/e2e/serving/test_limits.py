@@ -70,6 +70,7 @@ async def load(server: str, auth: dict, requests: list[tuple[str, dict, dict]]) 
 
 def test_bounded_load_every_request_answered_and_the_server_unharmed(server, auth, ray_local):
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     before = httpx.post(f"{server}/chat/completions", json=chat(max_tokens=4), headers=auth, timeout=120).json()
     oversized = "x" * int(MAX_BODY_MB * 1e6 + 1)
@@ -115,6 +116,7 @@ def test_bounded_load_every_request_answered_and_the_server_unharmed(server, aut
     assert after["choices"][0]["message"]["content"] == before["choices"][0]["message"]["content"]
     status = serve.status().applications["humor-ray"]
     assert status.status == "RUNNING"
+    assert _get_global_client().http_config.request_timeout_s == 300  # --request_timeout_s's default
     assert all(deployment.status == "HEALTHY" for deployment in status.deployments.values())
     logs = [path.read_bytes() for path in Path(ray_local._private.worker._global_node.get_logs_dir_path()).rglob("*")
             if path.is_file()]
