@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data import prompts, readers, text
-from humor_ray.data.outputs import OutputFolder
+from humor_ray.data.outputs import written_aside
 from humor_ray.data.pairs import sample_pairs
 from humor_ray.log import get_logger, redact
 from humor_ray.metrics import StageMetrics
@@ -603,13 +603,8 @@ def _all_slots_from_the_start():
 def run(cfg: BuildConfig) -> dict:
     """Build every dataset into a folder beside `--output` and put it in place once complete (see
     humor_ray/data/outputs.py): an interrupted build leaves the earlier datasets as they were."""
-    folder = OutputFolder(cfg.output, "datasets", (*DATASETS, "_staging", "report.json"), cfg.overwrite)
-    try:
-        report = _build(dataclasses.replace(cfg, output=folder.work), final=cfg.output)
-    except BaseException:
-        folder.discard()
-        raise
-    folder.publish()
+    with written_aside(cfg.output, "datasets", (*DATASETS, "_staging", "report.json"), cfg.overwrite) as work:
+        report = _build(dataclasses.replace(cfg, output=work), final=cfg.output)
     _print_summary(report, cfg.output)
     if cfg.strict and (report["quarantined"]["rows"] or report["quarantined"]["files"]):
         raise BuildError(f"--strict: {report['quarantined']['rows']} rows and {report['quarantined']['files']} "

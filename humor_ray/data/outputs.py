@@ -9,6 +9,8 @@ before the first write and written after the last, so readers see the folder as 
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -46,8 +48,8 @@ class OutputFolder:
 
         self.final, self.kind = final, kind
         self.fs, self.final_root = readers.open_filesystem(final)
-        foreign = [name for name in _entries(self.fs, self.final_root)
-                   if name not in (*owned, MARKER) and not name.startswith(".")]
+        foreign = [name for name in _entries(self.fs, self.final_root) if not name.startswith(".")
+                   and not any(fnmatch.fnmatch(name, pattern) for pattern in (*owned, MARKER))]
         if foreign and not overwrite:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise UserError(f"{final} already holds files that are not a `{kind}` output ({shown}): name an empty "
@@ -55,7 +57,7 @@ class OutputFolder:
         if _is_uri(final):
             self.work = final
             self._remove_marker()
-            for name in (*owned, *(foreign if overwrite else ())):
+            for name in _entries(self.fs, self.final_root):
                 path = f"{self.final_root}/{name}"
                 info = self.fs.get_file_info(path)
                 if info.type == pafs.FileType.Directory:
@@ -94,6 +96,19 @@ class OutputFolder:
         """Remove the unfinished work of a failed run (the earlier output stays)."""
         if not _is_uri(self.final):
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def written_aside(final: str, kind: str, owned: tuple[str, ...], overwrite: bool = False):
+    """The folder to write an output into (see OutputFolder), put in place when the block ends without an
+    error and removed when it fails. `owned` are names or glob patterns."""
+    folder = OutputFolder(final, kind, owned, overwrite)
+    try:
+        yield folder.work
+    except BaseException:
+        folder.discard()
+        raise
+    folder.publish()
 
 
 def require_complete(path: str, command: str = "humor-ray data build") -> None:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from humor_ray.config import ConfigError, Options, field
 from humor_ray.data import readers
-from humor_ray.data.outputs import OutputFolder
+from humor_ray.data.outputs import written_aside
 from humor_ray.log import get_logger
 
 log = get_logger("data synth")
@@ -393,14 +393,8 @@ def write_shard(output: str, seed: int, contest: int, votes: int, shard: int, pa
 def run(cfg: SynthConfig) -> dict:
     """Write into a folder beside `--output` and put it in place once complete (humor_ray/data/outputs.py):
     stale shards of an earlier run never mix in, and an interrupted run leaves the earlier output."""
-    folder = OutputFolder(cfg.output, "synthetic votes", ("votes", "captions"), cfg.overwrite)
-    try:
-        summary = _write_all(dataclasses.replace(cfg, output=folder.work), final=cfg.output)
-    except BaseException:
-        folder.discard()
-        raise
-    folder.publish()
-    return summary
+    with written_aside(cfg.output, "synthetic votes", ("votes", "captions"), cfg.overwrite) as work:
+        return _write_all(dataclasses.replace(cfg, output=work), final=cfg.output)
 
 
 def _write_all(cfg: SynthConfig, final: str) -> dict:

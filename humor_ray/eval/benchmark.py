@@ -56,7 +56,9 @@ class JudgeConfig(Options):
     base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or "
                                        "http://127.0.0.1:8000/v1")
     model: str | None = field(None, "for --judge llm: the judge model")
-    api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the API key (never logged or written)")
+    api_key_env: str | None = field(None, "environment variable holding the endpoint's API key, sent only over https "
+                                          "or to loopback (default: $OPENAI_API_KEY, to api.openai.com only); never "
+                                          "logged or written")
     protocol: str = field("overall", "overall (text, few-shot, both orders) or best_pick (with the image)",
                           choices=PROTOCOLS)
     shots: int = field(5, "few-shot examples from training contests (overall)", minimum=0)

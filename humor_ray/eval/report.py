@@ -20,11 +20,14 @@ from pathlib import Path
 
 from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import read_generations
+from humor_ray.data.outputs import written_aside
 from humor_ray.eval.benchmark import GROUPS, read_references
 from humor_ray.log import get_logger
 from humor_ray.models.vision import image_location
 
 log = get_logger("report")
+# What a report folder holds: an earlier report there is replaced whole, anything else is refused.
+REPORT_FILES = ("report.html", "diversity.json", "images", "*.png")
 
 
 @dataclasses.dataclass
@@ -41,6 +44,7 @@ class ReportConfig(Options):
     embedding: str = field("mpnet", "the embedding diversity's model: mpnet (the paper's) or minilm (faster)")
     ead: str = field("paper", "the EAD: paper (the paper's words, V = 32,000) or words (our tokens)")
     pairs: str = field("with_self", "embedding cosines: with_self (the paper's) or distinct (two different captions)")
+    overwrite: bool = field(False, "replace --output_dir even when it holds files that are not an earlier report")
 
     def __post_init__(self):
         if not (self.judge_dir and self.generations and self.dataset_dir and self.output_dir):
@@ -108,9 +112,31 @@ def _leaderboard(summary: dict) -> str:
 
 
 def run(cfg: ReportConfig) -> str:
-    import pandas as pd
-
+    """Read the judge's results and the captions it judged, then write the page and its files aside and put
+    them in place whole (an interrupted run leaves the earlier report)."""
     from humor_ray.eval.diversity import method_diversity
+
+    with written_aside(cfg.output_dir, "report", REPORT_FILES, cfg.overwrite) as work:
+        summary, generations, references = _judged(cfg)
+        out = Path(work)
+        (out / "images").mkdir()
+        diversity_rows = method_diversity(generations[["contest", "method", "caption"]], model=cfg.embedding,
+                                          ead_kind=cfg.ead, pairs=cfg.pairs)
+        diversity = {m: {"embedding": v["embedding"], "ead": v["ead"]} for m, v in diversity_rows.items()}
+        lengths = {m: rows["caption"].str.split().str.len().tolist() for m, rows in generations.groupby("method")}
+        lengths["human top10"] = references[references["group"] == "top10"]["caption"].str.split().str.len().tolist()
+        plots = _plots(out, summary, diversity, lengths)
+        examples = _examples(cfg, out, generations, references)
+        (out / "report.html").write_text(_page(cfg, summary, diversity, plots, examples))
+        (out / "diversity.json").write_text(json.dumps(diversity_rows, indent=1, default=_json_number))
+    path = Path(cfg.output_dir, "report.html")
+    log.info(f"report in {path}")
+    return str(path)
+
+
+def _judged(cfg: ReportConfig):
+    """winrates.json, and the generations and human references of the contests the win rates come from."""
+    import pandas as pd
 
     winrates = Path(cfg.judge_dir, "winrates.json")
     if not winrates.is_file():
@@ -123,30 +149,27 @@ def run(cfg: ReportConfig) -> str:
         judged = set(pd.read_parquet(judgments, columns=["contest"])["contest"])
         generations = generations[generations["contest"].isin(judged)]
         references = references[references["contest"].isin(judged)]
-    out = Path(cfg.output_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    diversity_rows = method_diversity(generations[["contest", "method", "caption"]], model=cfg.embedding,
-                                      ead_kind=cfg.ead, pairs=cfg.pairs)
-    diversity = {m: {"embedding": v["embedding"], "ead": v["ead"]} for m, v in diversity_rows.items()}
-    lengths = {m: rows["caption"].str.split().str.len().tolist() for m, rows in generations.groupby("method")}
-    lengths["human top10"] = references[references["group"] == "top10"]["caption"].str.split().str.len().tolist()
-    plots = _plots(out, summary, diversity, lengths)
-    div_rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{d['embedding']:.3f}</td><td>{d['ead']:.3f}</td></tr>"
-                       for m, d in sorted(diversity.items()))
-    # Examples: contests every method has captions for, with the cartoon when its image exists.
+    return summary, generations, references
+
+
+def _examples(cfg: ReportConfig, out: Path, generations, references) -> list[str]:
+    """Contests every method has captions for, each with its cartoon (copied beside the page when it exists)
+    and every method's captions next to the human top 10."""
+    import pandas as pd
+
     prompts = pd.read_parquet(os.path.join(cfg.dataset_dir, "prompts", "eval"))
     image_of = dict(zip(prompts["contest"].astype(int), prompts["image"]))
     common = set(references["contest"].astype(int))
     for _, rows in generations.groupby("method"):
         common &= set(rows["contest"].astype(int))
-    images_dir = Path(cfg.images_dir) if cfg.images_dir else data_root() / "images"
+    images_dir = str(cfg.images_dir or data_root() / "images")
     examples = []
     for contest in sorted(common)[: cfg.examples]:
         image_html = ""
         image = image_of.get(contest)
-        if image and Path(image_location(str(images_dir), image)).is_file():
+        if image and Path(image_location(images_dir, image)).is_file():
             target = out / "images" / f"{contest}{Path(image).suffix}"
-            shutil.copyfile(image_location(str(images_dir), image), target)
+            shutil.copyfile(image_location(images_dir, image), target)
             image_html = f"<img src='images/{target.name}' alt='cartoon {contest}'>"
         columns = [("human top 10", references[(references["contest"] == contest) &
                                                (references["group"] == "top10")]["caption"].tolist())]
@@ -157,7 +180,13 @@ def run(cfg: ReportConfig) -> str:
                         for name, caps in columns)
         examples.append(f"<section class='example'><h3>Contest {contest}</h3>{image_html}"
                         f"<div class='cols'>{cells}</div></section>")
-    page = f"""<!doctype html>
+    return examples
+
+
+def _page(cfg: ReportConfig, summary: dict, diversity: dict, plots: dict, examples: list[str]) -> str:
+    div_rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{d['embedding']:.3f}</td><td>{d['ead']:.3f}</td></tr>"
+                       for m, d in sorted(diversity.items()))
+    return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(cfg.title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
@@ -182,11 +211,6 @@ img {{ max-width: 100%; }}
 {''.join(examples) or '<p>No contest has captions from every method.</p>'}
 </body></html>
 """
-    path = out / "report.html"
-    path.write_text(page)
-    Path(out, "diversity.json").write_text(json.dumps(diversity_rows, indent=1, default=_json_number))
-    log.info(f"report in {path}")
-    return str(path)
 
 
 def _json_number(value):

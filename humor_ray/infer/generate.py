@@ -17,6 +17,7 @@ generations), `candidates.parquet` (bon: every scored candidate) and `summary.js
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
-from humor_ray.data.outputs import require_complete
+from humor_ray.data.outputs import require_complete, written_aside
 from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, first_line
 from humor_ray.log import get_logger
 from humor_ray.metrics import StageMetrics
@@ -59,6 +60,7 @@ class GenerateConfig(Options, DecodingOptions):
     seed: int = field(2024, "sampling seed", minimum=0)
     images: str | None = field(None, "the cartoons, for a vision-language model (default: the data's images/)",
                                  existing=True)
+    overwrite: bool = field(False, "replace --output_dir even when it holds files that are not an earlier generation")
 
     def __post_init__(self):
         if not self.dataset_dir or not self.output_dir:
@@ -252,7 +254,6 @@ def _finish(cfg: GenerateConfig, prompts, table, started: float, extra: dict) ->
     method = cfg.method_name()
     table = table.sort_by([("contest", "ascending"), ("sample", "ascending")])
     table = table.append_column("method", pa.repeat(pa.scalar(method), table.num_rows))
-    os.makedirs(cfg.output_dir, exist_ok=True)
     long = table.select(["contest", "method", "sample", "caption", *[c for c in ("reward",) if c in table.column_names],
                          "generation"])
     pq.write_table(long, os.path.join(cfg.output_dir, "captions.parquet"))
@@ -281,29 +282,46 @@ def _finish(cfg: GenerateConfig, prompts, table, started: float, extra: dict) ->
     if short:
         log.warning(f"{method}: {sum(short.values())} captions still empty after {cfg.max_attempts} draws, in "
                     f"contests {sorted(short)}")
-    log.info(f"{method}: {table.num_rows} captions for {len(prompt_of)} contests in {summary['seconds']} s -> "
-             f"{cfg.output_dir}")
+    log.info(f"{method}: {table.num_rows} captions for {len(prompt_of)} contests in {summary['seconds']} s")
     return summary
 
 
+# What a generation folder holds: an earlier generation there is replaced whole, anything else is refused.
+GENERATION_FILES = ("captions.parquet", "candidates.parquet", "summary.json", "*.csv")
+
+
+@contextlib.contextmanager
+def _output_aside(cfg: GenerateConfig):
+    """`cfg` writing into a folder beside --output_dir, put in place once every file is written."""
+    with written_aside(cfg.output_dir, "captions", GENERATION_FILES, cfg.overwrite) as work:
+        yield dataclasses.replace(cfg, output_dir=work)
+    log.info(f"{cfg.method_name()}: captions in {cfg.output_dir}")
+
+
 def run(cfg: GenerateConfig) -> dict:
-    prompts, rows, started = _generate(cfg, cfg.n)
-    return _finish(cfg, prompts, _table(rows), started, {})
+    with _output_aside(cfg) as aside:
+        prompts, rows, started = _generate(aside, cfg.n)
+        return _finish(aside, prompts, _table(rows), started, {})
 
 
 def run_bon(cfg: BonConfig) -> dict:
+
+    from humor_ray.rl.reward import resolve_reward_model
+
+    reward_spec = resolve_reward_model(cfg.reward_model)
+    with _output_aside(cfg) as aside:
+        return _best_of_n(aside, reward_spec)
+
+
+def _best_of_n(cfg: BonConfig, reward_spec: str) -> dict:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray.data
 
-    from humor_ray.rl.reward import resolve_reward_model
-
-    reward_spec = resolve_reward_model(cfg.reward_model)
     prompts, rows, started = _generate(cfg, cfg.n * cfg.candidates_factor)
     scored = _table(rows.map_batches(RewardScorer, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1),
                                      fn_constructor_kwargs={"spec": reward_spec, "max_length": cfg.reward_max_length}))
-    os.makedirs(cfg.output_dir, exist_ok=True)
     pq.write_table(scored.select(["contest", "sample", "caption", "reward"]),
                    os.path.join(cfg.output_dir, "candidates.parquet"))
     # Per contest the N highest rewards, best first (ties: the earlier sample).

@@ -101,11 +101,10 @@ _TOWER, _VLLM_TOWER = "vision_tower.", "vision_tower.vision_model."
 
 
 def write_vllm_layout(model_dir: str | Path) -> None:
-    """Rename a saved vision-language model's tower weights in place to the layout vLLM loads."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    """Rename a saved vision-language model's tower weights in place to the layout vLLM loads (a LLaVA-NeXT
+    trained on single views is first saved as the LLaVA it has become)."""
     model_dir = Path(model_dir)
+    write_single_view_layout(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("vision_config", {}).get("model_type") != "clip_vision_model":
         return
@@ -113,15 +112,91 @@ def write_vllm_layout(model_dir: str | Path) -> None:
     def renamed(key: str) -> str:
         return _VLLM_TOWER + key[len(_TOWER):] if key.startswith(_TOWER) and not key.startswith(_VLLM_TOWER) else key
 
+    _rewrite_weights(model_dir, renamed)
+
+
+def _rewrite_weights(model_dir: Path, renamed) -> None:
+    """Rename every saved weight by `renamed` (key -> new key, or None to drop it), shard by shard."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as handle:
             if not any(renamed(k) != k for k in handle.keys()):
                 continue
-            tensors = {renamed(k): handle.get_tensor(k) for k in handle.keys()}
+            tensors = {renamed(k): handle.get_tensor(k) for k in handle.keys() if renamed(k) is not None}
             metadata = handle.metadata() or {"format": "pt"}
         save_file(tensors, str(shard), metadata=metadata)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
+        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items() if renamed(k) is not None}
         index.write_text(json.dumps(data, indent=2))
+
+
+# ---------------------------------------------------------------- one padded view per cartoon
+# The paper trained llava-v1.6-mistral-7b with the original LLaVA code's `--image_aspect_ratio pad`: each image
+# padded to a square with the mean colour, resized to the tower's 336 pixels and read as ONE view, 576 image
+# tokens, the LLaVA-1.5 way. LLaVA-NeXT's own processor instead tiles a cartoon at any resolution (1,272-2,928
+# tokens for ours). Reading a LLaVA-NeXT checkpoint as a LLaVA does the former: the two share the tower, the
+# projector and the language model; NeXT's one extra weight, the row-end embedding of its tiles, goes unused.
+
+def single_view_processor(processor):
+    """A LLaVA processor for one padded view per image, from a LLaVA or LLaVA-NeXT processor: the same
+    tokenizer, chat template and image normalisation; (side / patch)^2 image tokens."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    source = processor.image_processor
+    side = source.crop_size["height"]
+    images = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": side},
+                                    crop_size={"height": side, "width": side}, image_mean=source.image_mean,
+                                    image_std=source.image_std, resample=source.resample)
+    return LlavaProcessor(image_processor=images, tokenizer=processor.tokenizer, patch_size=processor.patch_size,
+                          vision_feature_select_strategy=processor.vision_feature_select_strategy,
+                          chat_template=processor.chat_template, image_token=processor.image_token,
+                          num_additional_image_tokens=processor.num_additional_image_tokens)
+
+
+def single_view_config(config):
+    """A LLaVA-NeXT model config as the LLaVA config of the same weights (any other config unchanged)."""
+    from transformers import LlavaConfig
+
+    if config.model_type != "llava_next":
+        return config
+    vision = config.vision_config
+    return LlavaConfig(vision_config=vision, text_config=config.text_config,
+                       image_token_index=config.image_token_index, projector_hidden_act=config.projector_hidden_act,
+                       vision_feature_select_strategy=config.vision_feature_select_strategy,
+                       vision_feature_layer=config.vision_feature_layer,
+                       image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+                       multimodal_projector_bias=config.multimodal_projector_bias,
+                       tie_word_embeddings=config.tie_word_embeddings)
+
+
+def load_single_view(model_dir: str, dtype=None):
+    """(model, processor) of a LLaVA or LLaVA-NeXT directory, reading each image as one padded view."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    processor = single_view_processor(AutoProcessor.from_pretrained(model_dir))
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    config = single_view_config(AutoConfig.from_pretrained(model_dir))
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, config=config, dtype=dtype or torch.float32)
+    model.config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def write_single_view_layout(model_dir: Path) -> None:
+    """A saved LLaVA-NeXT whose processor reads single views (the merge of a LoRA adapter trained that way
+    onto its NeXT base) becomes a LLaVA in place: its config, and its weights without the unused row-end one."""
+    from transformers import AutoConfig
+
+    processor_file = model_dir / "processor_config.json"
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") != "llava_next" or not processor_file.is_file():
+        return
+    if json.loads(processor_file.read_text()).get("processor_class") != "LlavaProcessor":
+        return
+    single_view_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(model_dir)
+    _rewrite_weights(model_dir, lambda key: None if key.split(".")[-1] == "image_newline" else key)

@@ -81,6 +81,9 @@ class WorkerArgs:
     stage: Stage | None = None  # a TRL stage: what the worker builds
     engines: list = dataclasses.field(default_factory=list)  # ppo: the rollout engine actors
     reward: Any = None  # ppo: the reward-model actor
+    # Tests: a folder where each worker writes the training rows it holds and those its trainer consumed
+    # (taken from $HUMOR_RAY_RECORD_TRAIN_ROWS by `launch`).
+    record_rows: str | None = None
 
 
 def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
@@ -282,6 +285,7 @@ def _worker_loop(config: dict) -> None:
         deepspeed.init_distributed(dist_backend="gloo")
     train, evaluation = _worker_datasets(cfg, stage, worker)
     trainer = _ready_trainer(cfg, stage, worker, args.board, train, evaluation)
+    train_on_own_rows(trainer, worker, args.record_rows)
     if cfg.do_train:
         trainer.train(resume_from_checkpoint=_resume_from(worker))
         worker.log.info("trained")
@@ -323,6 +327,58 @@ def _ready_trainer(cfg: TrainConfig, stage: Stage, worker: WorkerContext, board,
         trainer.add_callback(_metrics_callback(cfg.run_name, stage.name))
     trainer.remove_callback(transformers.PrinterCallback)  # the driver's progress bar and TensorBoard show the logs
     return prepare_trainer(trainer)
+
+
+def train_on_own_rows(trainer, worker: WorkerContext, record_rows: str | None = None) -> None:
+    """Each worker trains on all of its own Ray Data shard. Its Hugging Face trainer would shard the rows
+    again by rank (accelerate's `BatchSamplerShard` keeps every world-th batch), so with N workers each would
+    see 1/N of its rows per epoch, and a run of --max_steps would repeat some and never reach others. The
+    training loader is made to yield every batch of the worker's rows; evaluation stays sharded (every
+    worker holds the same held-out rows, and the results are gathered)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    build = trainer.get_train_dataloader
+
+    def get_train_dataloader():
+        recorder = RecordedRows(trainer.data_collator, os.path.join(record_rows, f"rank{worker.rank}")) \
+            if record_rows else None
+        collator, trainer.data_collator = trainer.data_collator, recorder or trainer.data_collator
+        try:
+            loader = build()
+        finally:
+            trainer.data_collator = collator
+        if isinstance(loader.batch_sampler, BatchSamplerShard):
+            loader.batch_sampler.num_processes, loader.batch_sampler.process_index = 1, 0
+        elif worker.world > 1:
+            raise RuntimeError(f"unexpected training loader {type(loader.batch_sampler).__name__}: cannot stop "
+                               "it from sharding this worker's rows again")
+        if recorder:
+            recorder.write_held(loader.dataset)
+        return loader
+
+    trainer.get_train_dataloader = get_train_dataloader
+
+
+class RecordedRows:
+    """For tests: a training collator that also appends the rows it is handed to `<prefix>-consumed.jsonl`;
+    `write_held` writes every row the loader draws from to `<prefix>-rows.jsonl`."""
+
+    def __init__(self, collate, prefix: str):
+        self.collate, self.prefix = collate, prefix
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+
+    @staticmethod
+    def line(row: dict) -> str:
+        return json.dumps(row, sort_keys=True, default=str) + "\n"
+
+    def write_held(self, dataset) -> None:
+        with open(f"{self.prefix}-rows.jsonl", "w") as handle:
+            handle.writelines(self.line(row) for row in dataset)
+
+    def __call__(self, rows: list[dict]):
+        with open(f"{self.prefix}-consumed.jsonl", "a") as handle:
+            handle.writelines(self.line(row) for row in rows)
+        return self.collate(rows)
 
 
 def _resume_from(worker: WorkerContext) -> str | None:
@@ -438,8 +494,9 @@ def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str,
         ray.kill(board)
 
 
-def launch(stage: Stage, cfg: TrainConfig):
-    """Run a TRL stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
+def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool] | None = None):
+    """Run a TRL stage on Ray Train; resumes from the run's latest checkpoint when rerun. `keep_train_row`:
+    which training rows to keep, decided before the rows are split among the workers."""
     import ray.data
     from ray.train import CheckpointConfig
 
@@ -460,6 +517,8 @@ def launch(stage: Stage, cfg: TrainConfig):
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
+    if keep_train_row is not None:
+        train = train.filter(keep_train_row)
     train = train.randomize_block_order(seed=cfg.seed)
     metric, order = stage.best_metric if cfg.do_eval else (None, "max")
     # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always kept
@@ -469,8 +528,8 @@ def launch(stage: Stage, cfg: TrainConfig):
     log = get_logger(stage.name)
     log.info(f"{cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
              f"{cfg.output_dir}")
-    result = run_trainer(_worker_loop, WorkerArgs(config=cfg, stage=stage), stage.name, datasets={"train": train},
-                         checkpoint_config=kept)
+    args = WorkerArgs(config=cfg, stage=stage, record_rows=os.environ.get("HUMOR_RAY_RECORD_TRAIN_ROWS"))
+    result = run_trainer(_worker_loop, args, stage.name, datasets={"train": train}, checkpoint_config=kept)
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
     log.info(f"done: {final_model(cfg.output_dir)}  eval {shown}")

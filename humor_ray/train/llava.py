@@ -38,6 +38,10 @@ class Config(TrainConfig):
     lr_scheduler_type: str = field("cosine", "learning-rate schedule (cosine, linear, constant, ...)")
     warmup_ratio: float = field(0.03, "share of the steps spent warming the learning rate up", minimum=0,
                                 maximum=1)
+    image_aspect_ratio: str = field("native", "how a cartoon becomes image tokens: native (the model's own "
+                                    "processor; LLaVA-NeXT tiles it at any resolution, 1,272-2,928 tokens) or pad "
+                                    "(padded to a square, one view of the tower's input: 576 tokens at 336 px, "
+                                    "as the paper's run)", choices=["native", "pad"])
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,6 +70,62 @@ class ImageConversations:
         return self.collate([{"images": [open_image(self.images, row["image"])],
                               "prompt": prompt_messages(instruction_of(row["prompt"])),
                               "completion": completion_messages(row["caption"])} for row in rows])
+
+
+def tokens_per_row(processor, images: str, image_names: list[str], prompts: list[str],
+                   captions: list[str]) -> list[int | None]:
+    """The tokens each row takes in training, as the collator builds it: the prompt in the chat template with
+    the cartoon's image tokens expanded, then the caption's turn. None where the cartoon cannot be read
+    (the image check reports and leaves those out). Each cartoon is processed once per instruction."""
+    from PIL import Image
+    from trl.data_utils import apply_chat_template
+
+    from humor_ray.models.vision import completion_messages, instruction_of, open_image, prompt_messages
+
+    marker = "CAPTION_GOES_HERE"
+    prompt_tokens = {}
+    for name, prompt in set(zip(image_names, prompts)):
+        instruction = instruction_of(prompt)
+        text = apply_chat_template({"prompt": prompt_messages(instruction),
+                                    "completion": completion_messages(marker)}, processor)
+        try:
+            image = open_image(images, name)
+        except (OSError, Image.DecompressionBombError):
+            prompt_tokens[name, prompt] = None
+            continue
+        ids = processor(images=[image], text=[text["prompt"]], add_special_tokens=False)["input_ids"][0]
+        prompt_tokens[name, prompt] = len(ids)
+    # The caption's turn is the same text around every caption: tokenized here as the collator does, alone.
+    before, after = text["completion"].split(marker) if prompt_tokens else ("", "")
+    completions = processor.tokenizer([before + caption + after for caption in captions],
+                                      add_special_tokens=False)["input_ids"] if captions else []
+    return [None if prompt_tokens[key] is None else prompt_tokens[key] + len(ids)
+            for key, ids in zip(zip(image_names, prompts), completions)]
+
+
+def fitting_rows(processor, images: str, table, max_length: int, split: str, report: bool = True) -> list[bool]:
+    """Which rows of `table` (contest, image, prompt, caption) fit in `max_length` tokens. A row that does not
+    would lose its caption to truncation (and, cut inside the image tokens, fail): it is reported by contest
+    and left out; when most rows do not fit, the recipe is refused."""
+    from collections import defaultdict
+
+    counts = tokens_per_row(processor, images, [str(n) for n in table["image"]], [str(p) for p in table["prompt"]],
+                            [str(c) for c in table["caption"]])
+    fits = [n is None or n <= max_length for n in counts]
+    too_long = defaultdict(list)
+    for contest, n, ok in zip(table["contest"], counts, fits):
+        if not ok:
+            too_long[str(contest)].append(n)
+    for contest, lengths in sorted(too_long.items()) if report else ():
+        need = f"{min(lengths):,}" + (f"-{max(lengths):,}" if max(lengths) > min(lengths) else "")
+        log.warning(f"{split}: contest {contest}: {len(lengths)} row(s) need {need} tokens, more than "
+                    f"--max_length {max_length}; left out")
+    known = [n for n in counts if n is not None]
+    if known and sum(fits) * 2 < len(fits):
+        raise TrainError(f"--max_length {max_length} fits only {sum(fits):,} of {len(fits):,} {split} rows of "
+                         f"llava_sft (a row takes {min(known):,}-{max(known):,} tokens with this model's processor): "
+                         "raise --max_length, or read each cartoon as one view with --image_aspect_ratio pad")
+    return fits
 
 
 def usable_rows(dataset, images: str, split: str, report: bool):
@@ -126,8 +186,6 @@ def make_trainer(cfg: Config, train, evaluation, scratch: str):
     import torch.distributed
     from trl import SFTConfig
 
-    from humor_ray.models import registry
-
     report = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     train = usable_rows(train, cfg.images, "train", report)
     evaluation = usable_rows(evaluation, cfg.images, "eval", report) if evaluation is not None else None
@@ -137,13 +195,78 @@ def make_trainer(cfg: Config, train, evaluation, scratch: str):
                    remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
                    gradient_checkpointing=cfg.gradient_checkpointing, lr_scheduler_type=cfg.lr_scheduler_type,
                    warmup_steps=cfg.warmup_ratio)  # a float below 1: a share of max_steps
-    model, processor = registry.load_model(cfg.base_model(), kind="image_text")
+    model, processor = load_model(cfg)
+    if evaluation is not None:
+        evaluation = evaluation.select([i for i, ok in enumerate(fitting_rows(
+            processor, cfg.images, evaluation, cfg.max_length, "eval", report)) if ok])
     if not cfg.train_vision_tower:
         model.get_submodule(_tower_path(model)).requires_grad_(False)
     return trainer_class()(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=processor, peft_config=peft_config(cfg),
                            data_collator=ImageConversations(processor, cfg.images, cfg.max_length),
                            projector_lr=cfg.mm_projector_lr)
+
+
+def load_model(cfg: Config):
+    """(model, processor) to train, reading each cartoon as --image_aspect_ratio says."""
+    from humor_ray.models import registry, vision
+
+    if cfg.image_aspect_ratio == "pad":
+        return vision.load_single_view(registry.resolve(cfg.base_model()))
+    return registry.load_model(cfg.base_model(), kind="image_text")
+
+
+def load_processor(cfg: Config):
+    """The processor alone (for a Hugging Face id only its processor files are fetched, not the weights)."""
+    from transformers import AutoProcessor
+
+    from humor_ray.models import registry, vision
+
+    spec = cfg.base_model()
+    hub_id = registry.HUB_ID.fullmatch(spec) and not os.path.exists(spec)
+    try:
+        processor = AutoProcessor.from_pretrained(spec if hub_id else registry.resolve(spec))
+    except OSError as err:  # offline and not cached, unknown repository
+        raise TrainError(f"cannot load the processor of {spec!r} to count the rows' tokens: {err}") from None
+    return vision.single_view_processor(processor) if cfg.image_aspect_ratio == "pad" else processor
+
+
+class SkipRows:
+    """Keeps the training rows neither of a contest left out nor among the (contest, caption) rows to skip."""
+
+    def __init__(self, contests: set[str], rows: set[tuple[str, str]]):
+        self.contests, self.rows = contests, rows
+
+    def __call__(self, row: dict) -> bool:
+        contest = str(row["contest"])
+        return contest not in self.contests and (contest, str(row["caption"])) not in self.rows
+
+
+def rows_to_skip(cfg: Config) -> SkipRows | None:
+    """Before the cluster starts, on the whole training split: contests whose cartoon cannot be read, and rows
+    that cannot fit in --max_length (counted with the model's processor), are reported and skipped; a recipe
+    where most rows cannot fit is refused. Skipped here, before Ray Data splits the rows, every worker gets
+    as many rows as the others (and so takes as many steps per epoch)."""
+    import pyarrow.dataset as pds
+
+    from humor_ray.models.vision import check_images
+    from humor_ray.train.launcher import split_path
+
+    path = split_path(cfg, STAGE, "train")
+    if "://" not in path and not os.path.isdir(path):
+        return None  # `launch` says what to run
+    table = pds.dataset(path, format="parquet").to_table(columns=list(STAGE.columns)).to_pydict()
+    usable, problems = check_images(cfg.images, dict(zip((int(c) for c in table["contest"]), table["image"])))
+    for problem in problems:
+        log.warning(f"train: {problem}")
+    if not usable:
+        raise TrainError(f"no training row has a readable image under {cfg.images}")
+    readable = [int(c) in usable for c in table["contest"]]
+    kept = {name: [v for v, ok in zip(values, readable) if ok] for name, values in table.items()}
+    fits = fitting_rows(load_processor(cfg), cfg.images, kept, cfg.max_length, "train")
+    unreadable = {str(c) for c, ok in zip(table["contest"], readable) if not ok}
+    too_long = {(str(c), str(t)) for c, t, ok in zip(kept["contest"], kept["caption"], fits) if not ok}
+    return SkipRows(unreadable, too_long) if unreadable or too_long else None
 
 
 def _tower_path(model) -> str:
@@ -159,4 +282,4 @@ STAGE = Stage(name=NAME, columns=("contest", "image", "prompt", "caption"), capt
 def run(cfg: Config):
     if "://" not in cfg.images and not os.path.isdir(cfg.images):
         raise TrainError(f"--images {cfg.images}: no such folder (the cartoons the llava_sft rows name)")
-    return launch(STAGE, cfg)
+    return launch(STAGE, cfg, keep_train_row=rows_to_skip(cfg) if cfg.do_train else None)

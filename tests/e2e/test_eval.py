@@ -44,6 +44,23 @@ def test_generate_writes_long_and_wide_captions(generated):
     # The wide file reads back through the same reader as the paper's released generations.
     wide = read_wide(out / "tiny.csv", "tiny")
     assert sorted(wide["caption"]) == sorted(long["caption"])
+    # Written aside and put in place whole: nothing partial beside it.
+    assert sorted(p.name for p in out.iterdir()) == ["_COMPLETE", "captions.parquet", "summary.json", "tiny.csv"]
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]
+
+
+def test_generation_and_report_refuse_a_folder_holding_other_work(tmp_path, datasets_dir):
+    from humor_ray.config import UserError
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match=r"holds files that are not a `captions` output \(runs\).*--overwrite"):
+        generate.run(generate.GenerateConfig(dataset_dir=str(datasets_dir), output_dir=str(tmp_path),
+                                             model_name="tiny", n=1, max_contests=1))
+    (tmp_path / "winrates.json").write_text('{"win_rates": []}')
+    with pytest.raises(UserError, match=r"not a `report` output \(runs, winrates.json\)"):
+        report.run(report.ReportConfig(judge_dir=str(tmp_path), generations=[str(tmp_path)],
+                                       dataset_dir=str(datasets_dir), output_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "winrates.json"]
 
 
 def test_a_chosen_set_of_contests_is_read_and_an_unknown_one_named(datasets_dir):

@@ -13,6 +13,7 @@ from humor_ray.infer import generate
 from humor_ray.models import registry
 from humor_ray.models.vision import chat_prompt, check_images, open_image
 from humor_ray.train import llava
+from humor_ray.train.launcher import TrainError
 
 pytestmark = pytest.mark.timeout(900)
 # Contests 530-539 with their cartoons: 536 and 537 are evaluation contests.
@@ -120,10 +121,23 @@ def test_llava_trains_reports_unreadable_cartoons_exports_and_resumes(trained, c
     assert "contest 531: cannot read image" in text and "contest 532: cannot read image" in text
 
 
+def test_a_recipe_whose_rows_cannot_fit_is_refused_before_training(tmp_path, datasets_dir, real_data):
+    """Every row's tokens (the cartoon's image tokens, the prompt, the caption) are counted before the cluster
+    trains: with room for almost no caption, the run is refused in one line and nothing is trained."""
+    out = tmp_path / "refused"
+    with pytest.raises(TrainError) as refused:
+        llava.run(llava.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny-llava",
+                               images=str(real_data / "images"), **{**SMALL, "max_length": 120}))
+    assert "\n" not in str(refused.value) and "--max_length 120 fits only" in str(refused.value)
+    assert not (out / "ray").exists()
+
+
 def test_two_workers_under_zero3(tmp_path, datasets_dir, real_data):
+    """Also reads each cartoon as one padded view (--image_aspect_ratio pad, as the 7B recipe does)."""
     out = tmp_path / "zero3"
     llava.run(llava.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny-llava",
-                           num_workers=2, deepspeed="zero3", images=str(real_data / "images"), **SMALL))
+                           num_workers=2, deepspeed="zero3", images=str(real_data / "images"),
+                           image_aspect_ratio="pad", **SMALL))
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]
     from transformers import AutoModelForImageTextToText
@@ -135,6 +149,9 @@ def test_two_workers_under_zero3(tmp_path, datasets_dir, real_data):
 
     with safe_open(str(out / "final" / "model.safetensors"), "pt") as handle:
         assert any(k.startswith("vision_tower.vision_model.") for k in handle.keys())
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(out / "final").image_processor.do_pad
 
 
 def test_captions_come_from_the_completion_tokens_never_a_character_offset(trained):

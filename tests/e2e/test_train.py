@@ -102,6 +102,31 @@ def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir, monkeypatc
     assert merged.get_input_embeddings().num_embeddings >= len(tokenizer)
 
 
+def test_each_worker_trains_on_each_of_its_rows_once_per_epoch(tmp_path, datasets_dir, monkeypatch):
+    """Ray Data gives each worker its shard; the trainer must not shard it again by rank (with 2 workers each
+    would see half of its rows per epoch, and a fixed number of steps would repeat some and skip others)."""
+    from collections import Counter
+
+    record = tmp_path / "rows"
+    monkeypatch.setenv("HUMOR_RAY_RECORD_TRAIN_ROWS", str(record))
+    config = dict(output_dir=str(tmp_path / "sft"), dataset_dir=str(datasets_dir), model_name="tiny",
+                  simple_prompt=True, num_workers=2, do_eval=False, **SMALL)
+    sft.run(sft.Config(**config))
+    held = {}
+    for rank in (0, 1):
+        rows = (record / f"rank{rank}-rows.jsonl").read_text().splitlines()
+        consumed = (record / f"rank{rank}-consumed.jsonl").read_text().splitlines()
+        assert len(consumed) == SMALL["max_steps"] * SMALL["per_device_train_batch_size"]
+        # Epoch by epoch, every row the worker holds exactly once (the last epoch may stop early).
+        for start in range(0, len(consumed), len(rows)):
+            epoch = Counter(consumed[start:start + len(rows)])
+            assert epoch <= Counter(rows), f"rank {rank}: a row twice in one epoch, or one it does not hold"
+            if start + len(rows) <= len(consumed):
+                assert epoch == Counter(rows), f"rank {rank}: rows left out of a whole epoch"
+        held[rank] = Counter(rows)
+    assert held[0] != held[1]  # each worker holds its own shard
+
+
 # ZeRO-3 (sharded weights) runs in CI; ZeRO-2 and ZeRO-3 with offload (two minutes here) are opt-in with
 # `-m slow`, to keep the suite under 20 minutes on two cores.
 @pytest.mark.parametrize("zero", ["zero3", pytest.param("zero2", marks=pytest.mark.slow),
