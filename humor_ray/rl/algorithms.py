@@ -121,7 +121,7 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state
-        return self.head(hidden).squeeze(-1)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # a half-precision backbone, fp32 head
 
 
 class AdaptiveKL:

@@ -43,6 +43,15 @@ def resolve_reward_model(spec: str) -> str:
                     f"{', '.join(sorted(BUILTIN))})")
 
 
+def recorded_max_length(spec: str) -> int | None:
+    """The --max_length a `humor-ray rm` run trained its model with (its metrics.json records it), when
+    `spec` names such a run; None otherwise."""
+    path = Path(spec).expanduser() / "metrics.json"
+    if spec in BUILTIN or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("max_length")
+
+
 class RewardModel:
     """Scores captions. Used directly, or as a Ray actor (`start_reward_actor`)."""
 

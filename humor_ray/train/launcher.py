@@ -25,7 +25,7 @@ from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, Lor
                               UserError, field)
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
-from humor_ray.train.deepspeed_presets import deepspeed_config
+from humor_ray.train.deepspeed_presets import deepspeed_config, trainer_half_precision
 from humor_ray.train.export import save_merged
 
 class TrainError(UserError):
@@ -89,6 +89,7 @@ def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
     evaluate = cfg.do_eval
     # Inside Ray Train the process group exists already (gloo on CPU); a single plain process has none.
     distributed_cpu = not cfg.use_gpu and torch.distributed.is_initialized()
+    half = trainer_half_precision(cfg.deepspeed, cfg.use_gpu)
     return args_class(
         output_dir=output_dir, run_name=cfg.run_name, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -98,7 +99,8 @@ def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
         save_total_limit=cfg.save_total_limit, eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps if evaluate else None,
         report_to=[r for r in cfg.report_to if r != "none"],
-        bf16=cfg.use_gpu, use_cpu=not cfg.use_gpu, deepspeed=deepspeed_config(cfg.deepspeed, cfg.use_gpu),
+        bf16=half == "bf16", fp16=half == "fp16", use_cpu=not cfg.use_gpu,
+        deepspeed=deepspeed_config(cfg.deepspeed, cfg.use_gpu),
         ddp_backend="gloo" if distributed_cpu else None, dataloader_num_workers=0, disable_tqdm=True,
         accelerator_config={"dispatch_batches": False}, ddp_find_unused_parameters=False,
         # Tokens/s in the logs (all workers together), padding not counted.
@@ -351,6 +353,7 @@ def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, tra
         serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, final)
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as handle:
             json.dump({"eval": metrics, "log_history": trainer.state.log_history, "model": serve,
+                       "max_length": cfg.max_length,  # what a reward model reads when PPO scores with it
                        "resumed_from": worker.checkpoint.path if worker.checkpoint else None}, handle, indent=1)
         worker.log.info(f"final model in {serve}")
 
