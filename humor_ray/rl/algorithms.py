@@ -139,6 +139,14 @@ class AdaptiveKL:
         return self.value
 
 
+def pooled_std(total: float, total_sq: float, count: float) -> float:
+    """The sample standard deviation (as torch.std) of values known by their sum, sum of squares and count:
+    what the workers' summed figures give for all of their values together."""
+    if count < 2:
+        return 0.0
+    return math.sqrt(max(total_sq - total ** 2 / count, 0.0) / (count - 1))
+
+
 class RunningMoments:
     """Running mean and variance of scores across steps (and workers), for reward normalisation."""
 

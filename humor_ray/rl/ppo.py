@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -570,18 +569,18 @@ class PPOWorker:
         total, total_sq, count, kl_total, cut = exp.totals
         mean_kl, kl_coef_used = kl_total / count, self.kl_control.value
         self.kl_control.update(mean_kl, int(count))
-        size, generated = len(exp.samples), float(exp.sequences.mask.sum().item())
+        size, generated = len(exp.samples), float(sum(len(s.completion_ids) for s in exp.samples))
+        trained = float(exp.sequences.mask.sum().item())
         step_time, gap = sum(times.values()), exp.logprob_gap()
         if gap > cfg.staleness_alarm and self.worker.rank == 0:
             self.log.warning(f"step {step}: trainer and engine log-probs differ by {gap:.4f} on average "
                              f"(alarm at {cfg.staleness_alarm}): the engines may not hold the current weights")
         metrics = {
             "step": step, "reward/mean": total / count,
-            # Of every worker's scores (the sample standard deviation, as torch.std gives it).
-            "reward/std": math.sqrt(max(total_sq - total ** 2 / count, 0.0) / (count - 1)) if count > 1 else 0.0,
+            "reward/std": alg.pooled_std(total, total_sq, count),
             "kl": mean_kl, "kl_coef": kl_coef_used, "entropy": alg.masked_mean(exp.entropy, exp.sequences.mask).item(),
             "logprob_gap": gap, "engine_version": exp.samples[0].version, "engine_restarts": self.pool.restarts,
-            "reward_retries": exp.reward_retries, "caption_tokens": generated / size,
+            "reward_retries": exp.reward_retries, "caption_tokens": generated / size, "trained_tokens": trained / size,
             "empty_captions": sum(not c for c in exp.captions), "cut_captions": cut / count,
             "tokens_per_second": _all_sum([generated], device)[0] / step_time,
             **{k: float(np.mean(v)) for k, v in stats.items() if v},

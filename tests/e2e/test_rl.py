@@ -308,11 +308,12 @@ def test_a_resumed_run_draws_as_an_uninterrupted_one_and_trains_only_the_scored_
     ppo.run(ppo.Config(output_dir=str(resumed), max_steps=2, **config))
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from"]
     one, other = history_of(straight), history_of(resumed)
-    for key in ("reward/mean", "caption_tokens", "cut_captions", "kl"):
+    for key in ("reward/mean", "reward/std", "caption_tokens", "trained_tokens", "cut_captions", "kl"):
         assert other[1][key] == pytest.approx(one[1][key], abs=1e-6), key
     assert sum(m["cut_captions"] for m in one) > 0
-    # A cut caption's trained tokens stop at its last whole word, before max_new_tokens.
-    assert mean([m["caption_tokens"] for m in one]) < max_new_tokens
+    # A cut caption's trained tokens stop at its last whole word: fewer than were generated.
+    assert all(m["trained_tokens"] < m["caption_tokens"] for m in one if m["cut_captions"] > 0)
+    assert all(m["trained_tokens"] == m["caption_tokens"] for m in one if m["cut_captions"] == 0)
     assert max(m["logprob_gap"] for m in one + other) < 1e-3
 
 

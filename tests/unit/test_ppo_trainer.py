@@ -211,6 +211,19 @@ def test_a_json_the_learner_cannot_use_is_one_line_naming_the_key(tmp_path):
         check_user_json(str(tmp_path / "missing.json"), False, ())
 
 
+# ---------------------------------------------------------------- figures of all workers
+
+def test_reward_std_is_of_every_workers_scores():
+    """Each worker sums its scores and their squares; the standard deviation comes from the sums over all
+    workers, not from one worker's scores."""
+    from humor_ray.rl import algorithms as alg
+
+    workers = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.9, 1.0])]
+    sums = [sum(t.sum().item() for t in workers), sum((t ** 2).sum().item() for t in workers), 5]
+    assert alg.pooled_std(*sums) == pytest.approx(torch.cat(workers).std().item(), rel=1e-5)
+    assert alg.pooled_std(0.5, 0.25, 1) == 0.0
+
+
 # ---------------------------------------------------------------- the reward model's own max_length
 
 def test_the_reward_length_defaults_to_the_reward_model_runs(tmp_path):
