@@ -240,7 +240,7 @@ def _build_models(cfg: Config, policy_dir: str, restored: str | None, critic: bo
     return policy, reference, value
 
 
-def caption_tokens(tokenizer, sample: Sample, caption: str) -> int:
+def scored_tokens(tokenizer, sample: Sample, caption: str) -> int:
     """How many of the sample's completion tokens make its caption: all of them, except for a caption cut
     at max_new_tokens, whose scored text (its whole words) ends earlier: the shortest prefix that holds it."""
     ids = sample.completion_ids
@@ -467,7 +467,7 @@ class PPOWorker:
         cfg, device = self.cfg, self.worker.device
         # Under --truncated trim the tokens past a cut caption's last whole word are not trained: the
         # score is the caption's, so it goes to the tokens that wrote it.
-        trained = ([caption_tokens(self.tokenizer, s, c) for s, c in zip(samples, captions)]
+        trained = ([scored_tokens(self.tokenizer, s, c) for s, c in zip(samples, captions)]
                    if cfg.truncated == "trim" else None)
         seqs = _sequences(samples, self.pad_id, device, trained)
         mask = seqs.mask

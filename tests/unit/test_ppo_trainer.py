@@ -57,13 +57,13 @@ def test_a_cut_caption_trains_only_the_tokens_it_was_scored_on(tokenizer):
     assert not text.startswith(cut + " ")  # it really ends inside a word
     sample = Sample(0, [5, 6, 7], ids, [0.0] * len(ids), cut, version=0, finished=False)
     caption = clean_caption(sample.text, sample.finished)
-    count = ppo.caption_tokens(tokenizer, sample, caption)
+    count = ppo.scored_tokens(tokenizer, sample, caption)
     assert 0 < count < len(ids)
     # The trained tokens are exactly the scored caption: it is whole in them, and not in one token fewer.
     assert clean_caption(tokenizer.decode(ids[:count]), finished=True) == caption
     assert caption not in tokenizer.decode(ids[:count - 1])
     finished = Sample(1, [5, 6], ids[:3], [0.0] * 3, tokenizer.decode(ids[:3]), version=0, finished=True)
-    assert ppo.caption_tokens(tokenizer, finished, clean_caption(finished.text, True)) == 3
+    assert ppo.scored_tokens(tokenizer, finished, clean_caption(finished.text, True)) == 3
     seqs = ppo._sequences([sample, finished], 0, "cpu", [count, 3])
     assert seqs.mask.sum(1).tolist() == [count, 3]
     assert seqs.input_ids.shape[1] == 3 + len(ids)  # every sampled token is still in the sequence
