@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 
 from humor_ray.config import UserError, field
@@ -42,6 +43,8 @@ class Decoding:
     max_new_tokens: int = 32
     # The caption is the first line: generation stops at the first newline.
     stop_at_newline: bool = True
+    # Set: prompt i of a call draws its n samples with seeds seed + i * n .. + n - 1 (vLLM) or the call
+    # draws from one generator seeded with it (HF); None: the engine's own running generator.
     seed: int | None = None
 
 
@@ -83,6 +86,20 @@ def first_line(text: str) -> str:
         if len(line) >= 2 and line[0] == opening and line[-1] == closing:
             line = line[1:-1].strip()
     return line
+
+
+# Labels a model may put before its caption, or echo from the prompt's last line ("funny caption:").
+_LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
+
+
+def clean_caption(text: str, finished: bool) -> str:
+    """The caption in a generation, the same for every stage that generates or scores captions (generate,
+    bon, PPO): the first line, trimmed of wrapping quotes and of a `Caption:` label; a generation that ran
+    into max_new_tokens (`finished` False, no newline) may end inside a word, so only its whole words stay."""
+    line = _LABEL.sub("", first_line(text)).strip()
+    if not finished and "\n" not in text:
+        line = line.rsplit(" ", 1)[0] if " " in line else ""
+    return first_line(line)  # quotes again, after a label came off
 
 
 class _Engine:
@@ -141,11 +158,16 @@ class VLLMEngine(_Engine):
 
         self._check(expected_version)
         self._check_images(prompts, images)
-        params = SamplingParams(
-            n=n, temperature=decoding.temperature, top_p=decoding.top_p,
-            repetition_penalty=decoding.repetition_penalty, max_tokens=decoding.max_new_tokens,
-            stop=["\n"] if decoding.stop_at_newline else None, include_stop_str_in_output=True,
-            seed=decoding.seed, logprobs=0, skip_special_tokens=True)
+        def params(seed):
+            return SamplingParams(
+                n=n, temperature=decoding.temperature, top_p=decoding.top_p,
+                repetition_penalty=decoding.repetition_penalty, max_tokens=decoding.max_new_tokens,
+                stop=["\n"] if decoding.stop_at_newline else None, include_stop_str_in_output=True,
+                seed=seed, logprobs=0, skip_special_tokens=True)
+
+        # vLLM gives a request's n samples the seeds seed .. seed + n - 1: distinct seeds per prompt.
+        params = (params(None) if decoding.seed is None
+                  else [params(decoding.seed + index * n) for index in range(len(prompts))])
         if images is None:
             inputs = [TokensPrompt(prompt_token_ids=ids) for ids in self._prompt_ids(prompts)]
         else:  # vLLM's processor puts the image's tokens where the prompt's image token is
@@ -178,7 +200,9 @@ class HFEngine(_Engine):
 
         self.device = "cuda" if torch.cuda.is_available() and gpu_fraction > 0 else "cpu"
         auto = AutoModelForImageTextToText if self.processor is not None else AutoModelForCausalLM
-        self.model = auto.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        # bf16 on a GPU, as vLLM there and as the PPO trainer computes (`learners.precision`).
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = auto.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -312,7 +336,10 @@ class EnginePool:
         while pending or running:
             while pending and idle:
                 engine_index, chunk = idle.pop(0), pending.pop()
-                ref = self.engines[engine_index].generate.remote([prompts[i] for i in chunk], n, decoding,
+                # A seeded call: each chunk its own seeds, the same whichever engine draws it.
+                chunk_decoding = (decoding if decoding.seed is None
+                                  else dataclasses.replace(decoding, seed=decoding.seed + chunk[0] * n))
+                ref = self.engines[engine_index].generate.remote([prompts[i] for i in chunk], n, chunk_decoding,
                                                                   self.version)
                 running[ref] = (engine_index, chunk)
             done, _ = ray.wait(list(running), num_returns=1)

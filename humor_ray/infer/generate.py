@@ -21,19 +21,16 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
 from humor_ray.data.outputs import require_complete, written_aside
-from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, first_line
+from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, clean_caption
 from humor_ray.log import get_logger
 from humor_ray.metrics import StageMetrics
 
-# Labels a model may put before its caption, or echo from the prompt's last line.
-_LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
 log = get_logger("generate")
 
 
@@ -94,16 +91,6 @@ class BonConfig(GenerateConfig):
 
     def method_name(self) -> str:
         return self.method or f"{super().method_name()}_BoN"
-
-
-def clean_caption(text: str, finished: bool) -> str:
-    """The caption in a generation (see the module docstring)."""
-    line = first_line(text)
-    line = _LABEL.sub("", line).strip()
-    if not finished and "\n" not in text:
-        # Ran out of tokens: the last word may be cut; keep whole words only.
-        line = line.rsplit(" ", 1)[0] if " " in line else ""
-    return first_line(line)  # quotes again, after a label came off
 
 
 class CaptionWriter:

@@ -34,7 +34,7 @@ from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.engines import ENGINES, DecodingOptions
-from humor_ray.rl.learners import deepspeed_loading, unwrap
+from humor_ray.rl.learners import deepspeed_loading, precision, unwrap
 from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run_trainer, start_worker
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from humor_ray.engines import Sample
 
 PLACEMENTS = ("separate", "colocate")
+TRUNCATED = ("trim", "penalize")
 # The phases a step's time is reported for, with their names in metrics.json's history (kept from the start).
 HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "reference", "update": "train",
                  "sync_weights": "sync"}
@@ -52,6 +53,18 @@ HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "re
 @dataclasses.dataclass
 class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOptions, DecodingOptions):
     """PPO (or GRPO/RLOO) of a caption policy against a reward model."""
+    # The trainer scores sampled tokens by the policy at --temperature alone, so by default PPO samples
+    # from exactly that: no nucleus cut, no repetition penalty (the paper's 0.95 and 1.15 are for generate/bon).
+    temperature: float = field(0.7, "sampling temperature (above 0: PPO needs a stochastic policy)",
+                               exclusive_minimum=0)
+    top_p: float = field(1.0, "nucleus sampling. Below 1 the engines sample from a cut distribution that the "
+                              "trainer does not score (it scores at --temperature alone): the importance ratios "
+                              "and the KL estimate are then biased (the KL can read negative)",
+                        exclusive_minimum=0, maximum=1)
+    repetition_penalty: float = field(1.0, "repetition penalty. Above 1 the engines sample from a penalised "
+                                           "distribution that the trainer does not score: the importance "
+                                           "ratios and the KL estimate are then biased (the KL can read negative)",
+                                       exclusive_minimum=0)
     reward_model: str = field(None, "a `humor-ray rm` output directory, a reward model directory, or "
                                     "builtin:vowel_share", required=True)
     simple_prompt: bool = field(False, "use the simple prompt instead of the long instruction prompt")
@@ -77,7 +90,14 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
                            minimum=1)
     normalize_rewards: bool = field(True, "scale scores by their running mean and standard deviation")
     max_grad_norm: float = field(1.0, "gradient clipping", exclusive_minimum=0)
-    reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads", minimum=1)
+    reward_max_length: int | None = field(None, "tokens of prompt + caption the reward model reads (default: the "
+                                                "`humor-ray rm` run's --max_length, else 512)", minimum=1)
+    truncated: str = field("trim", "a caption cut at --max_new_tokens: trim (scored as its whole words; the "
+                                   "tokens after them are left out of the update) or penalize (scored as its "
+                                   "whole words less --truncation_penalty; every token is trained)",
+                           choices=TRUNCATED)
+    truncation_penalty: float = field(1.0, "subtracted from a cut caption's score under --truncated penalize",
+                                      minimum=0)
     engine: str = field("vllm", "rollout engine", choices=ENGINES)
     num_engines: int = field(1, "rollout engine actors", minimum=1)
     engine_max_model_len: int | None = field(None, "prompt + caption tokens an engine holds per sequence "
@@ -88,6 +108,8 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
                                                              "worker when colocated", exclusive_minimum=0, maximum=1)
     staleness_alarm: float = field(0.05, "warn when the mean trainer-engine log-prob gap exceeds this",
                                    minimum=0)
+    gradient_checkpointing: bool = field(False, "recompute the policy's and value model's activations in the "
+                                                "backward pass: less memory, longer updates")
 
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir or not self.reward_model:
@@ -99,6 +121,11 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
         if batch % self.mini_batch_size:
             raise ConfigError(f"--mini_batch_size must divide the rollout batch (rollout_batch_size x "
                               f"samples_per_prompt = {batch})")
+        if self.deepspeed.endswith(".json"):
+            from humor_ray.rl.learners import FILLED_BY_LEARNER
+            from humor_ray.train.deepspeed_presets import check_user_json
+
+            check_user_json(self.deepspeed, self.use_gpu, FILLED_BY_LEARNER)
         if any(r not in ("tensorboard", "none") for r in self.report_to):
             raise ConfigError("--report_to for ppo: tensorboard or none")
 
@@ -121,7 +148,7 @@ class Sequences:
     input_ids: torch.Tensor  # (B, P + T)
     attention_mask: torch.Tensor  # (B, P + T)
     position_ids: torch.Tensor  # (B, P + T)
-    mask: torch.Tensor  # (B, T): 1.0 on completion tokens
+    mask: torch.Tensor  # (B, T): 1.0 on the completion tokens that are trained (those of the scored caption)
 
     @property
     def width(self) -> int:
@@ -133,7 +160,7 @@ class Experience:
     """One step's rollouts with everything the update reads. B = rollout_batch_size x samples_per_prompt
     (a prompt's samples consecutive), T = completion tokens."""
     samples: list[Sample]  # B, as the engines drew them
-    captions: list[str]  # B, the first line of each completion
+    captions: list[str]  # B, what the reward model scored: each completion's caption (`clean_caption`)
     scores: torch.Tensor  # (B,) the reward model's
     reward_retries: int  # reward calls retried after the reward actor crashed
     sequences: Sequences
@@ -145,7 +172,7 @@ class Experience:
     kl: torch.Tensor  # (B, T) policy - reference log-probs on completion tokens
     advantages: torch.Tensor  # (B, T)
     returns: torch.Tensor | None  # (B, T) the value model's targets; None without one
-    totals: list[float]  # over all workers: score sum, score square sum, sequences, KL sum
+    totals: list[float]  # over all workers: score sum, score square sum, sequences, KL sum, cut captions
 
     def logprob_gap(self, rows=slice(None)) -> float:
         """Mean |trainer - engine| log-prob of the completion tokens of `rows`."""
@@ -162,51 +189,85 @@ def _lora(cfg: Config, model, task_type: str):
     return model if settings is None else get_peft_model(model, settings)
 
 
-def _build_models(cfg: Config, policy_dir: str, restored: str | None, critic: bool):
-    """(policy, reference or None, value model or None). The reference is None under LoRA: the policy
-    with its adapter disabled is the reference."""
+def _disable_dropout(model) -> None:
+    """PPO's forward passes must be deterministic (old and new log-probs of the same weights must agree);
+    the models run in training mode, which gradient checkpointing needs."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+
+
+def _build_models(cfg: Config, policy_dir: str, restored: str | None, critic: bool, precision):
+    """(policy, reference or None, value model or None), every one loaded in `precision.weights`. The
+    reference is None under LoRA: the policy with its adapter disabled is the reference."""
     import torch
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
     from humor_ray.rl import algorithms as alg
 
+    dtype = precision.weights
     if restored and cfg.lora_r > 0:
         from peft import PeftModel
 
-        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype),
                                            os.path.join(restored, "policy"), is_trainable=True)
     elif restored:
-        policy = AutoModelForCausalLM.from_pretrained(os.path.join(restored, "policy"), dtype=torch.float32)
+        policy = AutoModelForCausalLM.from_pretrained(os.path.join(restored, "policy"), dtype=dtype)
     else:
-        policy = _lora(cfg, AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), "CAUSAL_LM")
+        policy = _lora(cfg, AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype), "CAUSAL_LM")
     reference = None
     if cfg.lora_r <= 0:
-        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
         reference = reference.eval().requires_grad_(False)
     value = None
     if critic:
         # The backbone alone: the checkpoint's language-model head is expected to go unused.
         transformers.logging.set_verbosity_error()
-        backbone = AutoModel.from_pretrained(policy_dir, dtype=torch.float32)
+        backbone = AutoModel.from_pretrained(policy_dir, dtype=dtype)
         transformers.logging.set_verbosity_warning()
         value = alg.ValueModel(_lora(cfg, backbone, "FEATURE_EXTRACTION"))
         if restored:
             value.load_state_dict(torch.load(os.path.join(restored, "value.pt"), weights_only=True))
+    for model in (policy, value):
+        if model is None:
+            continue
+        _disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            inner = model.backbone if model is value else model
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, reference, value
 
 
-def _sequences(samples: list[Sample], pad_id: int, device) -> Sequences:
+def scored_tokens(tokenizer, sample: Sample, caption: str) -> int:
+    """How many of the sample's completion tokens make its caption: all of them, except for a caption cut
+    at max_new_tokens, whose scored text (its whole words) ends earlier: the shortest prefix that holds it."""
+    ids = sample.completion_ids
+    if sample.finished or not caption:
+        return len(ids)
+    for count in range(1, len(ids) + 1):
+        if caption in tokenizer.decode(ids[:count], skip_special_tokens=True):
+            return count
+    return len(ids)
+
+
+def _sequences(samples: list[Sample], pad_id: int, device, trained: list[int] | None = None) -> Sequences:
+    """The samples as one batch; the mask covers the first `trained[i]` completion tokens of sample i
+    (default: all of them)."""
     import torch
 
     prompt_width = max(len(s.prompt_ids) for s in samples)
     width = max(len(s.completion_ids) for s in samples)
+    trained = trained or [len(s.completion_ids) for s in samples]
     ids, attention, mask = [], [], []
-    for s in samples:
+    for s, count in zip(samples, trained):
         left, right = prompt_width - len(s.prompt_ids), width - len(s.completion_ids)
         ids.append([pad_id] * left + s.prompt_ids + s.completion_ids + [pad_id] * right)
         attention.append([0] * left + [1] * (len(s.prompt_ids) + len(s.completion_ids)) + [0] * right)
-        mask.append([1.0] * len(s.completion_ids) + [0.0] * right)
+        mask.append([1.0] * count + [0.0] * (width - count))
     ids, attention = torch.tensor(ids, device=device), torch.tensor(attention, device=device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     return Sequences(ids, attention, positions, torch.tensor(mask, device=device))
@@ -310,7 +371,8 @@ class PPOWorker:
         transformers.set_seed(cfg.seed)  # new weights (value head, LoRA) start the same on every run
         # A DeepSpeed checkpoint holds the weights in shards, restored by `learner.load`: build from the base.
         weights_from = restored if cfg.deepspeed == "none" else None
-        models = _build_models(cfg, policy_dir, weights_from, self.estimator.critic)
+        self.precision = precision(cfg)
+        models = _build_models(cfg, policy_dir, weights_from, self.estimator.critic, self.precision)
         self.learner = make_learner(cfg, *models, worker.device, worker.world)
         if restored:
             self.learner.load(restored)
@@ -367,37 +429,53 @@ class PPOWorker:
         return result
 
     def rollout(self) -> tuple[list[Sample], list[int]]:
-        """This step's prompts (drawn by seed, step and rank), sampled by the engines; and which they were."""
+        """This step's prompts (drawn by seed, step and rank), sampled by the engines; and which they were.
+        The sampling is seeded by seed, step and rank too: a resumed run draws new captions, not the first
+        steps' again."""
         import numpy as np
 
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, self.step, self.worker.rank])
+        entropy = [cfg.seed, self.step, self.worker.rank]
+        rng = np.random.default_rng(entropy)
         count = len(self.prompts)
         chosen = rng.choice(count, cfg.rollout_batch_size, replace=count < cfg.rollout_batch_size)
-        return self.pool.generate([self.prompts[i] for i in chosen], cfg.samples_per_prompt, self.decoding), chosen
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0]) % 2 ** 30
+        decoding = dataclasses.replace(self.decoding, seed=seed)
+        return self.pool.generate([self.prompts[i] for i in chosen], cfg.samples_per_prompt, decoding), chosen
 
     def score(self, samples: list[Sample], chosen) -> tuple[list[str], torch.Tensor, int]:
-        """(the captions, the reward model's scores (B,), reward calls retried)."""
+        """(the captions, the reward model's scores (B,), reward calls retried). The caption is what
+        generate and bon keep (`clean_caption`): one cut at max_new_tokens keeps its whole words, and under
+        --truncated penalize loses --truncation_penalty."""
         import torch
 
-        from humor_ray.engines import first_line
+        from humor_ray.engines import clean_caption
         from humor_ray.rl.reward import score_with_retries
 
-        captions = [first_line(s.text) for s in samples]
+        cfg = self.cfg
+        captions = [clean_caption(s.text, s.finished) for s in samples]
         scores, retries = score_with_retries(
             self.reward_actor, [self.reward_prompts[chosen[s.prompt_index]] for s in samples], captions)
-        return captions, torch.tensor(scores, dtype=torch.float32, device=self.worker.device), retries
+        scores = torch.tensor(scores, dtype=torch.float32, device=self.worker.device)
+        if cfg.truncated == "penalize":
+            cut = torch.tensor([not s.finished for s in samples], device=scores.device)
+            scores = scores - cfg.truncation_penalty * cut
+        return captions, scores, retries
 
     def make_experience(self, samples: list[Sample], captions: list[str], scores, retries: int) -> Experience:
         """Log-probs, reference log-probs and values of the samples, then the advantages."""
         import torch
 
         cfg, device = self.cfg, self.worker.device
-        seqs = _sequences(samples, self.pad_id, device)
+        # Under --truncated trim the tokens past a cut caption's last whole word are not trained: the
+        # score is the caption's, so it goes to the tokens that wrote it.
+        trained = ([scored_tokens(self.tokenizer, s, c) for s, c in zip(samples, captions)]
+                   if cfg.truncated == "trim" else None)
+        seqs = _sequences(samples, self.pad_id, device, trained)
         mask = seqs.mask
         old_logprobs, raw_logprobs, entropy = (torch.zeros_like(mask) for _ in range(3))
         ref_logprobs, values = torch.zeros_like(mask), torch.zeros_like(mask)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             for start in range(0, len(samples), cfg.forward_batch_size):
                 rows = slice(start, start + cfg.forward_batch_size)
                 old_logprobs[rows], raw_logprobs[rows], entropy[rows] = _logprobs(
@@ -409,8 +487,8 @@ class PPOWorker:
         for row, s in enumerate(samples):
             engine_logprobs[row, :len(s.logprobs)] = torch.tensor(s.logprobs)
         kl = (old_logprobs - ref_logprobs) * mask
-        totals = _all_sum([scores.sum().item(), (scores ** 2).sum().item(), len(samples), kl.sum(1).sum().item()],
-                          device)
+        totals = _all_sum([scores.sum().item(), (scores ** 2).sum().item(), len(samples), kl.sum(1).sum().item(),
+                           sum(not s.finished for s in samples)], device)
         normalized = scores
         if self.estimator.critic and cfg.normalize_rewards:
             self.moments.update(*totals[:3])
@@ -418,6 +496,17 @@ class PPOWorker:
         advantages, returns = self.estimator.advantages(normalized, kl, mask, values, self.kl_control.value, cfg)
         return Experience(samples, captions, scores, retries, seqs, old_logprobs, raw_logprobs, engine_logprobs,
                           entropy, values, kl, advantages, returns, totals)
+
+    def _autocast(self):
+        """The forward passes' half precision on a GPU (`learners.precision`)."""
+        import contextlib
+
+        import torch
+
+        dtype = self.precision.autocast
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.worker.device.type, dtype=dtype)
 
     def _reference_logprobs(self, seqs: Sequences, rows):
         if self.learner.reference is not None:
@@ -439,13 +528,14 @@ class PPOWorker:
             order = torch.randperm(size, generator=order_rng)
             for start in range(0, size, cfg.mini_batch_size):
                 rows = order[start:start + cfg.mini_batch_size].to(self.worker.device)
-                logprobs = _logprobs(policy, exp.sequences, rows, cfg.temperature)
+                with self._autocast():
+                    logprobs = _logprobs(policy, exp.sequences, rows, cfg.temperature)
+                    values = _values(value_model, exp.sequences, rows) if value_model is not None else None
                 pg_loss, clipfrac, approx_kl = alg.policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows],
                                                                mask[rows], cfg.cliprange)
                 stats["pg_loss"].append(pg_loss.item())
                 v_loss = None
-                if value_model is not None:
-                    values = _values(value_model, exp.sequences, rows)
+                if values is not None:
                     v_loss = alg.value_loss(values, exp.values[rows], exp.returns[rows], mask[rows],
                                             cfg.cliprange_value)
                     stats["vf_loss"].append(v_loss.item())
@@ -478,21 +568,22 @@ class PPOWorker:
         from humor_ray.rl import algorithms as alg
 
         cfg, step, device = self.cfg, self.step, self.worker.device
-        total, total_sq, count, kl_total = exp.totals
+        total, total_sq, count, kl_total, cut = exp.totals
         mean_kl, kl_coef_used = kl_total / count, self.kl_control.value
         self.kl_control.update(mean_kl, int(count))
-        size, generated = len(exp.samples), float(exp.sequences.mask.sum().item())
+        size, generated = len(exp.samples), float(sum(len(s.completion_ids) for s in exp.samples))
+        trained = float(exp.sequences.mask.sum().item())
         step_time, gap = sum(times.values()), exp.logprob_gap()
         if gap > cfg.staleness_alarm and self.worker.rank == 0:
             self.log.warning(f"step {step}: trainer and engine log-probs differ by {gap:.4f} on average "
                              f"(alarm at {cfg.staleness_alarm}): the engines may not hold the current weights")
         metrics = {
             "step": step, "reward/mean": total / count,
-            "reward/std": float(exp.scores.std().item()) if size > 1 else 0.0,
+            "reward/std": alg.pooled_std(total, total_sq, count),
             "kl": mean_kl, "kl_coef": kl_coef_used, "entropy": alg.masked_mean(exp.entropy, exp.sequences.mask).item(),
             "logprob_gap": gap, "engine_version": exp.samples[0].version, "engine_restarts": self.pool.restarts,
-            "reward_retries": exp.reward_retries, "caption_tokens": generated / size,
-            "empty_captions": sum(not c for c in exp.captions),
+            "reward_retries": exp.reward_retries, "caption_tokens": generated / size, "trained_tokens": trained / size,
+            "empty_captions": sum(not c for c in exp.captions), "cut_captions": cut / count,
             "tokens_per_second": _all_sum([generated], device)[0] / step_time,
             **{k: float(np.mean(v)) for k, v in stats.items() if v},
             **{f"time/{HISTORY_TIMES[k]}": v for k, v in times.items()}, "time/step": step_time,
@@ -577,7 +668,8 @@ def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_fro
     unwrap(policy).save_pretrained(written, safe_serialization=True)
     tokenizer.save_pretrained(written)
     serve = save_merged(cfg.model_name, "causal_lm", False, written)
-    publish_final(cfg.output_dir, written, serve, {"history": history, "resumed_from": resumed_from})
+    publish_final(cfg.output_dir, written, serve, {"history": history, "resumed_from": resumed_from,
+                                                   "reward_max_length": cfg.reward_max_length})
 
 
 # ---------------------------------------------------------------- the driver
@@ -590,7 +682,7 @@ def run(cfg: Config):
     from humor_ray.models import registry
     from humor_ray.engines import start_engines
     from humor_ray.plan import check_before_start
-    from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
+    from humor_ray.rl.reward import recorded_max_length, resolve_reward_model, start_reward_actor
     from humor_ray.train.launcher import TrainError, absolute_local_paths
 
     setup_logging()
@@ -602,7 +694,12 @@ def run(cfg: Config):
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
     reward_spec = resolve_reward_model(cfg.reward_model)
+    if cfg.reward_max_length is None:  # as the reward model was trained, when its run says
+        cfg.reward_max_length = recorded_max_length(cfg.reward_model) or 512
     check_before_start("ppo", cfg)  # a role that cannot fit its GPU stops here, before Ray starts
+    if cfg.top_p < 1 or cfg.repetition_penalty != 1:
+        log.warning(f"--top_p {cfg.top_p} --repetition_penalty {cfg.repetition_penalty}: the engines sample from a "
+                    "distribution the trainer does not score; importance ratios and KL are biased")
     policy_dir = registry.resolve(cfg.model_name)
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)

@@ -14,7 +14,7 @@ import torch
 
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
-from humor_ray.engines import Decoding, EnginePool, first_line, start_engines
+from humor_ray.engines import VLLM_ENV, Decoding, EnginePool, Sample, first_line, start_engines
 from humor_ray.rl.reward import RewardModel, vowel_share
 from humor_ray.train.export import final_model
 
@@ -161,6 +161,69 @@ def test_vllm_and_hf_engines_agree_and_take_new_weights(ray_local):
             ray.kill(engine)
 
 
+def test_ppo_rollouts_sample_the_distribution_the_trainer_scores(monkeypatch):
+    """vLLM reports the log-probs of the distribution it actually sampled from (its processed log-probs:
+    after temperature, penalties and top-p). Under PPO's decoding they are the trainer's log-probs of the
+    same tokens, so the importance ratios and the KL estimate are exact; the paper's top-p and repetition
+    penalty would make them differ."""
+    for name, value in VLLM_ENV.items():
+        monkeypatch.setenv(name, value)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from humor_ray.models import registry
+    from humor_ray.rl.algorithms import masked_mean
+
+    path = registry.resolve("tiny")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    llm = LLM(model=path, seed=0, enforce_eager=True, dtype="float32", distributed_executor_backend="uni",
+              gpu_memory_utilization=0.5, logprobs_mode="processed_logprobs")
+    prompt_ids = tokenizer(PROMPTS)["input_ids"]
+
+    def gap(decoding: Decoding) -> float:
+        params = SamplingParams(n=4, temperature=decoding.temperature, top_p=decoding.top_p,
+                                repetition_penalty=decoding.repetition_penalty, max_tokens=12, logprobs=0, seed=3)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        samples = [Sample(i, prompt_ids[i], list(c.token_ids),
+                          [step[token].logprob for step, token in zip(c.logprobs, c.token_ids)], c.text, 0)
+                   for i, output in enumerate(outputs) for c in output.outputs]
+        seqs = ppo._sequences(samples, tokenizer.pad_token_id or 0, "cpu")
+        with torch.no_grad():
+            trainer = ppo._logprobs(model, seqs, slice(None), decoding.temperature)
+        engine = torch.zeros_like(trainer)
+        for row, sample in enumerate(samples):
+            engine[row, :len(sample.logprobs)] = torch.tensor(sample.logprobs)
+        return masked_mean((trainer - engine).abs(), seqs.mask).item()
+
+    base = dict(output_dir="o", dataset_dir="d", reward_model="builtin:vowel_share")
+    assert gap(ppo.Config(**base).decoding()) < 1e-3
+    assert gap(ppo.Config(**base, top_p=0.95, repetition_penalty=1.15).decoding()) > 0.02
+
+
+def test_seeded_rollouts_are_the_same_on_any_engine_and_distinct_per_prompt(ray_local):
+    """A PPO step seeds its rollouts by (seed, step, rank): each prompt gets its own seeds whichever engine
+    and chunk it falls in, so a step's captions are the same in a resumed run, and repeated prompts differ."""
+    from humor_ray.models import registry
+
+    import ray
+
+    engines = start_engines("vllm", registry.resolve("tiny"), 2)
+    try:
+        decoding = Decoding(max_new_tokens=8, seed=11)
+        one_by_one = EnginePool(engines, chunk_size=1).generate(PROMPTS * 2, 3, decoding)
+        together = EnginePool(engines, chunk_size=6).generate(PROMPTS * 2, 3, decoding)
+        assert [s.completion_ids for s in one_by_one] == [s.completion_ids for s in together]
+        assert {s.engine for s in one_by_one} == {0, 1}
+        first, again = one_by_one[:9], one_by_one[9:]  # the same three prompts, drawn with other seeds
+        assert [s.completion_ids for s in first] != [s.completion_ids for s in again]
+        other = EnginePool(engines, chunk_size=6).generate(PROMPTS * 2, 3, Decoding(max_new_tokens=8, seed=12))
+        assert [s.completion_ids for s in other] != [s.completion_ids for s in together]
+    finally:
+        for engine in engines:
+            ray.kill(engine)
+
+
 def test_the_pool_spreads_prompts_and_brings_a_restarted_engine_up_to_date(ray_local):
     import ray
     from transformers import AutoModelForCausalLM
@@ -229,6 +292,30 @@ def test_ppo_raises_a_known_reward_and_the_controller_steers_the_kl_to_its_targe
     for phase in ("generate", "score", "reference", "train", "sync"):
         assert all(m[f"time/{phase}"] > 0 for m in history)
     assert list((out / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
+
+
+def test_a_resumed_run_draws_as_an_uninterrupted_one_and_trains_only_the_scored_words(tmp_path, datasets_dir):
+    """Rollouts are seeded by step: a run resumed after step 1 samples step 2 as the uninterrupted run does
+    (restarted engines with their own generators would repeat their first draws). Captions cut at
+    --max_new_tokens are scored as their whole words, and only the tokens of those words are trained."""
+    max_new_tokens = 6
+    config = dict(dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share", model_name="tiny",
+                  simple_prompt=True, rollout_batch_size=2, samples_per_prompt=4, mini_batch_size=8,
+                  max_new_tokens=max_new_tokens, learning_rate=1e-3, save_steps=1, report_to=["none"],
+                  max_failures=0)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ppo.run(ppo.Config(output_dir=str(straight), max_steps=2, **config))
+    ppo.run(ppo.Config(output_dir=str(resumed), max_steps=1, **config))
+    ppo.run(ppo.Config(output_dir=str(resumed), max_steps=2, **config))
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"]
+    one, other = history_of(straight), history_of(resumed)
+    for key in ("reward/mean", "reward/std", "caption_tokens", "trained_tokens", "cut_captions", "kl"):
+        assert other[1][key] == pytest.approx(one[1][key], abs=1e-6), key
+    assert sum(m["cut_captions"] for m in one) > 0
+    # A cut caption's trained tokens stop at its last whole word: fewer than were generated.
+    assert all(m["trained_tokens"] < m["caption_tokens"] for m in one if m["cut_captions"] > 0)
+    assert all(m["trained_tokens"] == m["caption_tokens"] for m in one if m["cut_captions"] == 0)
+    assert max(m["logprob_gap"] for m in one + other) < 1e-3
 
 
 def _processes(prefix):
@@ -323,11 +410,12 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model=str(reward_dir),
                   model_name="tiny", estimator="rloo", samples_per_prompt=4, rollout_batch_size=2,
                   mini_batch_size=8, lora_r=8, lora_alpha=16, learning_rate=1e-3, max_new_tokens=12,
-                  reward_max_length=128, save_steps=1, report_to=["none"], max_failures=0, num_workers=2)
+                  save_steps=1, report_to=["none"], max_failures=0, num_workers=2)
     ppo.run(ppo.Config(**config, max_steps=1))
     ppo.run(ppo.Config(**config, max_steps=2))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"]
+    assert metrics["reward_max_length"] == 128  # the reward model's run's --max_length, not 512
     history = metrics["history"]
     assert [m["step"] for m in history] == [1, 2]
     assert "vf_loss" not in history[0]  # no value model

@@ -52,5 +52,7 @@ def test_paper_recipes():
             llava.gradient_checkpointing, llava.use_gpu) == (
         "hf:llava-hf/llava-v1.6-mistral-7b-hf", 128, 256, 2e-4, 2e-5, "zero3", 16, 2048, "cosine", 0.03, True, True)
     ppo = load(JOBS / "ppo-7b.yaml")
+    # The paper's batch, temperature and LoRA; its rollouts sample at the temperature alone (the paper's top-p
+    # and repetition penalty would bias PPO's importance ratios: see jobs/ppo-7b.yaml).
     assert (ppo.num_workers * ppo.rollout_batch_size * ppo.samples_per_prompt, ppo.temperature, ppo.top_p,
-            ppo.repetition_penalty, ppo.lora_r) == (128, 0.7, 0.95, 1.15, 16)
+            ppo.repetition_penalty, ppo.lora_r) == (128, 0.7, 1.0, 1.0, 16)
