@@ -180,6 +180,15 @@ def test_the_pool_spreads_prompts_and_brings_a_restarted_engine_up_to_date(ray_l
         assert {s.version for s in samples} == {1}
         assert pool.restarts == 1
         assert ray.get(engines[0].pid.remote()) != pids[0]
+        # A pool in another process (another trainer worker's) brings a restarted engine up to date too: it
+        # reads the newest weights from the shared store, whose object it does not own.
+        other = ray.remote(num_cpus=0)(EnginePool).remote(engines, pool.store, chunk_size=2)
+        ray.get(other.expect.remote(1))
+        os.kill(pids[1], signal.SIGKILL)
+        samples = ray.get(other.generate.remote(PROMPTS * 4, 2, Decoding(max_new_tokens=6)))
+        assert {s.version for s in samples} == {1}
+        assert ray.get(engines[1].pid.remote()) != pids[1] and ray.get(engines[1].version.remote()) == 1
+        ray.kill(other)
     finally:
         for engine in engines:
             ray.kill(engine)
