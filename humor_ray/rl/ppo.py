@@ -7,7 +7,8 @@
   model. A worker (`PPOWorker`) runs each step as named phases: `rollout` (its prompts sampled by the
   engines), `score` (by the reward actor), `make_experience` (log-probs, reference log-probs, values and
   advantages, in one `Experience`), `update` (the clipped PPO update), `sync_weights` (the new weights to
-  every engine, with a version number) and `checkpoint`.
+  every engine, with a version number; under LoRA the adapter alone, see `--weight_sync`) and `checkpoint`.
+  Every (re)start of the workers first brings the engines to the policy it starts from.
 - `--estimator grpo|rloo` replaces the value model by group-normalised advantages over
   `--samples_per_prompt` samples of each prompt (the estimators are looked up by name in `algorithms.py`).
 
@@ -40,10 +41,11 @@ from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run
 if TYPE_CHECKING:
     import torch
 
-    from humor_ray.engines import Sample
+    from humor_ray.engines import PolicyWeights, Sample
 
 PLACEMENTS = ("separate", "colocate")
 TRUNCATED = ("trim", "penalize")
+WEIGHT_SYNCS = ("adapter", "full")
 # The phases a step's time is reported for, with their names in metrics.json's history (kept from the start).
 HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "reference", "update": "train",
                  "sync_weights": "sync"}
@@ -110,6 +112,9 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
                                    minimum=0)
     gradient_checkpointing: bool = field(False, "recompute the policy's and value model's activations in the "
                                                 "backward pass: less memory, longer updates")
+    weight_sync: str = field("adapter", "with --lora_r > 0, what the engines get after each update: adapter (the "
+                                        "LoRA weights alone, applied by the engine) or full (the merged model); "
+                                        "without LoRA always the full model", choices=WEIGHT_SYNCS)
 
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir or not self.reward_model:
@@ -128,6 +133,17 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
             check_user_json(self.deepspeed, self.use_gpu, FILLED_BY_LEARNER)
         if any(r not in ("tensorboard", "none") for r in self.report_to):
             raise ConfigError("--report_to for ppo: tensorboard or none")
+        if self.syncs_adapter() and self.engine == "vllm":
+            from humor_ray.engines import vllm_lora_rank
+
+            try:
+                vllm_lora_rank(self.lora_r)
+            except UserError as err:
+                raise ConfigError(f"{err}; or use --weight_sync full") from None
+
+    def syncs_adapter(self) -> bool:
+        """Whether the engines get the LoRA adapter alone after each update."""
+        return self.lora_r > 0 and self.weight_sync == "adapter"
 
     def gpu_shares(self) -> tuple[float, float, float]:
         """GPUs for (each engine, the reward actor, each trainer worker)."""
@@ -294,23 +310,47 @@ def _values(value_model, seqs: Sequences, rows):
     return values[:, -seqs.width - 1:-1].float()
 
 
-def policy_weights(policy) -> dict:
-    """The policy's full weights under their Hugging Face names, LoRA merged in, on the CPU: what a
-    rollout engine loads."""
+def merged_lora_weight(weight, lora_a, lora_b, scaling: float, fan_in_fan_out: bool = False):
+    """W + scaling * B @ A as a new tensor in W's dtype, summed in float32. W is left as it is: merging into
+    W and subtracting again rounds W twice in bf16, and the frozen base (the reference) drifts sync by sync."""
+    delta = lora_b.float() @ lora_a.float()
+    return (weight.float() + scaling * (delta.T if fan_in_fan_out else delta)).to(weight.dtype)
+
+
+def policy_weights(policy, adapter: bool = False) -> PolicyWeights:
+    """What the rollout engines load, on the CPU: with `adapter` (and a LoRA policy) the adapter's weights
+    and config; otherwise the full weights under their Hugging Face names, LoRA merged in (out of place)."""
+    from humor_ray.engines import PolicyWeights
+
     model = unwrap(policy)
-    if not hasattr(model, "merge_adapter"):
-        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    model.merge_adapter()
-    try:
-        state = {}
-        for name, tensor in model.state_dict().items():
-            if "lora_" in name:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            state[name] = tensor.detach().cpu().clone()
-    finally:
-        model.unmerge_adapter()
-    return state
+    if not hasattr(model, "peft_config"):
+        return PolicyWeights({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
+    name = model.active_adapter
+    if adapter:
+        from peft import get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(model, adapter_name=name)
+        return PolicyWeights({key: t.detach().cpu().contiguous() for key, t in tensors.items()},
+                             lora=model.peft_config[name])
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or name not in module.scaling:
+            continue
+        if not isinstance(module, LoraLinear):
+            raise NotImplementedError(f"{prefix}: a full weight sync merges LoRA on linear layers only "
+                                      f"(this is a {type(module).__name__}): use --weight_sync adapter")
+        merged[f"{prefix}.base_layer.weight"] = merged_lora_weight(
+            module.base_layer.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
+            module.fan_in_fan_out)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if "lora_" not in key:
+            hf_name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            state[hf_name] = merged.get(key, tensor).detach().cpu()
+    return PolicyWeights(state)
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -357,7 +397,7 @@ class PPOWorker:
 
         from humor_ray.models import registry
         from humor_ray.rl import algorithms as alg
-        from humor_ray.engines import EnginePool
+        from humor_ray.engines import EnginePool, start_weight_store
         from humor_ray.rl.learners import make_learner
 
         cfg = self.cfg = args.config
@@ -381,7 +421,10 @@ class PPOWorker:
         self.prompts, self.reward_prompts = _read_prompts(cfg)
         if not self.prompts:
             raise UserError(f"{cfg.dataset_dir}/prompts/train has no prompts: run `humor-ray data build` with prompts")
-        self.pool = EnginePool(args.engines)
+        # One record of the newest weights for every worker's pool (rank 0 syncs, the others read it to
+        # bring a restarted engine up to date).
+        store = start_weight_store() if worker.rank == 0 else None
+        self.pool = EnginePool(args.engines, _broadcast(store, worker.rank))
         self.writer = None
         if worker.rank == 0 and "tensorboard" in cfg.report_to:
             from tensorboardX import SummaryWriter
@@ -406,8 +449,9 @@ class PPOWorker:
 
     def train(self) -> None:
         cfg = self.cfg
-        if self.step > 0:  # the engines hold the base weights: bring them to the restored policy
-            self.sync_weights(self.step)
+        # The engines may hold any version: the base weights (a first start), or a newer one than the step
+        # resumed from (the workers restarted after a failure). Bring them to the policy this start holds.
+        self.sync_weights(self.step)
         self.log.info(f"ready: {len(self.prompts)} prompts, {cfg.estimator}, step {self.step} of {cfg.max_steps}")
         while self.step < cfg.max_steps:
             times: dict[str, float] = {}
@@ -545,18 +589,17 @@ class PPOWorker:
         return stats
 
     def sync_weights(self, version: int) -> None:
-        """Every engine gets the policy's weights as `version`."""
+        """Every engine gets the policy's weights (under LoRA by default its adapter alone) as `version`."""
         import ray
         import torch
 
         rank = self.worker.rank
-        with self.learner.whole_weights():
-            ref = ray.put(policy_weights(self.learner.policy)) if rank == 0 else None
-        ref = _broadcast(ref, rank)
+        with self.learner.whole_weights():  # all ranks: under ZeRO-3 gathering the weights is collective
+            ref = ray.put(policy_weights(self.learner.policy, self.cfg.syncs_adapter())) if rank == 0 else None
         if rank == 0:
             self.pool.sync(ref, version)
         else:
-            self.pool.publish(ref, version)
+            self.pool.expect(version)
         if self.worker.world > 1:
             torch.distributed.barrier()
 
@@ -705,7 +748,8 @@ def run(cfg: Config):
     init_ray(dashboard=True)
     engine_gpus, reward_gpus, trainer_gpus = cfg.gpu_shares()
     engines = start_engines(cfg.engine, policy_dir, cfg.num_engines, num_gpus=engine_gpus,
-                            max_model_len=cfg.engine_max_model_len, seed=cfg.seed)
+                            max_model_len=cfg.engine_max_model_len, seed=cfg.seed,
+                            max_lora_rank=cfg.lora_r if cfg.syncs_adapter() else 0)
     reward_actor = start_reward_actor(reward_spec, max_length=cfg.reward_max_length, num_gpus=reward_gpus)
     try:
         # Ready before the trainer starts, so a model that cannot load fails here with its own message.
