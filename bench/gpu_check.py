@@ -44,7 +44,7 @@ TRAINING = (
     ("llava", "smollm2-llava", dict(per_device_train_batch_size=8, max_length=512, lora_r=16, lora_alpha=32,
                                     mm_projector_lr=2e-4)),
 )
-RECIPE_LLAVA = "llava-hf/llava-v1.6-mistral-7b-hf"
+RECIPE_LLAVA = "hf:llava-hf/llava-v1.6-mistral-7b-hf"
 # What the GPU part calls: checked to exist by --dry_run.
 CALLED = ("torch.cuda.max_memory_allocated", "torch.cuda.reset_peak_memory_stats", "torch.cuda.empty_cache",
           "humor_ray.train.launcher.as_dataset", "humor_ray.rl.ppo.run", "humor_ray.rl.ppo.Config",

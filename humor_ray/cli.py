@@ -3,9 +3,12 @@ calls the stage's `run`; nothing else happens here."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
 import sys
 
+from humor_ray.cluster import OFFLINE_ENV
 from humor_ray.config import UserError, parse_config
 from humor_ray.log import redact
 
@@ -29,6 +32,9 @@ STAGES = {
     ("demo",): ("humor_ray.demo", "DemoConfig"),
     ("plan",): ("humor_ray.plan", None, "main"),  # parses its own flags and a job spec's; returns the exit code
 }
+# Exit codes: a mistake in the flags or the config file (found before any work starts), and one the
+# run finds in its input later (missing data, an unreachable endpoint).
+USAGE_ERROR, RUN_ERROR = 2, 1
 
 
 def usage() -> str:
@@ -37,20 +43,43 @@ def usage() -> str:
             "Each stage takes --help.")
 
 
+def unknown_stage(argv: list[str]) -> str:
+    """What was typed where a stage belongs, and the nearest stage."""
+    names = [" ".join(key) for key in STAGES]
+    typed = " ".join(argv[:2]) if argv[:1] == ["data"] else (argv[0] if argv else "")
+    if not typed:
+        return "humor-ray: error: no stage given (humor-ray --help lists them)"
+    nearest = difflib.get_close_matches(typed, names, n=1, cutoff=0.5)
+    hint = f"did you mean {nearest[0]}?" if nearest else "humor-ray --help lists the stages"
+    return f"humor-ray: error: unknown stage {typed!r} ({hint})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     key = tuple(argv[:2]) if tuple(argv[:2]) in STAGES else tuple(argv[:1])
     if key not in STAGES:
-        print(usage(), file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        if argv[:1] in (["-h"], ["--help"]):
+            print(usage())
+            return 0
+        print(unknown_stage(argv), file=sys.stderr)
+        return USAGE_ERROR
+    # No model or dataset hub unless the environment asks for it: a model must already be on this machine
+    # (or in the Hugging Face cache, for an hf: id), whatever the stage resolves on the driver.
+    for name, value in OFFLINE_ENV.items():
+        os.environ.setdefault(name, value)
     module_name, config_name, *function = STAGES[key]
     module = importlib.import_module(module_name)
     run = getattr(module, function[0] if function else "run")
     prog = "humor-ray " + " ".join(key)
     try:
-        if config_name is None:
+        config = parse_config(getattr(module, config_name), argv[len(key):], prog) if config_name else None
+    except UserError as err:
+        print(f"{prog}: error: {redact(str(err))}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        if config is None:
             return run(argv[len(key):])
-        run(parse_config(getattr(module, config_name), argv[len(key):], prog))
+        run(config)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -59,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if user is None:
             raise  # a bug: its traceback says where
         print(f"{prog}: error: {redact(str(user))}", file=sys.stderr)
-        return 1
+        return RUN_ERROR
     return 0
 
 

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from humor_ray.config import ConfigError, field, parse_config
+from humor_ray.config import ConfigError, Options, field, parse_config
 from humor_ray.log import get_logger
 
 log = get_logger("demo")
@@ -22,7 +22,7 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 
 @dataclasses.dataclass
-class DemoConfig:
+class DemoConfig(Options):
     """Run the whole pipeline on local Ray with small real models."""
     output: str = field("outputs/demo", "where every stage writes")
     data: str | None = field(None, "the contest data; default $HUMOR_RAY_DATA, else a downloaded copy in "
@@ -30,14 +30,15 @@ class DemoConfig:
     mirror: str | None = field(None, "download the data from this mirror (URL or folder) instead of upstream")
     policy: str = field("smollm2-135m", "the policy model: smollm2-135m (SmolLM2) or tiny (a few minutes)")
     train_steps: int | None = field(None, "optimizer steps of each training stage (default 8 for SmolLM2, "
-                                          "30 for tiny; 0 skips training)")
-    ppo_steps: int | None = field(None, "PPO steps (default 2 for SmolLM2, 4 for tiny)")
-    eval_contests: int = field(4, "evaluation contests captions are generated and judged for")
+                                          "30 for tiny; 0 skips training)", minimum=0)
+    ppo_steps: int | None = field(None, "PPO steps (default 2 for SmolLM2, 4 for tiny)", minimum=1)
+    eval_contests: int = field(4, "evaluation contests captions are generated and judged for", minimum=1)
     judge_base_url: str | None = field(None, "an OpenAI-compatible endpoint for the LLM judge (default: the reward "
                                              "model judges)")
     judge_model: str | None = field(None, "the LLM judge's model, with --judge_base_url")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.policy not in POLICY_SPECS:
             raise ConfigError(f"--policy must be one of {sorted(POLICY_SPECS)}")
         tiny = self.policy == "tiny"
@@ -77,8 +78,9 @@ def run(cfg: DemoConfig) -> dict:
     os.environ["HUMOR_RAY_DATA"] = str(data)
     datasets = Path(cfg.output) / "datasets"
     log.info(f"stage 1: data build from {data} -> {datasets}")
-    build_cfg = parse_config(build.BuildConfig, ["--config", "jobs/data.yaml",
-                                                 "--output", str(datasets)], "humor-ray data build")
+    # Inputs unchecked: what the download lacks is dropped just below.
+    build_cfg = parse_config(build.BuildConfig, ["--config", "jobs/data.yaml", "--output", str(datasets)],
+                             "humor-ray data build", check_inputs=False)
     # The upstream download has no paper split or Humor-in-AI descriptions: use what is there.
     build_cfg.descriptions = [d for d in build_cfg.descriptions if Path(d).is_file()]
     if build_cfg.splits and not Path(build_cfg.splits).is_file():

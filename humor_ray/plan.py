@@ -95,13 +95,14 @@ def model_config(spec: str):
     from humor_ray.models import registry
 
     shipped = shipped_configs()
-    if spec in shipped:
-        values = json.loads(shipped[spec].read_text())
-        return AutoConfig.for_model(values.pop("model_type"), **values)
-    if spec in registry.PRESETS or Path(spec).expanduser().is_dir():
+    if not spec.startswith(registry.HUB_PREFIX):  # a preset or a local directory (else a clear ModelError)
         return AutoConfig.from_pretrained(registry.resolve(spec))
+    repo_id = spec.removeprefix(registry.HUB_PREFIX)
+    if repo_id in shipped:
+        values = json.loads(shipped[repo_id].read_text())
+        return AutoConfig.for_model(values.pop("model_type"), **values)
     try:
-        return AutoConfig.from_pretrained(spec)
+        return AutoConfig.from_pretrained(repo_id)
     except OSError as err:
         raise ModelConfigMissing(f"no config for model {spec!r} (shipped: {', '.join(shipped)}; or a local "
                                  f"directory): {str(err).splitlines()[0]}") from None
@@ -630,7 +631,8 @@ def load_stage_config(stage: str, spec_path: str | None, overrides: list[str]):
     for name, value in filled.items():
         if name not in given and name not in in_spec:
             argv += [f"--{name}", value]
-    return parse_config(module.Config, argv, f"humor-ray plan ({stage})")
+    # The plan reads no input: the paths a spec names exist where the job runs, not necessarily here.
+    return parse_config(module.Config, argv, f"humor-ray plan ({stage})", check_inputs=False)
 
 
 # ---------------------------------------------------------------- output
@@ -695,17 +697,19 @@ def as_json(plan: Plan, gpu_gib: float, gpus_per_node: int, shape) -> dict:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="humor-ray plan", description="The GPU memory of every role of a job spec, before it runs.",
+        allow_abbrev=False,
         epilog="Any other flag is the stage's own and overrides the spec (e.g. --deepspeed zero3, "
                "--per_device_train_batch_size 2, --reward_model RM_DIR). Exit code 1 when a role does not fit.")
-    parser.add_argument("--config", required=True, help="the job spec (jobs/*.yaml, or its name)")
+    parser.add_argument("--config", required=True, help="the job spec (jobs/*.yaml, or its name) (required)")
     parser.add_argument("--stage", choices=tuple(STAGES), help="the stage (default: from the file name)")
     parser.add_argument("--gpu_memory_gb", "--gpu-memory-gb", type=float,
                         help=f"memory of each GPU in GiB (default: the spec's, else {DEFAULT_GPU_GIB:g})")
     parser.add_argument("--gpus_per_node", "--gpus-per-node", type=int,
                         help=f"GPUs per node (default: the spec's `# shape:` comment, else {DEFAULT_GPUS_PER_NODE})")
     parser.add_argument("--prompt_tokens", "--prompt-tokens", type=int, default=512,
-                        help="ppo: prompt tokens per sequence (the long prompt is about 400 Mistral tokens)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+                        help="ppo: prompt tokens per sequence (the long prompt is about 400 Mistral tokens) "
+                             "(default: 512)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON (default: a table)")
     args, rest = parser.parse_known_args(argv)
     stage = args.stage or stage_of(args.config)
     if stage is None:

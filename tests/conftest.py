@@ -24,6 +24,9 @@ import pytest
 
 from humor_ray.config import data_root
 
+# Job specs name the data as ${HUMOR_RAY_DATA}: the tests' copy, wherever data_root() found it.
+os.environ.setdefault("HUMOR_RAY_DATA", str(data_root()))
+
 
 @pytest.fixture(scope="session")
 def real_data():

@@ -46,24 +46,30 @@ MIN_VOTES_FOR_CORRUPTION_CHECK = 10_000
 @dataclasses.dataclass
 class BuildConfig(Options):
     """Build the training and evaluation datasets from contest rating files."""
-    input: str = field(None, "directory, glob or URI (s3://...) of rating files (CSV or Parquet)")
-    output: str = field(None, "output directory or URI")
-    splits: str | None = field(None, "JSON with train/validation/test contest lists (the paper's split)")
-    descriptions: list[str] = field([], "CSV files with contest,scene,description,uncanny_description,entities")
-    images: str | None = field(None, "directory of <contest>.jpg|png cartoon images")
-    seed: int = field(2024, "seed for every sample drawn")
-    max_pairs_per_contest: int = field(1000, "distinct preference pairs per contest, at most")
-    sigma: float = field(3.0, "keep a pair when mean_c - mean_r > sigma * sqrt(se_c^2 + se_r^2)")
-    sft_per_contest: int = field(1000, "captions sampled uniformly per contest for SFT")
-    llava_per_contest: int = field(1000, "top captions per contest for the LLaVA dataset")
-    eval_fraction: float = field(0.25, "share of contests held out when the splits file does not list them")
+    input: str = field(None, "directory, glob or URI (s3://...) of rating files (CSV or Parquet)",
+                       required=True)
+    output: str = field(None, "output directory or URI", required=True)
+    splits: str | None = field(None, "JSON with train/validation/test contest lists (the paper's split)",
+                               existing=True)
+    descriptions: list[str] = field([], "CSV files with contest,scene,description,uncanny_description,entities",
+                                  existing=True)
+    images: str | None = field(None, "directory of <contest>.jpg|png cartoon images", existing=True)
+    seed: int = field(2024, "seed for every sample drawn", minimum=0)
+    max_pairs_per_contest: int = field(1000, "distinct preference pairs per contest, at most", minimum=1)
+    sigma: float = field(3.0, "keep a pair when mean_c - mean_r > sigma * sqrt(se_c^2 + se_r^2)",
+                         minimum=0)
+    sft_per_contest: int = field(1000, "captions sampled uniformly per contest for SFT", minimum=1)
+    llava_per_contest: int = field(1000, "top captions per contest for the LLaVA dataset", minimum=1)
+    eval_fraction: float = field(0.25, "share of contests held out when the splits file does not list them",
+                                 minimum=0, maximum=1)
     exclude: list[str] = field([], "file names or glob patterns to leave out (e.g. 560_KLUCB_original.csv)")
     combine: str = field("sum", "several files of one contest: 'sum' their vote counts per caption "
                                 "(NEXT files of one contest are disjoint vote pools) or keep the 'largest'",
                          choices=("sum", "largest"))
-    corrupt_unfunny_share: float = field(0.98, "a file whose votes are more 'unfunny' than this is corrupted")
+    corrupt_unfunny_share: float = field(0.98, "a file whose votes are more 'unfunny' than this is corrupted",
+                                         minimum=0, maximum=1)
     duplicate_overlap: float = field(0.5, "a file sharing this share of captions with an earlier contest's "
-                                          "file holds that contest's captions")
+                                          "file holds that contest's captions", minimum=0, maximum=1)
     strict: bool = field(False, "exit non-zero when anything was quarantined")
     datasets: list[str] = field(list(BUILDABLE), "which datasets to write (default: all)", choices=BUILDABLE)
     overwrite: bool = field(False, "replace --output even when it holds files that are not an earlier build")
@@ -72,8 +78,6 @@ class BuildConfig(Options):
         if not self.input or not self.output:
             raise ConfigError("data build needs --input and --output")
         super().__post_init__()
-        if not 0 <= self.eval_fraction <= 1:
-            raise ConfigError("--eval-fraction must be between 0 and 1")
 
 
 class BuildError(UserError):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-from humor_ray.config import ConfigError, UserError, field
+from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.log import get_logger
 
 log = get_logger("data fetch")
@@ -75,24 +75,21 @@ CHUNK = 1 << 16
 
 
 @dataclasses.dataclass
-class FetchConfig:
+class FetchConfig(Options):
     """Download the public caption-contest data (ratings, images, descriptions) into a local cache."""
-    output: str = field(None, "cache directory to download into (created if needed)")
+    output: str = field(None, "cache directory to download into (created if needed)", required=True)
     mirror: str | None = field(None, "http(s) URL or local directory laid out like the staged data "
                                      "(with summaries_manifest.csv); default: the public upstream on GitHub")
-    workers: int = field(8, "parallel downloads")
-    timeout: float = field(30.0, "seconds to wait for a server to connect or answer")
-    retries: int = field(3, "retries per file after a network error or a download that fails verification")
+    workers: int = field(8, "parallel downloads", minimum=1)
+    timeout: float = field(30.0, "seconds to wait for a server to connect or answer",
+                           exclusive_minimum=0)
+    retries: int = field(3, "retries per file after a network error or a download that fails "
+                                  "verification", minimum=0)
 
     def __post_init__(self):
         if not self.output:
             raise ConfigError("data fetch needs --output")
-        if self.workers < 1:
-            raise ConfigError("--workers must be at least 1")
-        if self.retries < 0:
-            raise ConfigError("--retries must be 0 or more")
-        if self.timeout <= 0:
-            raise ConfigError("--timeout must be positive")
+        super().__post_init__()
 
 
 class FetchError(UserError, RuntimeError):

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from humor_ray.config import ConfigError, field
+from humor_ray.config import ConfigError, Options, field
 from humor_ray.data import readers
 from humor_ray.data.outputs import written_aside
 from humor_ray.log import get_logger
@@ -228,13 +228,15 @@ _WORD_ARRAYS = {slot: pa.array(words) for slot, words in WORDS.items()}
 
 
 @dataclasses.dataclass
-class SynthConfig:
+class SynthConfig(Options):
     """Write synthetic raw votes and caption lookups, shaped like the real NEXT contest data."""
-    output: str = field(None, "output directory or URI; an earlier synth output there is replaced")
-    ratings: int = field(None, "total number of ratings (vote rows) to write, exactly")
+    output: str = field(None, "output directory or URI; an earlier synth output there is replaced",
+                        required=True)
+    ratings: int = field(None, "total number of ratings (vote rows) to write, exactly",
+                         required=True, minimum=1)
     contests: int | None = field(None, "number of contests (default: ratings / the real average of "
-                                       f"{VOTES_PER_CONTEST:,} per contest)")
-    seed: int = field(2024, "seed: the same seed gives the same files")
+                                       f"{VOTES_PER_CONTEST:,} per contest)", minimum=1)
+    seed: int = field(2024, "seed: the same seed gives the same files", minimum=0)
     participants: bool = field(False, "also write participant and timestamp columns")
     overwrite: bool = field(False, "replace --output even when it holds files that are not an earlier synth output")
 
@@ -245,13 +247,12 @@ class SynthConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"--{name} must be a whole number, not {value!r}")
-        if self.ratings is None or self.ratings < 1:
-            raise ConfigError(f"--ratings must be at least 1, not {self.ratings}")
+        if self.ratings is None:
+            raise ConfigError("data synth needs --ratings")
+        super().__post_init__()
         if self.contests is not None and not 1 <= self.contests <= self.ratings:
             raise ConfigError(f"--contests must be between 1 and --ratings ({self.ratings:,}): every "
                              f"contest needs a rating; got {self.contests}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must not be negative, not {self.seed}")
 
 
 

@@ -44,32 +44,36 @@ log = get_logger("judge")
 @dataclasses.dataclass
 class JudgeConfig(Options):
     """Win rates of methods' captions against human captions."""
-    dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts, captions)")
+    dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts, captions)",
+                            required=True)
     generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs or "
-                                         "directories of them")
-    output_dir: str = field(None, "where judgments and win rates go")
+                                         "directories of them", required=True)
+    output_dir: str = field(None, "where judgments and win rates go", required=True)
     judge: str = field("rm", "rm (the reward model, offline) or llm (an OpenAI-compatible endpoint)", choices=JUDGES)
     reward_model: str | None = field(None, "for --judge rm: a `humor-ray rm` output or reward model directory")
     reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as "
-                                        "trained)")
+                                        "trained)", minimum=1)
     base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or "
                                        "http://127.0.0.1:8000/v1")
     model: str | None = field(None, "for --judge llm: the judge model")
-    api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the API key (never logged or written)")
+    api_key_env: str | None = field(None, "environment variable holding the endpoint's API key, sent only over https "
+                                          "or to loopback (default: $OPENAI_API_KEY, to api.openai.com only); never "
+                                          "logged or written")
     protocol: str = field("overall", "overall (text, few-shot, both orders) or best_pick (with the image)",
                           choices=PROTOCOLS)
-    shots: int = field(5, "few-shot examples from training contests (overall)")
-    images_dir: str | None = field(None, "cartoon images (best_pick); default: the data root's images/")
-    concurrency: int = field(16, "requests in flight")
+    shots: int = field(5, "few-shot examples from training contests (overall)", minimum=0)
+    images_dir: str | None = field(None, "cartoon images (best_pick); default: the data root's images/",
+                                     existing=True)
+    concurrency: int = field(16, "requests in flight", minimum=1)
     cache_dir: str | None = field(None, "answers cache (default <output_dir>/cache): a rerun sends nothing already "
                                         "answered")
-    price_per_mtok_in: float = field(0.0, "USD per million prompt tokens, for the cost count")
-    price_per_mtok_out: float = field(0.0, "USD per million completion tokens")
+    price_per_mtok_in: float = field(0.0, "USD per million prompt tokens, for the cost count", minimum=0)
+    price_per_mtok_out: float = field(0.0, "USD per million completion tokens", minimum=0)
     dry_run: bool = field(False, "print what would be sent and its cost; send nothing")
-    max_contests: int | None = field(None, "only the first this many evaluation contests")
-    contests: list[int] = field([], "only these evaluation contests (before --max_contests)")
-    bootstrap: int = field(2000, "bootstrap resamples for the confidence intervals")
-    seed: int = field(2024, "seed for few-shot choice and the bootstrap")
+    max_contests: int | None = field(None, "only the first this many evaluation contests", minimum=1)
+    contests: list[int] = field([], "only these evaluation contests (before --max_contests)", minimum=1)
+    bootstrap: int = field(2000, "bootstrap resamples for the confidence intervals", minimum=1)
+    seed: int = field(2024, "seed for few-shot choice and the bootstrap", minimum=0)
 
     def __post_init__(self):
         if not self.dataset_dir or not self.generations or not self.output_dir:

@@ -11,9 +11,16 @@ A request is a chat-completions body without `model` (messages, max_tokens, temp
 top_logprobs, ...), sent as given. Identical requests in one batch are sent once (the cache would
 answer the repeats anyway); give them distinct `seed`s to draw distinct samples.
 
-The API key comes only from the environment variable `api_key_env` and is never logged, cached or put
-in an error message. The cache is one SQLite file, `cache_dir/answers.sqlite` (WAL mode), keyed by a
-hash of (base URL, model, canonical JSON of the request); each answer is committed as it arrives.
+The API key comes only from an environment variable and is never logged, cached or put in an error
+message. It travels only where nothing can read it on the way: over https, or to a loopback address
+(127.0.0.0/8 in any spelling, ::1, localhost). `api_key_env` names the variable; without it the client
+sends `$OPENAI_API_KEY` to OpenAI's own API (https://api.openai.com) and no key anywhere else (a local
+`humor-ray serve` needs none unless started with `--api_key_env`).
+
+The cache is one SQLite file, `cache_dir/answers.sqlite` (WAL mode), keyed by a hash of (base URL,
+model, the model's weights fingerprint where the endpoint reports one, canonical JSON of the request);
+each answer is committed as it arrives. The fingerprint (`humor-ray serve` reports it in `/v1/models`)
+keeps a model retrained and served again under the same name from getting the old model's answers.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ import email.utils
 import hashlib
 import json
 import os
+import ipaddress
 import random
+import re
+import socket
 import sqlite3
 import sys
 import time
@@ -42,8 +52,12 @@ from humor_ray.metrics import StageMetrics
 
 log = get_logger("judge client")
 
-LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
-LOCAL_KEY_PLACEHOLDER = "none"  # local servers ignore the key, but the OpenAI client wants one
+OPENAI_HOST = "api.openai.com"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+# The OpenAI client insists on a key; requests to a server that needs none omit the header it would carry.
+NO_KEY_PLACEHOLDER = "unused"
+# The spellings the C resolver reads as an IPv4 address: 127.1, 0x7f.1, 2130706433, 0177.0.0.1 ...
+IPV4_SPELLING = re.compile(r"[0-9a-fA-FxX.]+")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 120.0
@@ -117,7 +131,7 @@ class JudgeClient:
 
     def __init__(self, base_url: str, model: str, cache_dir: str | Path, concurrency: int = 16,
                  max_retries: int = 6, timeout: float = 60, price_per_mtok_in: float = 0.0,
-                 price_per_mtok_out: float = 0.0, api_key_env: str = "OPENAI_API_KEY",
+                 price_per_mtok_out: float = 0.0, api_key_env: str | None = None,
                  figures: StageMetrics | None = None):
         if concurrency < 1 or max_retries < 0:
             raise UserError(f"concurrency must be >= 1 and max_retries >= 0 (got {concurrency}, {max_retries})")
@@ -129,7 +143,7 @@ class JudgeClient:
         self.timeout = timeout
         self.price_per_mtok_in = price_per_mtok_in
         self.price_per_mtok_out = price_per_mtok_out
-        self._api_key = api_key_from_env(api_key_env, self.base_url)  # None for a local server without one
+        self._api_key = api_key_for(self.base_url, api_key_env)  # None: the request carries no key
         self.stats = ClientStats()
         # The same counters for the Ray dashboard (exported only inside a Ray driver or worker).
         self.figures = figures or StageMetrics(model, "judge")
@@ -138,17 +152,47 @@ class JudgeClient:
         return (f"JudgeClient(base_url={self.base_url!r}, model={self.model!r}, "
                 f"cache_dir={str(self.cache_dir)!r}, concurrency={self.concurrency})")
 
-    def cache_key(self, request: dict) -> str:
-        canonical = json.dumps({"base_url": self.base_url, "model": self.model, "request": request},
-                               sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    def cache_key(self, request: dict, model_version: str | None = None) -> str:
+        identity = {"base_url": self.base_url, "model": self.model, "request": request}
+        if model_version is not None:  # endpoints reporting none keep the keys they always had
+            identity["model_version"] = model_version
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def model_version(self) -> str | None:
+        """The weights fingerprint the endpoint reports for the model in `/v1/models` (the card's
+        `metadata.weights_fingerprint`, as `humor-ray serve` gives it), or None where it reports none.
+        Read once per batch: free, and a dry run needs it to know what is cached."""
+        client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key or NO_KEY_PLACEHOLDER, max_retries=2,
+                               timeout=self.timeout)
+        try:
+            cards = client.models.list(extra_headers=self._auth_headers()).data
+        except openai.NotFoundError:  # an endpoint without a model list
+            return None
+        except openai.APIStatusError as err:
+            message = self._redact(f"{self.base_url}/models answered HTTP {err.status_code}: {server_message(err)}")
+            if err.status_code == 401 and self._api_key is None:
+                message += " (the server wants a key: name its environment variable with --api_key_env)"
+            raise UserError(message) from None
+        except openai.APIConnectionError as err:
+            cause = f": {err.__cause__}" if err.__cause__ else ""
+            raise UserError(self._redact(f"cannot reach {self.base_url}{cause}")) from None
+        finally:
+            client.close()
+        for card in cards:
+            metadata = getattr(card, "metadata", None)
+            if card.id == self.model and isinstance(metadata, dict):
+                return metadata.get("weights_fingerprint")
+        return None
 
     def complete_many(self, requests: list[dict]) -> list[dict]:
         """One answer per request, in request order: {"content", "logprobs", "usage", "cached"}.
         Raises UserError at once on a request the server rejects (a 4xx other than 408/429), or after
         all requests have run if some still failed after `max_retries` retries; either way, every
         answer received so far is cached, so a rerun resumes."""
-        keys = [self.cache_key(validated(request)) for request in requests]
+        checked = [validated(request) for request in requests]
+        version = self.model_version()
+        keys = [self.cache_key(request, version) for request in checked]
         cache = AnswerCache(self.cache_dir)
         try:
             answers = {key: {**answer, "cached": True} for key, answer in cache.get_many(set(keys)).items()}
@@ -163,10 +207,13 @@ class JudgeClient:
         return [dict(answers[key]) for key in keys]
 
     def dry_run(self, requests: list[dict]) -> dict:
-        """What `complete_many(requests)` would send and cost, without sending anything. Prompt tokens
+        """What `complete_many(requests)` would send and cost, sending no request (it reads the endpoint's
+        model list for the model's fingerprint). Prompt tokens
         are estimated (characters / 4 plus per-message framing); completion tokens are the requests'
         max_tokens, an upper bound (requests without a limit count 0)."""
-        keys = [self.cache_key(validated(request)) for request in requests]
+        checked = [validated(request) for request in requests]
+        version = self.model_version()
+        keys = [self.cache_key(request, version) for request in checked]
         cache = AnswerCache(self.cache_dir)
         try:
             cached = cache.get_many(set(keys))
@@ -195,7 +242,7 @@ class JudgeClient:
         semaphore = asyncio.Semaphore(self.concurrency)
         bar = tqdm(total=len(keys), initial=len(keys) - sum(positions.values()), unit="req", file=sys.stderr,
                    desc=f"{self.model}", dynamic_ncols=True)
-        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or LOCAL_KEY_PLACEHOLDER,
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key or NO_KEY_PLACEHOLDER,
                                     max_retries=0, timeout=self.timeout)
 
         async def answer(key: str, request: dict) -> str | None:
@@ -261,7 +308,7 @@ class JudgeClient:
         body = {name: value for name, value in request.items() if name != "messages"}
         try:
             return await client.chat.completions.create(model=self.model, messages=request["messages"],
-                                                        extra_body=body)
+                                                        extra_body=body, extra_headers=self._auth_headers())
         except openai.APITimeoutError:
             raise TransientError(f"timed out after {self.timeout:g} s") from None
         except openai.APIConnectionError as err:
@@ -270,23 +317,59 @@ class JudgeClient:
         except openai.APIStatusError as err:
             status = err.status_code
             message = self._redact(f"{self.base_url} answered HTTP {status}: {server_message(err)}")
+            if status == 401 and self._api_key is None:
+                message += " (the server wants a key: name its environment variable with --api_key_env)"
             if status in (408, 429) or status >= 500:
                 raise TransientError(message, retry_after_seconds(err.response.headers)) from None
             raise RejectedError(message) from None
+
+    def _auth_headers(self) -> dict:
+        """Without a key, no Authorization header at all (not even a placeholder)."""
+        return {} if self._api_key else {"Authorization": openai.Omit()}
 
     def _redact(self, text: str) -> str:
         """Servers sometimes quote the key they were given (e.g. in a 401); never pass it on."""
         return text.replace(self._api_key, "***") if self._api_key else text
 
 
-def api_key_from_env(variable: str, base_url: str) -> str | None:
-    """The key in `variable`; None for a local server without one (it needs none)."""
-    key = os.environ.get(variable, "")
-    if key:
-        return key
-    if urllib.parse.urlsplit(base_url).hostname in LOCAL_HOSTS:
-        return None
-    raise UserError(f"no API key for {base_url}: set the environment variable {variable}")
+def api_key_for(base_url: str, api_key_env: str | None) -> str | None:
+    """The key to send to `base_url`, or None to send none. A named variable must hold a key, and it
+    goes only over https or to a loopback address; unnamed, `$OPENAI_API_KEY` goes to OpenAI's API
+    alone."""
+    parts = urllib.parse.urlsplit(base_url)
+    host = parts.hostname or ""
+    if api_key_env is None:
+        if host != OPENAI_HOST:
+            return None  # never OpenAI's key to anyone else
+        api_key_env = OPENAI_KEY_ENV
+    key = os.environ.get(api_key_env, "")
+    if not key:
+        raise UserError(f"no API key for {base_url}: set the environment variable {api_key_env}")
+    if parts.scheme != "https" and not is_loopback(host):
+        raise UserError(f"refusing to send the key in {api_key_env} to {base_url} in clear text: use an https "
+                        "URL (or a loopback address for a server on this machine)")
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a URL's host is this machine's loopback: `localhost`, an IPv6 loopback (also IPv4-mapped)
+    or an IPv4 address in 127.0.0.0/8 written any way the system resolver accepts (127.1, 0x7f000001,
+    2130706433). Other names are not resolved: a DNS answer could change between check and connection."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if not IPV4_SPELLING.fullmatch(host):
+            return False
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def validated(request: dict) -> dict:

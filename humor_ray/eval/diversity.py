@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from humor_ray.config import ConfigError, UserError, field
+from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data.generations import read_generations
 from humor_ray.log import get_logger
 
@@ -212,28 +212,25 @@ def method_diversity(table: pd.DataFrame, model: str = EMBEDDING_MODEL, ead_kind
 
 
 @dataclasses.dataclass
-class DiversityConfig:
+class DiversityConfig(Options):
     """Embedding diversity and EAD of every method's captions."""
     generations: list[str] = field(None, "generation outputs: `humor-ray generate` directories, wide CSVs, the "
-                                         "paper's released files or directories of them")
-    contests: list[int] = field([], "only these contests (default: every contest a method has captions for)")
-    embedding: str = field(EMBEDDING_MODEL, "mpnet (all-mpnet-base-v2, the paper's) or minilm (faster)")
+                                         "paper's released files or directories of them", required=True)
+    contests: list[int] = field([], "only these contests (default: every contest a method has captions for)",
+                                 minimum=1)
+    embedding: str = field(EMBEDDING_MODEL, "mpnet (all-mpnet-base-v2, the paper's) or minilm (faster)",
+                           choices=EMBEDDING_MODELS)
     ead: str = field("paper", "paper (the paper's words, V = 32,000) or words (our tokens, V = the captions' "
-                              "vocabulary)")
+                              "vocabulary)", choices=tuple(EAD_KINDS))
     pairs: str = field("with_self", "cosines averaged: with_self (the paper's: each caption with itself too) "
-                                    "or distinct (pairs of two different captions)")
+                                    "or distinct (pairs of two different captions)", choices=PAIRS)
     output_dir: str | None = field(None, "where diversity.json goes (default: print only)")
-    batch_size: int = field(64, "captions per embedding batch")
+    batch_size: int = field(64, "captions per embedding batch", minimum=1)
 
     def __post_init__(self):
         if not self.generations:
             raise ConfigError("diversity needs --generations")
-        if self.embedding not in EMBEDDING_MODELS:
-            raise ConfigError(f"--embedding must be one of {EMBEDDING_MODELS}")
-        if self.ead not in EAD_KINDS:
-            raise ConfigError(f"--ead must be one of {tuple(EAD_KINDS)}")
-        if self.pairs not in PAIRS:
-            raise ConfigError(f"--pairs must be one of {PAIRS}")
+        super().__post_init__()
 
 
 def run(cfg: DiversityConfig) -> dict[str, dict[str, float]]:

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from humor_ray.config import ConfigError, UserError, data_root, field
+from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import read_generations
 from humor_ray.data.outputs import written_aside
 from humor_ray.eval.benchmark import GROUPS, read_references
@@ -31,15 +31,15 @@ REPORT_FILES = ("report.html", "diversity.json", "images", "*.png")
 
 
 @dataclasses.dataclass
-class ReportConfig:
+class ReportConfig(Options):
     """An HTML report of a benchmark run."""
-    judge_dir: str = field(None, "the output of `humor-ray judge` (winrates.json)")
-    generations: list[str] = field(None, "the generation outputs that were judged")
-    dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts)")
-    output_dir: str = field(None, "where report.html and its images go")
-    images_dir: str | None = field(None, "cartoon images (default: the data root's images/)")
-    examples: int = field(6, "contests shown with their captions")
-    captions_shown: int = field(5, "captions per method and contest in the examples")
+    judge_dir: str = field(None, "the output of `humor-ray judge` (winrates.json)", required=True)
+    generations: list[str] = field(None, "the generation outputs that were judged", required=True)
+    dataset_dir: str = field(None, "the output of `humor-ray data build` (references, prompts)", required=True)
+    output_dir: str = field(None, "where report.html and its images go", required=True)
+    images_dir: str | None = field(None, "cartoon images (default: the data root's images/)", existing=True)
+    examples: int = field(6, "contests shown with their captions", minimum=0)
+    captions_shown: int = field(5, "captions per method and contest in the examples", minimum=1)
     title: str = field("humor_ray benchmark", "the page title")
     embedding: str = field("mpnet", "the embedding diversity's model: mpnet (the paper's) or minilm (faster)")
     ead: str = field("paper", "the EAD: paper (the paper's words, V = 32,000) or words (our tokens)")
@@ -49,6 +49,7 @@ class ReportConfig:
     def __post_init__(self):
         if not (self.judge_dir and self.generations and self.dataset_dir and self.output_dir):
             raise ConfigError("report needs --judge_dir, --generations, --dataset_dir and --output_dir")
+        super().__post_init__()
 
 
 def _plots(out: Path, summary: dict, diversity: dict, lengths: dict) -> dict[str, str]:

@@ -21,42 +21,42 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
 from humor_ray.data.outputs import require_complete, written_aside
-from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, first_line
+from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, clean_caption
 from humor_ray.log import get_logger
 from humor_ray.metrics import StageMetrics
 
-# Labels a model may put before its caption, or echo from the prompt's last line.
-_LABEL = re.compile(r"^(?:funny\s+)?caption\s*:\s*", re.IGNORECASE)
 log = get_logger("generate")
 
 
 @dataclasses.dataclass
 class GenerateConfig(Options, DecodingOptions):
     """N captions per evaluation contest from one model."""
-    dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/<split>)")
-    output_dir: str = field(None, "where the captions go")
-    model_name: str = field("tiny", "a training output directory (sft, dpo, ppo), a preset or a Hugging Face id")
+    dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/<split>)",
+                            required=True)
+    output_dir: str = field(None, "where the captions go", required=True)
+    model_name: str = field("tiny", "a training output directory (sft, dpo, ppo), a preset or a Hugging Face id "
+                                    "(hf:OWNER/NAME)", model=("causal_lm", "image_text"))
     method: str | None = field(None, "the method's name in tables and the report (default: from --model_name)")
-    n: int = field(10, "captions per contest")
+    n: int = field(10, "captions per contest", minimum=1)
     split: str = field("eval", "prompts split: eval or train")
     simple_prompt: bool = field(False, "the simple prompt (context lines only) instead of the long instruction prompt")
-    max_contests: int | None = field(None, "only the first this many contests (quick runs)")
-    contests: list[int] = field([], "only these contests (before --max_contests)")
+    max_contests: int | None = field(None, "only the first this many contests (quick runs)", minimum=1)
+    contests: list[int] = field([], "only these contests (before --max_contests)", minimum=1)
     engine: str = field("vllm", "the generation engine", choices=ENGINES)
-    num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)")
+    num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)", minimum=1)
     use_gpu: bool = field(False, "one GPU per engine")
-    batch_size: int = field(4, "contests per engine call")
-    max_new_tokens: int = field(64, "tokens per generation at most")
-    max_attempts: int = field(3, "draws per caption before an empty one is reported")
-    seed: int = field(2024, "sampling seed")
-    images: str | None = field(None, "the cartoons, for a vision-language model (default: the data's images/)")
+    batch_size: int = field(4, "contests per engine call", minimum=1)
+    max_new_tokens: int = field(64, "tokens per generation at most", minimum=1)
+    max_attempts: int = field(3, "draws per caption before an empty one is reported", minimum=1)
+    seed: int = field(2024, "sampling seed", minimum=0)
+    images: str | None = field(None, "the cartoons, for a vision-language model (default: the data's images/)",
+                                 existing=True)
     overwrite: bool = field(False, "replace --output_dir even when it holds files that are not an earlier generation")
 
     def __post_init__(self):
@@ -67,8 +67,6 @@ class GenerateConfig(Options, DecodingOptions):
             self.images = str(data_root() / "images")
         if "://" not in self.images:  # the engine actors run in other directories
             self.images = os.path.abspath(self.images)
-        if min(self.n, self.num_engines, self.batch_size, self.max_attempts) < 1:
-            raise ConfigError("--n, --num_engines, --batch_size and --max_attempts must be at least 1")
 
     def method_name(self) -> str:
         if self.method:
@@ -81,29 +79,18 @@ class GenerateConfig(Options, DecodingOptions):
 @dataclasses.dataclass
 class BonConfig(GenerateConfig):
     """Best-of-N: generate factor x N, keep the N the reward model scores highest."""
-    reward_model: str = field(None, "a `humor-ray rm` output directory or a reward model directory")
-    candidates_factor: int = field(5, "candidates per kept caption (the paper: 50 for 10)")
-    reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads")
+    reward_model: str = field(None, "a `humor-ray rm` output directory or a reward model directory",
+                              required=True)
+    candidates_factor: int = field(5, "candidates per kept caption (the paper: 50 for 10)", minimum=1)
+    reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads", minimum=1)
 
     def __post_init__(self):
         super().__post_init__()
         if not self.reward_model:
             raise ConfigError("bon needs --reward_model")
-        if self.candidates_factor < 1:
-            raise ConfigError("--candidates_factor must be at least 1")
 
     def method_name(self) -> str:
         return self.method or f"{super().method_name()}_BoN"
-
-
-def clean_caption(text: str, finished: bool) -> str:
-    """The caption in a generation (see the module docstring)."""
-    line = first_line(text)
-    line = _LABEL.sub("", line).strip()
-    if not finished and "\n" not in text:
-        # Ran out of tokens: the last word may be cut; keep whole words only.
-        line = line.rsplit(" ", 1)[0] if " " in line else ""
-    return first_line(line)  # quotes again, after a label came off
 
 
 class CaptionWriter:

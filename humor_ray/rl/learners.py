@@ -15,8 +15,13 @@ mini-batch, `whole_weights()` around any read of full weights (weight sync, the 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
+from typing import Any
+
+# The "auto" values of a user's DeepSpeed JSON that the learner fills: it sets these keys itself.
+FILLED_BY_LEARNER = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                     "gradient_clipping", "optimizer.")
 
 
 def unwrap(model):
@@ -81,13 +86,49 @@ class TorchLearner:
 
 
 def _chosen_settings(cfg) -> dict:
-    """What --deepspeed names: the user's JSON file, or the preset's ZeRO section."""
-    from humor_ray.train.deepspeed_presets import zero_optimization
+    """What --deepspeed names: the user's JSON file (checked), or the preset's ZeRO section."""
+    from humor_ray.train.deepspeed_presets import check_user_json, zero_optimization
 
     if cfg.deepspeed.endswith(".json"):
-        with open(cfg.deepspeed) as handle:
-            return json.load(handle)
+        return check_user_json(cfg.deepspeed, cfg.use_gpu, FILLED_BY_LEARNER)
     return {"zero_optimization": zero_optimization(cfg.deepspeed, cfg.use_gpu)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The dtype a trainer worker loads policy, reference and value model in (one for all, so that policy
+    and reference agree to the bit at step 0), and the dtype its forward passes autocast to (None: none)."""
+    weights: Any  # torch.dtype
+    autocast: Any  # torch.dtype | None
+
+
+def precision(cfg) -> Precision:
+    """fp32 on the CPU. On a GPU the engines sample in bf16, and the trainer computes in the same half
+    precision (bf16, or fp16 where a user's DeepSpeed JSON enables it): the weights load in it under
+    DeepSpeed (which keeps fp32 master weights in its optimizer) and under LoRA (the frozen base; PEFT keeps
+    the adapter in fp32); a full fine-tune with DDP keeps fp32 weights for AdamW and autocasts."""
+    import torch
+
+    from humor_ray.train.deepspeed_presets import half_precision
+
+    if cfg.deepspeed != "none":
+        half = half_precision(_chosen_settings(cfg), cfg.use_gpu)
+    else:
+        half = "bf16" if cfg.use_gpu else None
+    if half is None:
+        return Precision(torch.float32, None)
+    dtype = torch.float16 if half == "fp16" else torch.bfloat16
+    return Precision(dtype if cfg.deepspeed != "none" or cfg.lora_r > 0 else torch.float32, dtype)
+
+
+def _hidden_size(cfg) -> int:
+    from transformers import AutoConfig
+
+    from humor_ray.models import registry
+
+    config = AutoConfig.from_pretrained(registry.resolve(cfg.model_name))
+    config = getattr(config, "text_config", None) or config
+    return config.hidden_size
 
 
 def zero_stage(cfg) -> int:
@@ -95,8 +136,12 @@ def zero_stage(cfg) -> int:
 
 
 def deepspeed_settings(cfg, world: int, learning_rate: float) -> dict:
-    """A complete DeepSpeed config for one of the trainer's models (no "auto": no HF Trainer fills it)."""
+    """A complete DeepSpeed config for one of the trainer's models: no HF Trainer fills its "auto" values,
+    so the learner does (the keys below, the half precision, the model-width ones)."""
+    from humor_ray.train.deepspeed_presets import fill_auto, half_precision
+
     settings = _chosen_settings(cfg)
+    half = half_precision(settings, cfg.use_gpu)
     offload = bool(settings.get("zero_optimization", {}).get("offload_optimizer"))
     settings.update({
         "train_micro_batch_size_per_gpu": cfg.mini_batch_size, "gradient_accumulation_steps": 1,
@@ -106,8 +151,11 @@ def deepspeed_settings(cfg, world: int, learning_rate: float) -> dict:
                                                   "torch_adam": not cfg.use_gpu and not offload}},
         "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
     })
-    settings.setdefault("bf16", {"enabled": cfg.use_gpu})
-    return settings
+    # One half precision at most: DeepSpeed refuses fp16 and bf16 together.
+    for name in ("bf16", "fp16"):
+        if name in settings or half == name:
+            settings[name] = {**settings.get(name, {}), "enabled": half == name}
+    return fill_auto(settings, lambda: _hidden_size(cfg))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@
   model. A worker (`PPOWorker`) runs each step as named phases: `rollout` (its prompts sampled by the
   engines), `score` (by the reward actor), `make_experience` (log-probs, reference log-probs, values and
   advantages, in one `Experience`), `update` (the clipped PPO update), `sync_weights` (the new weights to
-  every engine, with a version number) and `checkpoint`.
+  every engine, with a version number; under LoRA the adapter alone, see `--weight_sync`) and `checkpoint`.
+  Every (re)start of the workers first brings the engines to the policy it starts from.
 - `--estimator grpo|rloo` replaces the value model by group-normalised advantages over
   `--samples_per_prompt` samples of each prompt (the estimators are looked up by name in `algorithms.py`).
 
@@ -34,15 +35,17 @@ from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.engines import ENGINES, DecodingOptions
-from humor_ray.rl.learners import deepspeed_loading, unwrap
+from humor_ray.rl.learners import deepspeed_loading, precision, unwrap
 from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run_trainer, start_worker
 
 if TYPE_CHECKING:
     import torch
 
-    from humor_ray.engines import Sample
+    from humor_ray.engines import PolicyWeights, Sample
 
 PLACEMENTS = ("separate", "colocate")
+TRUNCATED = ("trim", "penalize")
+WEIGHT_SYNCS = ("adapter", "full")
 # The phases a step's time is reported for, with their names in metrics.json's history (kept from the start).
 HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "reference", "update": "train",
                  "sync_weights": "sync"}
@@ -52,38 +55,66 @@ HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "re
 @dataclasses.dataclass
 class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOptions, DecodingOptions):
     """PPO (or GRPO/RLOO) of a caption policy against a reward model."""
+    # The trainer scores sampled tokens by the policy at --temperature alone, so by default PPO samples
+    # from exactly that: no nucleus cut, no repetition penalty (the paper's 0.95 and 1.15 are for generate/bon).
+    temperature: float = field(0.7, "sampling temperature (above 0: PPO needs a stochastic policy)",
+                               exclusive_minimum=0)
+    top_p: float = field(1.0, "nucleus sampling. Below 1 the engines sample from a cut distribution that the "
+                              "trainer does not score (it scores at --temperature alone): the importance ratios "
+                              "and the KL estimate are then biased (the KL can read negative)",
+                        exclusive_minimum=0, maximum=1)
+    repetition_penalty: float = field(1.0, "repetition penalty. Above 1 the engines sample from a penalised "
+                                           "distribution that the trainer does not score: the importance "
+                                           "ratios and the KL estimate are then biased (the KL can read negative)",
+                                       exclusive_minimum=0)
     reward_model: str = field(None, "a `humor-ray rm` output directory, a reward model directory, or "
-                                    "builtin:vowel_share")
+                                    "builtin:vowel_share", required=True)
     simple_prompt: bool = field(False, "use the simple prompt instead of the long instruction prompt")
     estimator: str = field("gae", "gae (PPO with a value model); grpo or rloo: critic-free, group baselines",
                            choices=tuple(ESTIMATORS))
-    rollout_batch_size: int = field(8, "prompts per step per worker")
-    samples_per_prompt: int = field(4, "captions sampled per prompt (the group size for grpo/rloo)")
-    mini_batch_size: int = field(16, "sequences per optimizer step")
-    ppo_epochs: int = field(1, "passes over each rollout batch")
-    forward_batch_size: int = field(16, "sequences per forward pass when scoring log-probs and values")
-    value_learning_rate: float | None = field(None, "value model learning rate (default: --learning_rate)")
-    cliprange: float = field(0.2, "policy ratio clip")
-    cliprange_value: float = field(0.2, "value clip")
-    vf_coef: float = field(0.1, "weight of the value loss")
-    gamma: float = field(1.0, "discount")
-    lam: float = field(0.95, "GAE lambda")
-    init_kl_coef: float = field(0.05, "initial KL penalty coefficient")
+    rollout_batch_size: int = field(8, "prompts per step per worker", minimum=1)
+    samples_per_prompt: int = field(4, "captions sampled per prompt (the group size for grpo/rloo)", minimum=1)
+    mini_batch_size: int = field(16, "sequences per optimizer step", minimum=1)
+    ppo_epochs: int = field(1, "passes over each rollout batch", minimum=1)
+    forward_batch_size: int = field(16, "sequences per forward pass when scoring log-probs and values",
+                                     minimum=1)
+    value_learning_rate: float | None = field(None, "value model learning rate (default: --learning_rate)",
+                                                exclusive_minimum=0)
+    cliprange: float = field(0.2, "policy ratio clip", exclusive_minimum=0)
+    cliprange_value: float = field(0.2, "value clip", exclusive_minimum=0)
+    vf_coef: float = field(0.1, "weight of the value loss", minimum=0)
+    gamma: float = field(1.0, "discount", minimum=0, maximum=1)
+    lam: float = field(0.95, "GAE lambda", minimum=0, maximum=1)
+    init_kl_coef: float = field(0.05, "initial KL penalty coefficient", minimum=0)
     target_kl: float | None = field(6.0, "KL (nats per caption) the adaptive controller steers to; null keeps "
-                                         "the coefficient fixed")
-    kl_horizon: int = field(10000, "samples over which the KL controller makes a full correction")
+                                         "the coefficient fixed", exclusive_minimum=0)
+    kl_horizon: int = field(10000, "samples over which the KL controller makes a full correction",
+                           minimum=1)
     normalize_rewards: bool = field(True, "scale scores by their running mean and standard deviation")
-    max_grad_norm: float = field(1.0, "gradient clipping")
-    reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads")
+    max_grad_norm: float = field(1.0, "gradient clipping", exclusive_minimum=0)
+    reward_max_length: int | None = field(None, "tokens of prompt + caption the reward model reads (default: the "
+                                                "`humor-ray rm` run's --max_length, else 512)", minimum=1)
+    truncated: str = field("trim", "a caption cut at --max_new_tokens: trim (scored as its whole words; the "
+                                   "tokens after them are left out of the update) or penalize (scored as its "
+                                   "whole words less --truncation_penalty; every token is trained)",
+                           choices=TRUNCATED)
+    truncation_penalty: float = field(1.0, "subtracted from a cut caption's score under --truncated penalize",
+                                      minimum=0)
     engine: str = field("vllm", "rollout engine", choices=ENGINES)
-    num_engines: int = field(1, "rollout engine actors")
+    num_engines: int = field(1, "rollout engine actors", minimum=1)
     engine_max_model_len: int | None = field(None, "prompt + caption tokens an engine holds per sequence "
-                                                   "(default: the model's limit)")
+                                                   "(default: the model's limit)", minimum=1)
     placement: str = field("separate", "GPU placement: separate (each role its own GPUs) or colocate (shares "
                                        "of one)", choices=PLACEMENTS)
     colocate_fractions: list[float] = field([0.4, 0.2, 0.4], "GPU shares of engine, reward model, trainer "
-                                                             "worker when colocated")
-    staleness_alarm: float = field(0.05, "warn when the mean trainer-engine log-prob gap exceeds this")
+                                                             "worker when colocated", exclusive_minimum=0, maximum=1)
+    staleness_alarm: float = field(0.05, "warn when the mean trainer-engine log-prob gap exceeds this",
+                                   minimum=0)
+    gradient_checkpointing: bool = field(False, "recompute the policy's and value model's activations in the "
+                                                "backward pass: less memory, longer updates")
+    weight_sync: str = field("adapter", "with --lora_r > 0, what the engines get after each update: adapter (the "
+                                        "LoRA weights alone, applied by the engine) or full (the merged model); "
+                                        "without LoRA always the full model", choices=WEIGHT_SYNCS)
 
     def __post_init__(self):
         if not self.output_dir or not self.dataset_dir or not self.reward_model:
@@ -92,13 +123,27 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
         if not ESTIMATORS[self.estimator].critic and self.samples_per_prompt < 2:
             raise ConfigError(f"--estimator {self.estimator} needs --samples_per_prompt of at least 2")
         batch = self.rollout_batch_size * self.samples_per_prompt
-        if self.mini_batch_size < 1 or batch % self.mini_batch_size:
+        if batch % self.mini_batch_size:
             raise ConfigError(f"--mini_batch_size must divide the rollout batch (rollout_batch_size x "
                               f"samples_per_prompt = {batch})")
-        if self.num_engines < 1:
-            raise ConfigError("--num_engines must be at least 1")
+        if self.deepspeed.endswith(".json"):
+            from humor_ray.rl.learners import FILLED_BY_LEARNER
+            from humor_ray.train.deepspeed_presets import check_user_json
+
+            check_user_json(self.deepspeed, self.use_gpu, FILLED_BY_LEARNER)
         if any(r not in ("tensorboard", "none") for r in self.report_to):
             raise ConfigError("--report_to for ppo: tensorboard or none")
+        if self.syncs_adapter() and self.engine == "vllm":
+            from humor_ray.engines import vllm_lora_rank
+
+            try:
+                vllm_lora_rank(self.lora_r)
+            except UserError as err:
+                raise ConfigError(f"{err}; or use --weight_sync full") from None
+
+    def syncs_adapter(self) -> bool:
+        """Whether the engines get the LoRA adapter alone after each update."""
+        return self.lora_r > 0 and self.weight_sync == "adapter"
 
     def gpu_shares(self) -> tuple[float, float, float]:
         """GPUs for (each engine, the reward actor, each trainer worker)."""
@@ -119,7 +164,7 @@ class Sequences:
     input_ids: torch.Tensor  # (B, P + T)
     attention_mask: torch.Tensor  # (B, P + T)
     position_ids: torch.Tensor  # (B, P + T)
-    mask: torch.Tensor  # (B, T): 1.0 on completion tokens
+    mask: torch.Tensor  # (B, T): 1.0 on the completion tokens that are trained (those of the scored caption)
 
     @property
     def width(self) -> int:
@@ -131,7 +176,7 @@ class Experience:
     """One step's rollouts with everything the update reads. B = rollout_batch_size x samples_per_prompt
     (a prompt's samples consecutive), T = completion tokens."""
     samples: list[Sample]  # B, as the engines drew them
-    captions: list[str]  # B, the first line of each completion
+    captions: list[str]  # B, what the reward model scored: each completion's caption (`clean_caption`)
     scores: torch.Tensor  # (B,) the reward model's
     reward_retries: int  # reward calls retried after the reward actor crashed
     sequences: Sequences
@@ -143,7 +188,7 @@ class Experience:
     kl: torch.Tensor  # (B, T) policy - reference log-probs on completion tokens
     advantages: torch.Tensor  # (B, T)
     returns: torch.Tensor | None  # (B, T) the value model's targets; None without one
-    totals: list[float]  # over all workers: score sum, score square sum, sequences, KL sum
+    totals: list[float]  # over all workers: score sum, score square sum, sequences, KL sum, cut captions
 
     def logprob_gap(self, rows=slice(None)) -> float:
         """Mean |trainer - engine| log-prob of the completion tokens of `rows`."""
@@ -160,51 +205,85 @@ def _lora(cfg: Config, model, task_type: str):
     return model if settings is None else get_peft_model(model, settings)
 
 
-def _build_models(cfg: Config, policy_dir: str, restored: str | None, critic: bool):
-    """(policy, reference or None, value model or None). The reference is None under LoRA: the policy
-    with its adapter disabled is the reference."""
+def _disable_dropout(model) -> None:
+    """PPO's forward passes must be deterministic (old and new log-probs of the same weights must agree);
+    the models run in training mode, which gradient checkpointing needs."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+
+
+def _build_models(cfg: Config, policy_dir: str, restored: str | None, critic: bool, precision):
+    """(policy, reference or None, value model or None), every one loaded in `precision.weights`. The
+    reference is None under LoRA: the policy with its adapter disabled is the reference."""
     import torch
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
     from humor_ray.rl import algorithms as alg
 
+    dtype = precision.weights
     if restored and cfg.lora_r > 0:
         from peft import PeftModel
 
-        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype),
                                            os.path.join(restored, "policy"), is_trainable=True)
     elif restored:
-        policy = AutoModelForCausalLM.from_pretrained(os.path.join(restored, "policy"), dtype=torch.float32)
+        policy = AutoModelForCausalLM.from_pretrained(os.path.join(restored, "policy"), dtype=dtype)
     else:
-        policy = _lora(cfg, AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), "CAUSAL_LM")
+        policy = _lora(cfg, AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype), "CAUSAL_LM")
     reference = None
     if cfg.lora_r <= 0:
-        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
         reference = reference.eval().requires_grad_(False)
     value = None
     if critic:
         # The backbone alone: the checkpoint's language-model head is expected to go unused.
         transformers.logging.set_verbosity_error()
-        backbone = AutoModel.from_pretrained(policy_dir, dtype=torch.float32)
+        backbone = AutoModel.from_pretrained(policy_dir, dtype=dtype)
         transformers.logging.set_verbosity_warning()
         value = alg.ValueModel(_lora(cfg, backbone, "FEATURE_EXTRACTION"))
         if restored:
             value.load_state_dict(torch.load(os.path.join(restored, "value.pt"), weights_only=True))
+    for model in (policy, value):
+        if model is None:
+            continue
+        _disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            inner = model.backbone if model is value else model
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, reference, value
 
 
-def _sequences(samples: list[Sample], pad_id: int, device) -> Sequences:
+def scored_tokens(tokenizer, sample: Sample, caption: str) -> int:
+    """How many of the sample's completion tokens make its caption: all of them, except for a caption cut
+    at max_new_tokens, whose scored text (its whole words) ends earlier: the shortest prefix that holds it."""
+    ids = sample.completion_ids
+    if sample.finished or not caption:
+        return len(ids)
+    for count in range(1, len(ids) + 1):
+        if caption in tokenizer.decode(ids[:count], skip_special_tokens=True):
+            return count
+    return len(ids)
+
+
+def _sequences(samples: list[Sample], pad_id: int, device, trained: list[int] | None = None) -> Sequences:
+    """The samples as one batch; the mask covers the first `trained[i]` completion tokens of sample i
+    (default: all of them)."""
     import torch
 
     prompt_width = max(len(s.prompt_ids) for s in samples)
     width = max(len(s.completion_ids) for s in samples)
+    trained = trained or [len(s.completion_ids) for s in samples]
     ids, attention, mask = [], [], []
-    for s in samples:
+    for s, count in zip(samples, trained):
         left, right = prompt_width - len(s.prompt_ids), width - len(s.completion_ids)
         ids.append([pad_id] * left + s.prompt_ids + s.completion_ids + [pad_id] * right)
         attention.append([0] * left + [1] * (len(s.prompt_ids) + len(s.completion_ids)) + [0] * right)
-        mask.append([1.0] * len(s.completion_ids) + [0.0] * right)
+        mask.append([1.0] * count + [0.0] * (width - count))
     ids, attention = torch.tensor(ids, device=device), torch.tensor(attention, device=device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     return Sequences(ids, attention, positions, torch.tensor(mask, device=device))
@@ -231,23 +310,47 @@ def _values(value_model, seqs: Sequences, rows):
     return values[:, -seqs.width - 1:-1].float()
 
 
-def policy_weights(policy) -> dict:
-    """The policy's full weights under their Hugging Face names, LoRA merged in, on the CPU: what a
-    rollout engine loads."""
+def merged_lora_weight(weight, lora_a, lora_b, scaling: float, fan_in_fan_out: bool = False):
+    """W + scaling * B @ A as a new tensor in W's dtype, summed in float32. W is left as it is: merging into
+    W and subtracting again rounds W twice in bf16, and the frozen base (the reference) drifts sync by sync."""
+    delta = lora_b.float() @ lora_a.float()
+    return (weight.float() + scaling * (delta.T if fan_in_fan_out else delta)).to(weight.dtype)
+
+
+def policy_weights(policy, adapter: bool = False) -> PolicyWeights:
+    """What the rollout engines load, on the CPU: with `adapter` (and a LoRA policy) the adapter's weights
+    and config; otherwise the full weights under their Hugging Face names, LoRA merged in (out of place)."""
+    from humor_ray.engines import PolicyWeights
+
     model = unwrap(policy)
-    if not hasattr(model, "merge_adapter"):
-        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    model.merge_adapter()
-    try:
-        state = {}
-        for name, tensor in model.state_dict().items():
-            if "lora_" in name:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            state[name] = tensor.detach().cpu().clone()
-    finally:
-        model.unmerge_adapter()
-    return state
+    if not hasattr(model, "peft_config"):
+        return PolicyWeights({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()})
+    name = model.active_adapter
+    if adapter:
+        from peft import get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(model, adapter_name=name)
+        return PolicyWeights({key: t.detach().cpu().contiguous() for key, t in tensors.items()},
+                             lora=model.peft_config[name])
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or name not in module.scaling:
+            continue
+        if not isinstance(module, LoraLinear):
+            raise NotImplementedError(f"{prefix}: a full weight sync merges LoRA on linear layers only "
+                                      f"(this is a {type(module).__name__}): use --weight_sync adapter")
+        merged[f"{prefix}.base_layer.weight"] = merged_lora_weight(
+            module.base_layer.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name],
+            module.fan_in_fan_out)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if "lora_" not in key:
+            hf_name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            state[hf_name] = merged.get(key, tensor).detach().cpu()
+    return PolicyWeights(state)
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -294,7 +397,7 @@ class PPOWorker:
 
         from humor_ray.models import registry
         from humor_ray.rl import algorithms as alg
-        from humor_ray.engines import EnginePool
+        from humor_ray.engines import EnginePool, start_weight_store
         from humor_ray.rl.learners import make_learner
 
         cfg = self.cfg = args.config
@@ -308,7 +411,8 @@ class PPOWorker:
         transformers.set_seed(cfg.seed)  # new weights (value head, LoRA) start the same on every run
         # A DeepSpeed checkpoint holds the weights in shards, restored by `learner.load`: build from the base.
         weights_from = restored if cfg.deepspeed == "none" else None
-        models = _build_models(cfg, policy_dir, weights_from, self.estimator.critic)
+        self.precision = precision(cfg)
+        models = _build_models(cfg, policy_dir, weights_from, self.estimator.critic, self.precision)
         self.learner = make_learner(cfg, *models, worker.device, worker.world)
         if restored:
             self.learner.load(restored)
@@ -317,7 +421,10 @@ class PPOWorker:
         self.prompts, self.reward_prompts = _read_prompts(cfg)
         if not self.prompts:
             raise UserError(f"{cfg.dataset_dir}/prompts/train has no prompts: run `humor-ray data build` with prompts")
-        self.pool = EnginePool(args.engines)
+        # One record of the newest weights for every worker's pool (rank 0 syncs, the others read it to
+        # bring a restarted engine up to date).
+        store = start_weight_store() if worker.rank == 0 else None
+        self.pool = EnginePool(args.engines, _broadcast(store, worker.rank))
         self.writer = None
         if worker.rank == 0 and "tensorboard" in cfg.report_to:
             from tensorboardX import SummaryWriter
@@ -342,8 +449,9 @@ class PPOWorker:
 
     def train(self) -> None:
         cfg = self.cfg
-        if self.step > 0:  # the engines hold the base weights: bring them to the restored policy
-            self.sync_weights(self.step)
+        # The engines may hold any version: the base weights (a first start), or a newer one than the step
+        # resumed from (the workers restarted after a failure). Bring them to the policy this start holds.
+        self.sync_weights(self.step)
         self.log.info(f"ready: {len(self.prompts)} prompts, {cfg.estimator}, step {self.step} of {cfg.max_steps}")
         while self.step < cfg.max_steps:
             times: dict[str, float] = {}
@@ -365,37 +473,53 @@ class PPOWorker:
         return result
 
     def rollout(self) -> tuple[list[Sample], list[int]]:
-        """This step's prompts (drawn by seed, step and rank), sampled by the engines; and which they were."""
+        """This step's prompts (drawn by seed, step and rank), sampled by the engines; and which they were.
+        The sampling is seeded by seed, step and rank too: a resumed run draws new captions, not the first
+        steps' again."""
         import numpy as np
 
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, self.step, self.worker.rank])
+        entropy = [cfg.seed, self.step, self.worker.rank]
+        rng = np.random.default_rng(entropy)
         count = len(self.prompts)
         chosen = rng.choice(count, cfg.rollout_batch_size, replace=count < cfg.rollout_batch_size)
-        return self.pool.generate([self.prompts[i] for i in chosen], cfg.samples_per_prompt, self.decoding), chosen
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0]) % 2 ** 30
+        decoding = dataclasses.replace(self.decoding, seed=seed)
+        return self.pool.generate([self.prompts[i] for i in chosen], cfg.samples_per_prompt, decoding), chosen
 
     def score(self, samples: list[Sample], chosen) -> tuple[list[str], torch.Tensor, int]:
-        """(the captions, the reward model's scores (B,), reward calls retried)."""
+        """(the captions, the reward model's scores (B,), reward calls retried). The caption is what
+        generate and bon keep (`clean_caption`): one cut at max_new_tokens keeps its whole words, and under
+        --truncated penalize loses --truncation_penalty."""
         import torch
 
-        from humor_ray.engines import first_line
+        from humor_ray.engines import clean_caption
         from humor_ray.rl.reward import score_with_retries
 
-        captions = [first_line(s.text) for s in samples]
+        cfg = self.cfg
+        captions = [clean_caption(s.text, s.finished) for s in samples]
         scores, retries = score_with_retries(
             self.reward_actor, [self.reward_prompts[chosen[s.prompt_index]] for s in samples], captions)
-        return captions, torch.tensor(scores, dtype=torch.float32, device=self.worker.device), retries
+        scores = torch.tensor(scores, dtype=torch.float32, device=self.worker.device)
+        if cfg.truncated == "penalize":
+            cut = torch.tensor([not s.finished for s in samples], device=scores.device)
+            scores = scores - cfg.truncation_penalty * cut
+        return captions, scores, retries
 
     def make_experience(self, samples: list[Sample], captions: list[str], scores, retries: int) -> Experience:
         """Log-probs, reference log-probs and values of the samples, then the advantages."""
         import torch
 
         cfg, device = self.cfg, self.worker.device
-        seqs = _sequences(samples, self.pad_id, device)
+        # Under --truncated trim the tokens past a cut caption's last whole word are not trained: the
+        # score is the caption's, so it goes to the tokens that wrote it.
+        trained = ([scored_tokens(self.tokenizer, s, c) for s, c in zip(samples, captions)]
+                   if cfg.truncated == "trim" else None)
+        seqs = _sequences(samples, self.pad_id, device, trained)
         mask = seqs.mask
         old_logprobs, raw_logprobs, entropy = (torch.zeros_like(mask) for _ in range(3))
         ref_logprobs, values = torch.zeros_like(mask), torch.zeros_like(mask)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             for start in range(0, len(samples), cfg.forward_batch_size):
                 rows = slice(start, start + cfg.forward_batch_size)
                 old_logprobs[rows], raw_logprobs[rows], entropy[rows] = _logprobs(
@@ -407,8 +531,8 @@ class PPOWorker:
         for row, s in enumerate(samples):
             engine_logprobs[row, :len(s.logprobs)] = torch.tensor(s.logprobs)
         kl = (old_logprobs - ref_logprobs) * mask
-        totals = _all_sum([scores.sum().item(), (scores ** 2).sum().item(), len(samples), kl.sum(1).sum().item()],
-                          device)
+        totals = _all_sum([scores.sum().item(), (scores ** 2).sum().item(), len(samples), kl.sum(1).sum().item(),
+                           sum(not s.finished for s in samples)], device)
         normalized = scores
         if self.estimator.critic and cfg.normalize_rewards:
             self.moments.update(*totals[:3])
@@ -416,6 +540,17 @@ class PPOWorker:
         advantages, returns = self.estimator.advantages(normalized, kl, mask, values, self.kl_control.value, cfg)
         return Experience(samples, captions, scores, retries, seqs, old_logprobs, raw_logprobs, engine_logprobs,
                           entropy, values, kl, advantages, returns, totals)
+
+    def _autocast(self):
+        """The forward passes' half precision on a GPU (`learners.precision`)."""
+        import contextlib
+
+        import torch
+
+        dtype = self.precision.autocast
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.worker.device.type, dtype=dtype)
 
     def _reference_logprobs(self, seqs: Sequences, rows):
         if self.learner.reference is not None:
@@ -437,13 +572,14 @@ class PPOWorker:
             order = torch.randperm(size, generator=order_rng)
             for start in range(0, size, cfg.mini_batch_size):
                 rows = order[start:start + cfg.mini_batch_size].to(self.worker.device)
-                logprobs = _logprobs(policy, exp.sequences, rows, cfg.temperature)
+                with self._autocast():
+                    logprobs = _logprobs(policy, exp.sequences, rows, cfg.temperature)
+                    values = _values(value_model, exp.sequences, rows) if value_model is not None else None
                 pg_loss, clipfrac, approx_kl = alg.policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows],
                                                                mask[rows], cfg.cliprange)
                 stats["pg_loss"].append(pg_loss.item())
                 v_loss = None
-                if value_model is not None:
-                    values = _values(value_model, exp.sequences, rows)
+                if values is not None:
                     v_loss = alg.value_loss(values, exp.values[rows], exp.returns[rows], mask[rows],
                                             cfg.cliprange_value)
                     stats["vf_loss"].append(v_loss.item())
@@ -453,18 +589,17 @@ class PPOWorker:
         return stats
 
     def sync_weights(self, version: int) -> None:
-        """Every engine gets the policy's weights as `version`."""
+        """Every engine gets the policy's weights (under LoRA by default its adapter alone) as `version`."""
         import ray
         import torch
 
         rank = self.worker.rank
-        with self.learner.whole_weights():
-            ref = ray.put(policy_weights(self.learner.policy)) if rank == 0 else None
-        ref = _broadcast(ref, rank)
+        with self.learner.whole_weights():  # all ranks: under ZeRO-3 gathering the weights is collective
+            ref = ray.put(policy_weights(self.learner.policy, self.cfg.syncs_adapter())) if rank == 0 else None
         if rank == 0:
             self.pool.sync(ref, version)
         else:
-            self.pool.publish(ref, version)
+            self.pool.expect(version)
         if self.worker.world > 1:
             torch.distributed.barrier()
 
@@ -476,21 +611,22 @@ class PPOWorker:
         from humor_ray.rl import algorithms as alg
 
         cfg, step, device = self.cfg, self.step, self.worker.device
-        total, total_sq, count, kl_total = exp.totals
+        total, total_sq, count, kl_total, cut = exp.totals
         mean_kl, kl_coef_used = kl_total / count, self.kl_control.value
         self.kl_control.update(mean_kl, int(count))
-        size, generated = len(exp.samples), float(exp.sequences.mask.sum().item())
+        size, generated = len(exp.samples), float(sum(len(s.completion_ids) for s in exp.samples))
+        trained = float(exp.sequences.mask.sum().item())
         step_time, gap = sum(times.values()), exp.logprob_gap()
         if gap > cfg.staleness_alarm and self.worker.rank == 0:
             self.log.warning(f"step {step}: trainer and engine log-probs differ by {gap:.4f} on average "
                              f"(alarm at {cfg.staleness_alarm}): the engines may not hold the current weights")
         metrics = {
             "step": step, "reward/mean": total / count,
-            "reward/std": float(exp.scores.std().item()) if size > 1 else 0.0,
+            "reward/std": alg.pooled_std(total, total_sq, count),
             "kl": mean_kl, "kl_coef": kl_coef_used, "entropy": alg.masked_mean(exp.entropy, exp.sequences.mask).item(),
             "logprob_gap": gap, "engine_version": exp.samples[0].version, "engine_restarts": self.pool.restarts,
-            "reward_retries": exp.reward_retries, "caption_tokens": generated / size,
-            "empty_captions": sum(not c for c in exp.captions),
+            "reward_retries": exp.reward_retries, "caption_tokens": generated / size, "trained_tokens": trained / size,
+            "empty_captions": sum(not c for c in exp.captions), "cut_captions": cut / count,
             "tokens_per_second": _all_sum([generated], device)[0] / step_time,
             **{k: float(np.mean(v)) for k, v in stats.items() if v},
             **{f"time/{HISTORY_TIMES[k]}": v for k, v in times.items()}, "time/step": step_time,
@@ -575,7 +711,8 @@ def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_fro
     unwrap(policy).save_pretrained(written, safe_serialization=True)
     tokenizer.save_pretrained(written)
     serve = save_merged(cfg.model_name, "causal_lm", False, written)
-    publish_final(cfg.output_dir, written, serve, {"history": history, "resumed_from": resumed_from})
+    publish_final(cfg.output_dir, written, serve, {"history": history, "resumed_from": resumed_from,
+                                                   "reward_max_length": cfg.reward_max_length})
 
 
 # ---------------------------------------------------------------- the driver
@@ -588,7 +725,7 @@ def run(cfg: Config):
     from humor_ray.models import registry
     from humor_ray.engines import start_engines
     from humor_ray.plan import check_before_start
-    from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
+    from humor_ray.rl.reward import recorded_max_length, resolve_reward_model, start_reward_actor
     from humor_ray.train.launcher import TrainError, absolute_local_paths
 
     setup_logging()
@@ -600,13 +737,19 @@ def run(cfg: Config):
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
     reward_spec = resolve_reward_model(cfg.reward_model)
+    if cfg.reward_max_length is None:  # as the reward model was trained, when its run says
+        cfg.reward_max_length = recorded_max_length(cfg.reward_model) or 512
     check_before_start("ppo", cfg)  # a role that cannot fit its GPU stops here, before Ray starts
+    if cfg.top_p < 1 or cfg.repetition_penalty != 1:
+        log.warning(f"--top_p {cfg.top_p} --repetition_penalty {cfg.repetition_penalty}: the engines sample from a "
+                    "distribution the trainer does not score; importance ratios and KL are biased")
     policy_dir = registry.resolve(cfg.model_name)
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
     engine_gpus, reward_gpus, trainer_gpus = cfg.gpu_shares()
     engines = start_engines(cfg.engine, policy_dir, cfg.num_engines, num_gpus=engine_gpus,
-                            max_model_len=cfg.engine_max_model_len, seed=cfg.seed)
+                            max_model_len=cfg.engine_max_model_len, seed=cfg.seed,
+                            max_lora_rank=cfg.lora_r if cfg.syncs_adapter() else 0)
     reward_actor = start_reward_actor(reward_spec, max_length=cfg.reward_max_length, num_gpus=reward_gpus)
     try:
         # Ready before the trainer starts, so a model that cannot load fails here with its own message.

@@ -8,6 +8,7 @@ for checking that a policy-optimisation run really optimises, without a trained 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -42,6 +43,15 @@ def resolve_reward_model(spec: str) -> str:
         raise UserError(f"unknown builtin reward {spec!r}: use one of {', '.join(sorted(BUILTIN))}")
     raise UserError(f"--reward_model {spec}: no such directory (train one with `humor-ray rm`, or use "
                     f"{', '.join(sorted(BUILTIN))})")
+
+
+def recorded_max_length(spec: str) -> int | None:
+    """The --max_length a `humor-ray rm` run trained its model with (its metrics.json records it), when
+    `spec` names such a run; None otherwise."""
+    path = Path(spec).expanduser() / "metrics.json"
+    if spec in BUILTIN or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("max_length")
 
 
 class RewardModel:

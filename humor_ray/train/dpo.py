@@ -19,10 +19,11 @@ NAME = "dpo"
 class Config(TrainConfig):
     """DPO: raise the likelihood of the funnier caption of each pair over the other, relative to the reference."""
     model_checkpoint_name: str | None = field(None, "start from this checkpoint (e.g. an SFT run's final/) "
-                                              "instead of --model_name")
-    beta: float = field(0.1, "strength of the pull towards the reference model")
+                                              "instead of --model_name", model=("causal_lm",))
+    beta: float = field(0.1, "strength of the pull towards the reference model", exclusive_minimum=0)
     loss_type: list[str] = field(["sigmoid"], "TRL DPO loss(es): sigmoid, hinge, ipo, robust, ... (several are summed)")
-    max_prompt_length: int = field(128, "prompt tokens kept (from the end, which holds the cartoon's lines)")
+    max_prompt_length: int = field(128, "prompt tokens kept (from the end, which holds the cartoon's lines)",
+                                   minimum=1)
 
     def base_model(self) -> str:
         return self.model_checkpoint_name or self.model_name

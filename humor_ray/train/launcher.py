@@ -26,7 +26,7 @@ from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, Lor
 from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
-from humor_ray.train.deepspeed_presets import deepspeed_config
+from humor_ray.train.deepspeed_presets import deepspeed_config, trainer_half_precision
 from humor_ray.train.export import PARTIAL, final_model, publish_final, save_merged, start_final
 
 class TrainError(UserError):
@@ -39,11 +39,11 @@ class TrainConfig(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, R
     """Options every TRL training stage shares (TRL's names where TRL has one)."""
     do_train: bool = field(True, "train")
     do_eval: bool = field(True, "evaluate on the held-out contests during and after training")
-    per_device_train_batch_size: int = field(8, "examples per worker per micro-batch")
-    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
-    max_length: int = field(512, "tokens per example, at most")
-    eval_steps: int = field(50, "evaluate every this many steps")
-    max_eval_examples: int = field(1000, "held-out examples used per evaluation")
+    per_device_train_batch_size: int = field(8, "examples per worker per micro-batch", minimum=1)
+    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step", minimum=1)
+    max_length: int = field(512, "tokens per example, at most", minimum=1)
+    eval_steps: int = field(50, "evaluate every this many steps", minimum=1)
+    max_eval_examples: int = field(1000, "held-out examples used per evaluation", minimum=1)
     new_padding_token: bool = field(False, "add a real pad token and resize the embeddings")
 
     def __post_init__(self):
@@ -93,6 +93,7 @@ def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
     evaluate = cfg.do_eval
     # Inside Ray Train the process group exists already (gloo on CPU); a single plain process has none.
     distributed_cpu = not cfg.use_gpu and torch.distributed.is_initialized()
+    half = trainer_half_precision(cfg.deepspeed, cfg.use_gpu)
     return args_class(
         output_dir=output_dir, run_name=cfg.run_name, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -102,7 +103,8 @@ def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
         save_total_limit=cfg.save_total_limit, eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps if evaluate else None,
         report_to=[r for r in cfg.report_to if r != "none"],
-        bf16=cfg.use_gpu, use_cpu=not cfg.use_gpu, deepspeed=deepspeed_config(cfg.deepspeed, cfg.use_gpu),
+        bf16=half == "bf16", fp16=half == "fp16", use_cpu=not cfg.use_gpu,
+        deepspeed=deepspeed_config(cfg.deepspeed, cfg.use_gpu),
         ddp_backend="gloo" if distributed_cpu else None, dataloader_num_workers=0, disable_tqdm=True,
         accelerator_config={"dispatch_batches": False}, ddp_find_unused_parameters=False,
         # Tokens/s in the logs (all workers together), padding not counted.
@@ -409,6 +411,7 @@ def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, tra
         serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, written)
         publish_final(cfg.output_dir, written, serve,
                       {"eval": metrics, "log_history": trainer.state.log_history,
+                       "max_length": cfg.max_length,  # what a reward model reads when PPO scores with it
                        "resumed_from": worker.checkpoint.path if worker.checkpoint else None})
         worker.log.info(f"final model in {final_model(cfg.output_dir)}")
 

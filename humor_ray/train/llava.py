@@ -28,14 +28,16 @@ LANGUAGE_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class Config(TrainConfig):
     """Vision-language SFT: the cartoon + an instruction -> a top human caption."""
     model_name: str = field("tiny-llava", "a vision-language preset (tiny-llava, smollm2-llava), a Hugging Face "
-                                          "id (llava-hf/llava-v1.6-mistral-7b-hf) or a local path")
+                                          "id (hf:llava-hf/llava-v1.6-mistral-7b-hf) or a local path",
+                           model=("image_text",))
     images: str | None = field(None, "folder or URI of the cartoons the dataset's image column names "
-                                     "(default: the data's images/)")
-    mm_projector_lr: float = field(2e-5, "learning rate of the multimodal projector")
+                                     "(default: the data's images/)", existing=True)
+    mm_projector_lr: float = field(2e-5, "learning rate of the multimodal projector", exclusive_minimum=0)
     train_vision_tower: bool = field(False, "train the vision tower too (frozen by default)")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (less memory)")
     lr_scheduler_type: str = field("cosine", "learning-rate schedule (cosine, linear, constant, ...)")
-    warmup_ratio: float = field(0.03, "share of the steps spent warming the learning rate up")
+    warmup_ratio: float = field(0.03, "share of the steps spent warming the learning rate up", minimum=0,
+                                maximum=1)
     image_aspect_ratio: str = field("native", "how a cartoon becomes image tokens: native (the model's own "
                                     "processor; LLaVA-NeXT tiles it at any resolution, 1,272-2,928 tokens) or pad "
                                     "(padded to a square, one view of the tower's input: 576 tokens at 336 px, "

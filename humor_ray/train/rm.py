@@ -20,8 +20,9 @@ NAME = "rm"
 class Config(TrainConfig):
     """Reward model: (prompt with context, caption) -> a scalar; chosen should outscore rejected."""
     model_name: str = field("minilm", "a preset (minilm, tiny, smollm2-135m), a Hugging Face id (a RewardBench "
-                            "model such as weqweasdas/RM-Mistral-7B) or a local path")
-    center_rewards_coefficient: float | None = field(None, "pull rewards towards zero (TRL's option)")
+                            "model such as hf:weqweasdas/RM-Mistral-7B) or a local path", model=("reward",))
+    center_rewards_coefficient: float | None = field(None, "pull rewards towards zero (TRL's option)",
+                                                       minimum=0)
 
 
 def dataset_name(cfg: Config) -> str:

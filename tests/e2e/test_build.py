@@ -280,7 +280,7 @@ def test_damaged_copies_keep_their_good_rows_and_are_reported(built, real_data, 
 
 def test_cli_usage_errors(tmp_path):
     result = run_cli("data", "build", "--output", str(tmp_path))
-    assert result.returncode == 1 and "needs --input and --output" in result.stderr
+    assert result.returncode == 2 and result.stderr == "humor-ray data build: error: --input is required\n"
     result = run_cli("data", "build", "--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"))
     assert result.returncode == 1 and "nowhere: no such file or directory" in result.stderr
     assert run_cli("nonsense").returncode == 2

@@ -14,7 +14,7 @@ import torch
 
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
-from humor_ray.engines import Decoding, EnginePool, first_line, start_engines
+from humor_ray.engines import VLLM_ENV, Decoding, EnginePool, PolicyWeights, Sample, first_line, start_engines
 from humor_ray.rl.reward import RewardModel, vowel_share
 from humor_ray.train.export import final_model
 
@@ -145,7 +145,7 @@ def test_vllm_and_hf_engines_agree_and_take_new_weights(ray_local):
         model = AutoModelForCausalLM.from_pretrained(path)
         torch.manual_seed(0)
         state = {name: tensor + 0.05 * torch.randn_like(tensor) for name, tensor in model.state_dict().items()}
-        ref = ray.put(state)
+        ref = ray.put(PolicyWeights(state))
         assert ray.get([e.load_weights.remote(ref, 7) for e in (vllm_engine, hf_engine)]) == [7, 7]
         after = [ray.get(e.generate.remote(PROMPTS, 1, greedy, 7)) for e in (vllm_engine, hf_engine)]
         assert [s.completion_ids for s in after[0]] == [s.completion_ids for s in after[1]]
@@ -161,6 +161,69 @@ def test_vllm_and_hf_engines_agree_and_take_new_weights(ray_local):
             ray.kill(engine)
 
 
+def test_ppo_rollouts_sample_the_distribution_the_trainer_scores(monkeypatch):
+    """vLLM reports the log-probs of the distribution it actually sampled from (its processed log-probs:
+    after temperature, penalties and top-p). Under PPO's decoding they are the trainer's log-probs of the
+    same tokens, so the importance ratios and the KL estimate are exact; the paper's top-p and repetition
+    penalty would make them differ."""
+    for name, value in VLLM_ENV.items():
+        monkeypatch.setenv(name, value)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from humor_ray.models import registry
+    from humor_ray.rl.algorithms import masked_mean
+
+    path = registry.resolve("tiny")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    llm = LLM(model=path, seed=0, enforce_eager=True, dtype="float32", distributed_executor_backend="uni",
+              gpu_memory_utilization=0.5, logprobs_mode="processed_logprobs")
+    prompt_ids = tokenizer(PROMPTS)["input_ids"]
+
+    def gap(decoding: Decoding) -> float:
+        params = SamplingParams(n=4, temperature=decoding.temperature, top_p=decoding.top_p,
+                                repetition_penalty=decoding.repetition_penalty, max_tokens=12, logprobs=0, seed=3)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        samples = [Sample(i, prompt_ids[i], list(c.token_ids),
+                          [step[token].logprob for step, token in zip(c.logprobs, c.token_ids)], c.text, 0)
+                   for i, output in enumerate(outputs) for c in output.outputs]
+        seqs = ppo._sequences(samples, tokenizer.pad_token_id or 0, "cpu")
+        with torch.no_grad():
+            trainer = ppo._logprobs(model, seqs, slice(None), decoding.temperature)
+        engine = torch.zeros_like(trainer)
+        for row, sample in enumerate(samples):
+            engine[row, :len(sample.logprobs)] = torch.tensor(sample.logprobs)
+        return masked_mean((trainer - engine).abs(), seqs.mask).item()
+
+    base = dict(output_dir="o", dataset_dir="d", reward_model="builtin:vowel_share")
+    assert gap(ppo.Config(**base).decoding()) < 1e-3
+    assert gap(ppo.Config(**base, top_p=0.95, repetition_penalty=1.15).decoding()) > 0.02
+
+
+def test_seeded_rollouts_are_the_same_on_any_engine_and_distinct_per_prompt(ray_local):
+    """A PPO step seeds its rollouts by (seed, step, rank): each prompt gets its own seeds whichever engine
+    and chunk it falls in, so a step's captions are the same in a resumed run, and repeated prompts differ."""
+    from humor_ray.models import registry
+
+    import ray
+
+    engines = start_engines("vllm", registry.resolve("tiny"), 2)
+    try:
+        decoding = Decoding(max_new_tokens=8, seed=11)
+        one_by_one = EnginePool(engines, chunk_size=1).generate(PROMPTS * 2, 3, decoding)
+        together = EnginePool(engines, chunk_size=6).generate(PROMPTS * 2, 3, decoding)
+        assert [s.completion_ids for s in one_by_one] == [s.completion_ids for s in together]
+        assert {s.engine for s in one_by_one} == {0, 1}
+        first, again = one_by_one[:9], one_by_one[9:]  # the same three prompts, drawn with other seeds
+        assert [s.completion_ids for s in first] != [s.completion_ids for s in again]
+        other = EnginePool(engines, chunk_size=6).generate(PROMPTS * 2, 3, Decoding(max_new_tokens=8, seed=12))
+        assert [s.completion_ids for s in other] != [s.completion_ids for s in together]
+    finally:
+        for engine in engines:
+            ray.kill(engine)
+
+
 def test_the_pool_spreads_prompts_and_brings_a_restarted_engine_up_to_date(ray_local):
     import ray
     from transformers import AutoModelForCausalLM
@@ -173,7 +236,7 @@ def test_the_pool_spreads_prompts_and_brings_a_restarted_engine_up_to_date(ray_l
     try:
         model = AutoModelForCausalLM.from_pretrained(path)
         state = {name: tensor * 1.01 for name, tensor in model.state_dict().items()}
-        pool.sync(ray.put(state), 1)
+        pool.sync(ray.put(PolicyWeights(state)), 1)
         pids = ray.get([e.pid.remote() for e in engines])
         os.kill(pids[0], signal.SIGKILL)  # comes back with the base weights (version 0)
         samples = pool.generate(PROMPTS * 4, 2, Decoding(max_new_tokens=6))
@@ -181,6 +244,69 @@ def test_the_pool_spreads_prompts_and_brings_a_restarted_engine_up_to_date(ray_l
         assert {s.version for s in samples} == {1}
         assert pool.restarts == 1
         assert ray.get(engines[0].pid.remote()) != pids[0]
+        # A pool in another process (another trainer worker's) brings a restarted engine up to date too: it
+        # reads the newest weights from the shared store, whose object it does not own.
+        other = ray.remote(num_cpus=0)(EnginePool).remote(engines, pool.store, chunk_size=2)
+        ray.get(other.expect.remote(1))
+        os.kill(pids[1], signal.SIGKILL)
+        samples = ray.get(other.generate.remote(PROMPTS * 4, 2, Decoding(max_new_tokens=6)))
+        assert {s.version for s in samples} == {1}
+        assert ray.get(engines[1].pid.remote()) != pids[1] and ray.get(engines[1].version.remote()) == 1
+        ray.kill(other)
+    finally:
+        for engine in engines:
+            ray.kill(engine)
+
+
+def test_engines_sample_from_each_new_lora_adapter(ray_local):
+    """An adapter-only sync: the vLLM and HF engines sample with the adapter they were sent last (their
+    log-probs are the trainer's PEFT policy's, not the base model's nor the previous adapter's)."""
+    import ray
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from humor_ray.models import registry
+
+    path = registry.resolve("tiny")
+    pad = AutoTokenizer.from_pretrained(path).pad_token_id
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")).eval()
+    greedy = Decoding(temperature=0.0, max_new_tokens=10, stop_at_newline=False)
+    engines = start_engines("vllm", path, 1, max_lora_rank=8) + start_engines("hf", path, 1)
+
+    def trainer_logprobs(samples, adapter=True):
+        seqs = ppo._sequences(samples, pad, "cpu")
+        with torch.no_grad():
+            if adapter:
+                return ppo._logprobs(policy, seqs, slice(None), 1.0, raw=True)[1], seqs.mask
+            with policy.disable_adapter():
+                return ppo._logprobs(policy, seqs, slice(None), 1.0, raw=True)[1], seqs.mask
+
+    def gap(samples, adapter=True):
+        theirs, mask = trainer_logprobs(samples, adapter)
+        engine = torch.zeros_like(mask)
+        for row, s in enumerate(samples):
+            engine[row, :len(s.logprobs)] = torch.tensor(s.logprobs)
+        return alg.masked_mean((theirs - engine).abs(), mask).item()
+
+    try:
+        for version, seed in ((1, 0), (2, 1)):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for name, parameter in policy.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(0.0, 0.2)
+            weights = ppo.policy_weights(policy, adapter=True)
+            assert weights.lora is not None
+            ref = ray.put(weights)
+            assert ray.get([e.load_weights.remote(ref, version) for e in engines]) == [version, version]
+            for engine in engines:
+                samples = ray.get(engine.generate.remote(PROMPTS, 1, greedy, version))
+                assert gap(samples) < 1e-3, f"v{version}: the engine does not sample from the adapter sent"
+                assert gap(samples, adapter=False) > 0.05  # and the adapter does move the log-probs
+            if version == 1:
+                first = samples
+        assert gap(first) > 0.05  # the first adapter's samples are not the second adapter's policy
     finally:
         for engine in engines:
             ray.kill(engine)
@@ -231,6 +357,30 @@ def test_ppo_raises_a_known_reward_and_the_controller_steers_the_kl_to_its_targe
     assert list((out / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
 
 
+def test_a_resumed_run_draws_as_an_uninterrupted_one_and_trains_only_the_scored_words(tmp_path, datasets_dir):
+    """Rollouts are seeded by step: a run resumed after step 1 samples step 2 as the uninterrupted run does
+    (restarted engines with their own generators would repeat their first draws). Captions cut at
+    --max_new_tokens are scored as their whole words, and only the tokens of those words are trained."""
+    max_new_tokens = 6
+    config = dict(dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share", model_name="tiny",
+                  simple_prompt=True, rollout_batch_size=2, samples_per_prompt=4, mini_batch_size=8,
+                  max_new_tokens=max_new_tokens, learning_rate=1e-3, save_steps=1, report_to=["none"],
+                  max_failures=0)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ppo.run(ppo.Config(output_dir=str(straight), max_steps=2, **config))
+    ppo.run(ppo.Config(output_dir=str(resumed), max_steps=1, **config))
+    ppo.run(ppo.Config(output_dir=str(resumed), max_steps=2, **config))
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"]
+    one, other = history_of(straight), history_of(resumed)
+    for key in ("reward/mean", "reward/std", "caption_tokens", "trained_tokens", "cut_captions", "kl"):
+        assert other[1][key] == pytest.approx(one[1][key], abs=1e-6), key
+    assert sum(m["cut_captions"] for m in one) > 0
+    # A cut caption's trained tokens stop at its last whole word: fewer than were generated.
+    assert all(m["trained_tokens"] < m["caption_tokens"] for m in one if m["cut_captions"] > 0)
+    assert all(m["trained_tokens"] == m["caption_tokens"] for m in one if m["cut_captions"] == 0)
+    assert max(m["logprob_gap"] for m in one + other) < 1e-3
+
+
 def _processes(prefix):
     """Our Ray's processes named `prefix` (its workers descend from this process; other Ray clusters on the
     machine are not ours to kill)."""
@@ -245,10 +395,10 @@ def _processes(prefix):
 
 
 def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, datasets_dir):
-    """One run, three crashes: a rollout engine after the first checkpoint, the reward actor after the
-    second, the trainer worker after the third. The run still reaches its last step. (A reward actor
-    killed between calls is restarted by Ray before the next one runs; one killed during a call is
-    retried: see the next test.)"""
+    """One run with two trainer workers, three crashes: a rollout engine after the first checkpoint, the
+    reward actor after the second, the trainer workers after the third. The run still reaches its last step;
+    either worker brings the restarted engine up to date. (A reward actor killed between calls is restarted
+    by Ray before the next one runs; one killed during a call is retried: see the next test.)"""
     out = tmp_path / "faults"
     victims = [("ray::VLLMEngine", 2), ("ray::RewardModel", 4), ("ray::RayTrainWorker", 6)]
     killed = []
@@ -274,16 +424,70 @@ def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, 
     thread.start()
     ppo.run(ppo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share",
                        model_name="tiny", simple_prompt=True, max_steps=12, save_steps=2, save_total_limit=1,
-                       rollout_batch_size=4, max_new_tokens=8, max_failures=1, report_to=["none"]))
+                       rollout_batch_size=4, max_new_tokens=8, max_failures=1, report_to=["none"], num_workers=2))
     finished.set()
     thread.join()
-    assert killed == [prefix for prefix, _ in victims]
+    assert list(dict.fromkeys(killed)) == [prefix for prefix, _ in victims]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"], "the restarted trainer did not resume from its checkpoint"
     history = metrics["history"]
     assert [m["step"] for m in history] == list(range(1, 13))
     assert sum(m["engine_restarts"] for m in history) >= 1
     # The restarted engine was brought up to date before sampling again.
+    assert max(m["logprob_gap"] for m in history) < 1e-3
+
+
+def tensorboard_steps(folder) -> set[int]:
+    """The steps a run's TensorBoard event files hold records of (complete records only: the file may be
+    being written). Records are TFRecords: length (8 bytes), its CRC (4), an Event, the Event's CRC (4)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    steps = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        data, position = path.read_bytes(), 0
+        while position + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[position:position + 8])
+            end = position + 12 + length + 4
+            if end > len(data):
+                break
+            event = Event.FromString(data[position + 12:end - 4])
+            if event.HasField("summary"):
+                steps.add(event.step)
+            position = end
+    return steps
+
+
+def test_a_trainer_worker_killed_before_its_first_checkpoint_starts_over_with_the_engines_resynced(tmp_path,
+                                                                                                 datasets_dir):
+    """The trainer worker dies after its first update reached the engines (version 1) and before any
+    checkpoint: the restarted worker begins again at step 0, and must first bring the engines back to
+    version 0, or every rollout would be refused as stale."""
+    out = tmp_path / "early"
+    killed = []
+    finished = threading.Event()
+
+    def killer():
+        while not finished.is_set() and not tensorboard_steps(out / "tensorboard" / "ppo"):
+            time.sleep(0.05)
+        for process in _processes("ray::RayTrainWorker"):
+            os.kill(process.pid, signal.SIGKILL)
+            killed.append(process.pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    ppo.run(ppo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share",
+                       model_name="tiny", simple_prompt=True, max_steps=3, save_steps=3, rollout_batch_size=2,
+                       mini_batch_size=8, max_new_tokens=8, max_failures=1, report_to=["tensorboard"]))
+    finished.set()
+    thread.join()
+    assert killed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert not metrics["resumed_from"]
+    history = metrics["history"]
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert [m["engine_version"] for m in history] == [0, 1, 2]
     assert max(m["logprob_gap"] for m in history) < 1e-3
 
 
@@ -323,11 +527,12 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model=str(reward_dir),
                   model_name="tiny", estimator="rloo", samples_per_prompt=4, rollout_batch_size=2,
                   mini_batch_size=8, lora_r=8, lora_alpha=16, learning_rate=1e-3, max_new_tokens=12,
-                  reward_max_length=128, save_steps=1, report_to=["none"], max_failures=0, num_workers=2)
+                  save_steps=1, report_to=["none"], max_failures=0, num_workers=2)
     ppo.run(ppo.Config(**config, max_steps=1))
     ppo.run(ppo.Config(**config, max_steps=2))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"]
+    assert metrics["reward_max_length"] == 128  # the reward model's run's --max_length, not 512
     history = metrics["history"]
     assert [m["step"] for m in history] == [1, 2]
     assert "vf_loss" not in history[0]  # no value model

@@ -163,14 +163,14 @@ def test_caption_texts_repeat_rarely_and_carry_some_personal_data():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--ratings", "0"], "--ratings must be at least 1"),
+    (["--ratings", "0"], "--ratings 0: must be >= 1"),
     (["--ratings", "10", "--contests", "11"], "--contests must be between 1 and --ratings"),
-    (["--ratings", "10", "--contests", "0"], "--contests must be between 1 and --ratings"),
-    (["--ratings", "10", "--seed", "-1"], "--seed must not be negative"),
-    ([], "--ratings must be at least 1"),
+    (["--ratings", "10", "--contests", "0"], "--contests 0: must be >= 1"),
+    (["--ratings", "10", "--seed", "-1"], "--seed -1: must be >= 0"),
+    ([], "--ratings is required"),
 ])
 def test_bad_flags_are_clear_errors(tmp_path, capsys, flags, message):
-    assert main(["data", "synth", "--output", str(tmp_path), *flags]) == 1
+    assert main(["data", "synth", "--output", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
 
 

@@ -141,8 +141,8 @@ def test_diversity_command(tmp_path, real_data, capsys):
 
     assert main(["diversity", "--generations", str(released / "gpt4o.csv"), "--contests", "1"]) == 1
     assert "--contests [1]: no method has captions for them" in capsys.readouterr().err
-    assert main(["diversity", "--generations", str(released / "gpt4o.csv"), "--ead", "chars"]) == 1
-    assert "--ead must be one of" in capsys.readouterr().err
+    assert main(["diversity", "--generations", str(released / "gpt4o.csv"), "--ead", "chars"]) == 2
+    assert "humor-ray diversity: error: --ead chars: choose from paper, words\n" == capsys.readouterr().err
 
 
 def test_read_wide(tmp_path):

@@ -211,10 +211,16 @@ def test_errors(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="unknown model 'tinyy'") as err:
         resolve("tinyy")
     assert isinstance(err.value, UserError)
-    with pytest.raises(ModelError, match="no hub access"):
+    with pytest.raises(ModelError, match="no model directory at that path"):
         resolve(str(tmp_path / "missing/model"))
-    with pytest.raises(ModelError, match="HF_HUB_OFFLINE"):
+    # A hub id only with the hf: prefix: a mistyped local path that happens to be owner/name is no download.
+    with pytest.raises(ModelError, match=r"no model directory at that path; a Hugging Face id takes the hf: "
+                                         r"prefix \(hf:nobody/no-such-model\)"):
         resolve("nobody/no-such-model")
+    with pytest.raises(ModelError, match="cannot get 'nobody/no-such-model' .*HF_HUB_OFFLINE"):
+        resolve("hf:nobody/no-such-model")
+    with pytest.raises(ModelError, match="'hf:nobody' is not a Hugging Face id"):
+        resolve("hf:nobody")
     with pytest.raises(ModelError, match="unknown model kind"):
         load_model("tiny", kind="seq2seq")
     # A missing PyPI package: the message says what to install.

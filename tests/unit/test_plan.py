@@ -15,7 +15,7 @@ from humor_ray.cli import main
 from humor_ray.config import ConfigError, load_yaml
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-MISTRAL = "mistralai/Mistral-7B-Instruct-v0.1"
+MISTRAL = "hf:mistralai/Mistral-7B-Instruct-v0.1"
 # The spec values this file needs and a spec may not set yet; a spec's own value wins. PPO's trainer holds
 # the policy and the value model, each a 7B network: in fp32 under DDP (the spec's deepspeed: none) they
 # need about 149 GiB on a trainer GPU; ZeRO-3 casts them to bf16 and shards them over the 4 ranks.
@@ -149,15 +149,17 @@ def test_plan_json_is_the_table(capsys):
 
 
 def test_llava_image_tokens_follow_the_any_resolution_tiling():
-    arch = plan.architecture("llava-hf/llava-v1.6-mistral-7b-hf", "image_text")
+    arch = plan.architecture("hf:llava-hf/llava-v1.6-mistral-7b-hf", "image_text")
     # A 672 x 672 image: the 336 base image (576 features) and 2 x 2 tiles (48 x 48 features, a newline a row).
     assert arch.image_tokens == 576 + 48 * 48 + 48 and arch.vision_tokens == 5 * 577
 
 
 def test_an_unknown_hub_model_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["plan", "--config", "jobs/sft-7b.yaml", "--model_name", "hf:nobody/no-such-model"]) == 1
+    assert "no config for model 'hf:nobody/no-such-model'" in capsys.readouterr().err
     assert main(["plan", "--config", "jobs/sft-7b.yaml", "--model_name", "nobody/no-such-model"]) == 1
-    assert "no config for model 'nobody/no-such-model'" in capsys.readouterr().err
+    assert "a Hugging Face id takes the hf: prefix (hf:nobody/no-such-model)" in capsys.readouterr().err
 
 
 def make_dataset_dirs(root: Path, *names: str) -> str:

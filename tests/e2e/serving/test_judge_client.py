@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from humor_ray.config import UserError
-from humor_ray.eval.client import JudgeClient
+from humor_ray.eval.client import AnswerCache, JudgeClient
 from humor_ray.metrics import StageMetrics
 
+from .conftest import KEY_ENV, SERVER_KEY
 from .proxy import running_proxy
-
-FAKE_KEY = "sk-humorray-LEAKCHECK-7c1e9a"
 
 
 @pytest.fixture(params=[429, 503])
@@ -33,7 +32,7 @@ def judge_request(text: str, max_tokens: int = 1, top: int = 3) -> dict:
 def test_answers_come_back_in_request_order_with_logprobs(server, tmp_path):
     # Prompts grow with the index, so the prompt token counts reveal any reordering.
     requests = [judge_request("funny " * (i + 1), max_tokens=3) for i in range(24)]
-    answers = JudgeClient(server, "tiny", tmp_path, concurrency=8).complete_many(requests)
+    answers = JudgeClient(server, "tiny", tmp_path, concurrency=8, api_key_env=KEY_ENV).complete_many(requests)
     prompt_tokens = [a["usage"]["prompt_tokens"] for a in answers]
     assert prompt_tokens == sorted(prompt_tokens) and len(set(prompt_tokens)) == len(requests)
     for answer in answers:
@@ -47,10 +46,10 @@ def test_answers_come_back_in_request_order_with_logprobs(server, tmp_path):
 
 def test_rerun_is_answered_from_the_cache(server, tmp_path):
     requests = [judge_request(f"caption {i}") for i in range(10)]
-    first = JudgeClient(server, "tiny", tmp_path, concurrency=4)
+    first = JudgeClient(server, "tiny", tmp_path, concurrency=4, api_key_env=KEY_ENV)
     answers = first.complete_many(requests)
     assert first.stats.sent == 10 and first.stats.cache_hits == 0 and first.stats.completion_tokens == 10
-    rerun = JudgeClient(server, "tiny", tmp_path, concurrency=4)
+    rerun = JudgeClient(server, "tiny", tmp_path, concurrency=4, api_key_env=KEY_ENV)
     again = rerun.complete_many(requests)
     assert rerun.stats.sent == 0 and rerun.stats.cache_hits == 10 and rerun.stats.completion_tokens == 0
     assert all(a["cached"] for a in again)
@@ -58,7 +57,7 @@ def test_rerun_is_answered_from_the_cache(server, tmp_path):
 
 
 def test_injected_failures_are_retried(flaky_server, tmp_path):
-    client = JudgeClient(flaky_server, "tiny", tmp_path, concurrency=4)
+    client = JudgeClient(flaky_server, "tiny", tmp_path, concurrency=4, api_key_env=KEY_ENV)
     answers = client.complete_many([judge_request(f"retry me {i}") for i in range(8)])
     assert len(answers) == 8 and all(a["logprobs"] for a in answers)
     # Arrivals alternate between failing and succeeding, so 8 successes took 7 or 8 failed attempts.
@@ -69,30 +68,56 @@ def test_exhausted_retries_report_failures_and_a_rerun_resumes(flaky_server, tmp
     requests = [judge_request(f"resume {i}") for i in range(2)]
     # Of any two consecutive requests to the server, exactly one fails; without retries it stays failed.
     with pytest.raises(UserError, match=r"1 of 2 requests .* failed after 0 retries .*rerun to resume"):
-        JudgeClient(flaky_server, "tiny", tmp_path, concurrency=2, max_retries=0).complete_many(requests)
-    rerun = JudgeClient(flaky_server, "tiny", tmp_path, concurrency=2, max_retries=3)
+        JudgeClient(flaky_server, "tiny", tmp_path, concurrency=2, max_retries=0,
+                    api_key_env=KEY_ENV).complete_many(requests)
+    rerun = JudgeClient(flaky_server, "tiny", tmp_path, concurrency=2, max_retries=3, api_key_env=KEY_ENV)
     assert len(rerun.complete_many(requests)) == 2
     assert rerun.stats.sent == 1 and rerun.stats.cache_hits == 1
 
 
 def test_bad_request_fails_fast_with_the_server_message(server, tmp_path):
-    client = JudgeClient(server, "tiny", tmp_path, max_retries=6)
+    client = JudgeClient(server, "tiny", tmp_path, max_retries=6, api_key_env=KEY_ENV)
     began = time.monotonic()
     with pytest.raises(UserError, match=r"HTTP 400: .*max_tokens.*not retried"):
         client.complete_many([judge_request("fine"), {**judge_request("broken"), "max_tokens": 0}])
     assert time.monotonic() - began < 10 and client.stats.retries == 0
 
 
-def test_api_key_never_reaches_cache_errors_or_repr(server, tmp_path, monkeypatch):
-    monkeypatch.setenv("HUMOR_RAY_TEST_KEY", FAKE_KEY)
-    client = JudgeClient(server, "tiny", tmp_path, api_key_env="HUMOR_RAY_TEST_KEY")
-    assert client._api_key == FAKE_KEY  # the key is really in use
+def test_api_key_never_reaches_cache_errors_or_repr(server, tmp_path):
+    client = JudgeClient(server, "tiny", tmp_path, api_key_env=KEY_ENV)
+    assert client._api_key == SERVER_KEY  # the key is really in use (the server refuses requests without it)
     client.complete_many([judge_request(f"secret {i}") for i in range(4)])
     with pytest.raises(UserError) as failure:
         client.complete_many([{**judge_request("broken"), "temperature": 9}])
-    assert FAKE_KEY not in str(failure.value) and FAKE_KEY not in repr(client)
+    assert SERVER_KEY not in str(failure.value) and SERVER_KEY not in repr(client)
     files = [path for path in Path(tmp_path).rglob("*") if path.is_file()]
-    assert files and not any(FAKE_KEY.encode() in path.read_bytes() for path in files)
+    assert files and not any(SERVER_KEY.encode() in path.read_bytes() for path in files)
+
+
+def test_a_server_that_wants_a_key_gets_none_unless_named_and_says_so(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SERVER_KEY)  # OpenAI's variable goes to OpenAI alone, even to loopback
+    with pytest.raises(UserError, match=r"HTTP 401: You didn't provide an API key.*--api_key_env"):
+        JudgeClient(server, "tiny", tmp_path).complete_many([judge_request("who goes there")])
+
+
+def test_the_cache_is_keyed_by_the_served_weights(server, tmp_path):
+    """The fingerprint the server reports for its model is the hash of the weights it loaded, and the cache
+    keys carry it."""
+    from humor_ray.models import registry
+    from humor_ray.serve import weights_fingerprint
+
+    client = JudgeClient(server, "tiny", tmp_path, api_key_env=KEY_ENV)
+    version = client.model_version()
+    assert version == weights_fingerprint(registry.resolve("tiny"))
+    request = judge_request("fingerprinted")
+    client.complete_many([request])
+    assert client.stats.sent == 1
+    cache = AnswerCache(tmp_path)
+    try:
+        assert list(cache.get_many([client.cache_key(request, version)])) == [client.cache_key(request, version)]
+        assert not cache.get_many([client.cache_key(request, "sha256:another-model")])
+    finally:
+        cache.close()
 
 
 def test_remote_endpoint_without_key_names_the_variable(tmp_path, monkeypatch):
@@ -103,7 +128,7 @@ def test_remote_endpoint_without_key_names_the_variable(tmp_path, monkeypatch):
 
 def test_dry_run_sends_nothing(server, tmp_path):
     requests = [judge_request(f"dry {i}", max_tokens=2) for i in range(5)]
-    client = JudgeClient(server, "tiny", tmp_path, price_per_mtok_in=1.0, price_per_mtok_out=4.0)
+    client = JudgeClient(server, "tiny", tmp_path, price_per_mtok_in=1.0, price_per_mtok_out=4.0, api_key_env=KEY_ENV)
     plan = client.dry_run(requests)
     assert client.stats.sent == 0
     assert plan["to_send"] == 5 and plan["cached"] == 0 and plan["max_completion_tokens"] == 10
@@ -122,7 +147,7 @@ def test_the_clients_figures_reach_the_ray_node_metrics_endpoint(server, tmp_pat
 
     with running_proxy(server, fail_every=2, fail_status=503) as flaky:
         client = JudgeClient(flaky, "tiny", tmp_path, concurrency=4, price_per_mtok_in=1.0, price_per_mtok_out=4.0,
-                             figures=StageMetrics("judge-metrics", "judge"))
+                             api_key_env=KEY_ENV, figures=StageMetrics("judge-metrics", "judge"))
         requests = [judge_request(f"count me {i}", max_tokens=2) for i in range(6)]
         client.complete_many(requests)
         client.complete_many(requests[:4])  # answered from the cache

@@ -3,6 +3,8 @@ saved as a training run's `final/`, over HTTP with the OpenAI client and raw req
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -10,14 +12,14 @@ import pytest
 from humor_ray.config import UserError
 from humor_ray.serve import ServeConfig
 
-from .conftest import CONTEXT
+from .conftest import CONTEXT, SERVER_KEY
 
 CHAT = [{"role": "user", "content": "Write a caption for a cartoon of a cat at a board meeting."}]
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server, api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server, api_key=SERVER_KEY, max_retries=0, timeout=120)
 
 
 def greedy_chat(client, model: str, **extra):
@@ -59,7 +61,7 @@ def test_requests_without_settings_get_the_papers_32_tokens(client):
 
 
 def error_of(server: str, path: str, body: dict) -> tuple[int, dict]:
-    answer = httpx.post(f"{server}{path}", json=body, timeout=120)
+    answer = httpx.post(f"{server}{path}", json=body, headers={"Authorization": f"Bearer {SERVER_KEY}"}, timeout=120)
     return answer.status_code, answer.json()["error"]
 
 
@@ -86,6 +88,32 @@ def test_over_the_context_length_is_refused_not_truncated(server, client):
     assert status == 400 and str(CONTEXT) in error["message"]
 
 
+def test_a_streamed_request_over_the_context_is_refused_before_any_token(server, client):
+    prompt_tokens = client.completions.create(model="tiny", prompt="cat " * 50, max_tokens=1).usage.prompt_tokens
+    for path, body in (("/completions", {"prompt": "cat " * 50}), ("/chat/completions", {"messages": CHAT})):
+        over = {"model": "tiny", "stream": True, "max_tokens": CONTEXT - prompt_tokens + 200, **body}
+        with httpx.stream("POST", f"{server}{path}", json=over, timeout=120,
+                          headers={"Authorization": f"Bearer {SERVER_KEY}"}) as answer:
+            text = answer.read().decode()
+        assert answer.status_code == 400, text
+        assert str(CONTEXT) in json.loads(text)["error"]["message"] and "data:" not in text
+    # Within the context, the same stream runs.
+    chunks = list(client.completions.create(model="tiny", prompt="cat " * 50, max_tokens=3, temperature=0,
+                                            stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+
+
+def test_models_report_the_fingerprint_of_their_weights(client, adapter_run):
+    from humor_ray.models import registry
+    from humor_ray.serve import weights_fingerprint
+
+    base = registry.resolve("tiny")
+    cards = {card.id: card.metadata["weights_fingerprint"] for card in client.models.list()}
+    assert cards == {"tiny": weights_fingerprint(base),
+                     f"tiny:{adapter_run.parent.name}": weights_fingerprint(base, str(adapter_run))}
+    assert len(set(cards.values())) == 2
+
+
 def test_bad_configs_fail_before_any_server_starts(tmp_path):
     with pytest.raises(UserError, match=f"no adapter_config.json in {tmp_path}"):
         ServeConfig(model="tiny", lora=[str(tmp_path)])
@@ -101,7 +129,15 @@ def test_the_serve_deploy_config_is_valid_and_builds_our_config():
     from ray.serve.schema import ServeDeploySchema
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[3] / "jobs" / "serve" / "smollm2.yaml").read_text())
-    app, = ServeDeploySchema.model_validate(spec).applications
+    schema = ServeDeploySchema.model_validate(spec)
+    app, = schema.applications
     assert app.import_path == "humor_ray.serve:build_app"
-    cfg = ServeConfig(**app.args)
+    assert schema.http_options.host == "0.0.0.0" and schema.http_options.request_timeout_s > 0
+    # It listens beyond loopback, so it must name a key (build_app reads the host from Serve's http_options).
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("HUMOR_RAY_API_KEY", raising=False)
+        with pytest.raises(UserError, match="HUMOR_RAY_API_KEY"):
+            ServeConfig(**app.args, host=schema.http_options.host)
+        env.setenv("HUMOR_RAY_API_KEY", "a-key")
+        cfg = ServeConfig(**app.args, host=schema.http_options.host)
     assert cfg.replica_range() == (1, 4) and cfg.model_id() == "smollm2-135m"
