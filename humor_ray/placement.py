@@ -357,3 +357,53 @@ def rehearse(plan: Plan, storage_path: str) -> list[dict]:
     for actor in [*actors, records]:
         ray.kill(actor)
     return found
+
+
+def spec_plan(spec: str, flags: list[str]) -> Plan:
+    """The plan of a job spec (with flags that override it), for the stage its file name starts with."""
+    import importlib
+
+    from humor_ray.cli import STAGES
+    from humor_ray.config import parse_config
+
+    stage = Path(spec).name.split("-")[0]
+    if (stage,) not in STAGES or stage not in ("sft", "rm", "dpo", "llava", "ppo"):
+        raise UserError(f"{spec}: a training or ppo job spec (sft-, rm-, dpo-, llava-, ppo-...)")
+    module_name, config_name = STAGES[(stage,)]
+    # The outputs and inputs are not read: a placement needs none of them.
+    needed = ["--output_dir", "/unused", "--dataset_dir", "/unused"] + (
+        ["--reward_model", "builtin:vowel_share"] if stage == "ppo" else [])
+    cfg = parse_config(getattr(importlib.import_module(module_name), config_name), ["--config", spec, *needed, *flags],
+                       f"humor-ray {stage}")
+    return ppo_plan(cfg) if stage == "ppo" else train_plan(stage, cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m humor_ray.placement "jobs/ppo-7b.yaml [--flag value ...]" ...`: rehearse the placement of each
+    job spec on the cluster in RAY_ADDRESS with stand-ins (no model loads), one JSON line per spec: its roles
+    and where each landed, or the one-line reason it does not fit."""
+    import json
+    import os
+    import shlex
+    import sys
+    import tempfile
+
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING", log_to_driver=False)
+    for item in sys.argv[1:] if argv is None else argv:
+        spec, *flags = shlex.split(item)
+        plan = spec_plan(spec, flags)
+        line = {"spec": item, "roles": [dataclasses.asdict(role) for role in plan.roles],
+                "trainer_resources": plan.trainer_resources()}
+        try:
+            with tempfile.TemporaryDirectory() as storage:
+                line["placed"] = rehearse(plan, storage)
+        except UserError as err:
+            line["error"] = str(err)
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -624,12 +624,12 @@ def run(cfg: Config):
     prompts_dir = os.path.join(cfg.dataset_dir, "prompts", "train")
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
-    reward_spec = resolve_reward_model(cfg.reward_model)
-    policy_dir = registry.resolve(cfg.model_name)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
     plan = ppo_plan(cfg)
     check_cluster(plan)  # a cluster too small is one line, before anything loads
+    reward_spec = resolve_reward_model(cfg.reward_model)
+    policy_dir = registry.resolve(cfg.model_name)
+    os.makedirs(cfg.output_dir, exist_ok=True)
     engines, reward_actor = [], None  # colocated: each trainer worker starts those that share its GPU
     if plan.mode != "colocate":
         engine = plan.role("engine")

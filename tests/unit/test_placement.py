@@ -120,19 +120,11 @@ def test_a_cluster_too_small_is_one_line_naming_need_and_gpus():
         placement.check_fits(plan, few_cpus)
 
 
-def spec_plan(spec: Path):
-    from test_jobs import load
-
-    cfg = load(spec)
-    stage = spec.stem.split("-")[0]
-    return placement.ppo_plan(cfg) if stage == "ppo" else placement.train_plan(stage, cfg)
-
-
 @pytest.mark.parametrize("spec", sorted(JOBS.glob("*-7b.yaml")), ids=lambda p: p.name)
 def test_each_7b_spec_names_a_shape_it_fits(spec, monkeypatch):
     monkeypatch.setenv("HUMOR_RAY_DATA", "/data")
     assert spec.read_text().splitlines()[0].startswith("# shape: "), "the shape comes first"
     nodes, gpus = placement.spec_shape(spec)
-    plan = spec_plan(spec)
+    plan = placement.spec_plan(str(spec), [])
     # The GPU nodes of clusters/kuberay.yaml: 9 CPUs per GPU.
     placement.check_fits(plan, placement.ClusterShape(((9.0 * gpus, float(gpus), nodes),)))
