@@ -248,7 +248,8 @@ def check_fits(plan: Plan, shape: ClusterShape) -> None:
         return
     need = plan.gpus_needed()
     if need > shape.gpus:
-        raise UserError(f"{plan.stage} needs {need} GPUs ({plan.describe()}); the cluster {shape.describe()}")
+        raise UserError(f"{plan.stage} needs {need} GPU{'s' if need != 1 else ''} ({plan.describe()}); the cluster "
+                        f"{shape.describe()}")
     if plan.trainer is None:
         return
     bundle = plan.trainer_resources()

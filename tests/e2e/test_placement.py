@@ -136,3 +136,47 @@ def test_training_specs_on_their_shape_and_ppo_refused_in_one_line(cluster, tmp_
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == f"humor-ray ppo: error: {need}", \
         done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_colocated_engine_and_reward_model_see_only_their_workers_gpu(ray_local):
+    """The options PPO's colocated workers start the real engine and reward model with (on this CPU machine the
+    engine runs on the CPU; what counts is where it runs and which GPU it would see)."""
+    import ray
+
+    from humor_ray import placement
+    from humor_ray.engines import Decoding, start_engines
+    from humor_ray.models import registry
+    from humor_ray.rl.reward import start_reward_actor
+
+    node = ray.get_runtime_context().get_node_id()
+    options = placement.rider_options(node, "3")
+    engine, = start_engines("hf", registry.resolve("tiny"), 1, num_cpus=1, gpu_memory=0.36, seed=7, options=options)
+    reward = start_reward_actor("builtin:vowel_share", options=options)
+
+    def seen(actor):
+        return ray.get(actor.__ray_call__.remote(lambda self: (
+            ray.get_runtime_context().get_node_id(), ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))))
+
+    try:
+        assert seen(engine) == (node, [], "3", "0")  # the engines' own settings are kept beside the device
+        assert seen(reward)[:3] == (node, [], "3")
+        samples = ray.get(engine.generate.remote(["A caption:"], 2, Decoding(max_new_tokens=4, seed=1)))
+        assert len(samples) == 2
+        assert ray.get(reward.score.remote(["p"], ["aaa"])) == [1.0]
+    finally:
+        for actor in (engine, reward):
+            ray.kill(actor)
+
+
+def test_the_reward_model_judge_asks_for_a_gpu_with_use_gpu(ray_local, tmp_path):
+    """On a cluster without GPUs `judge --judge rm --use_gpu` says so in one line (it used to score on the CPU of
+    the driver)."""
+    from humor_ray.config import UserError
+    from humor_ray.eval import benchmark
+
+    cfg = benchmark.JudgeConfig(dataset_dir=str(tmp_path), generations=[str(tmp_path)], output_dir=str(tmp_path),
+                                reward_model="builtin:vowel_share", use_gpu=True)
+    with pytest.raises(UserError) as err:
+        benchmark._score_on_gpu(cfg, "builtin:vowel_share", ["p"], ["aaa"])
+    assert str(err.value) == "judge needs 1 GPU (1 reward model); the cluster has 0 GPUs"
