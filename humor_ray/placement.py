@@ -65,7 +65,7 @@ def check_free_memory(free_bytes: int, total_bytes: int, utilization: float, dev
     if free_bytes < requested:
         gib = 2 ** 30
         raise UserError(f"the vLLM engine on {device} needs {utilization:g} of its {total_bytes / gib:.1f} GiB "
-                        f"({requested / gib:.1f} GiB) free at start and {free_bytes / gib:.1f} GiB are: lower "
+                        f"({requested / gib:.1f} GiB) free at start and only {free_bytes / gib:.1f} GiB are: lower "
                         "--engine_gpu_memory (or the engine's --colocate_fractions share)")
 
 
@@ -87,7 +87,8 @@ class Role:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The roles of one stage, and how they share GPUs: cpu, whole (each its own GPUs) or colocate."""
+    """The roles of one stage and how they use GPUs (`mode`): cpu (none); whole (training and generation: a GPU
+    each); separate or colocate (ppo's --placement)."""
     stage: str
     mode: str
     roles: tuple[Role, ...]
