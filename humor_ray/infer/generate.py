@@ -24,18 +24,19 @@ import os
 import time
 from pathlib import Path
 
-from humor_ray.config import ConfigError, Options, UserError, data_root, field
+from humor_ray.config import ConfigError, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
 from humor_ray.data.outputs import require_complete, written_aside
 from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, clean_caption
 from humor_ray.log import get_logger
 from humor_ray.metrics import StageMetrics
+from humor_ray.placement import EngineGpuOptions, check_cluster, inference_plan
 
 log = get_logger("generate")
 
 
 @dataclasses.dataclass
-class GenerateConfig(Options, DecodingOptions):
+class GenerateConfig(EngineGpuOptions, DecodingOptions):
     """N captions per evaluation contest from one model."""
     dataset_dir: str = field(None, "the output of `humor-ray data build` (its prompts/<split>)",
                             required=True)
@@ -50,7 +51,7 @@ class GenerateConfig(Options, DecodingOptions):
     contests: list[int] = field([], "only these contests (before --max_contests)", minimum=1)
     engine: str = field("vllm", "the generation engine", choices=ENGINES)
     num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)", minimum=1)
-    use_gpu: bool = field(False, "one GPU per engine")
+    use_gpu: bool = field(False, "one GPU per engine (bon: and one for the reward model)")
     batch_size: int = field(4, "contests per engine call", minimum=1)
     max_new_tokens: int = field(64, "tokens per generation at most", minimum=1)
     max_attempts: int = field(3, "draws per caption before an empty one is reported", minimum=1)
@@ -97,11 +98,11 @@ class CaptionWriter:
     """A Ray Data actor holding one engine: contests in, `n` clean captions each out."""
 
     def __init__(self, engine: str, model_dir: str, n: int, decoding: Decoding, max_attempts: int, seed: int,
-                 figures: StageMetrics, images: str | None = None):
+                 figures: StageMetrics, images: str | None = None, gpu_memory: float = 0.0):
         from humor_ray.engines import engine_class
 
-        # On a GPU the engine is alone on it: vLLM may take most of its memory.
-        self.engine = engine_class(engine)(model_dir, 0, None, 0.85 if _gpu() else 0.0, seed)
+        # `gpu_memory`: the engine's share of its GPU's memory (humor_ray.placement); 0 on the CPU.
+        self.engine = engine_class(engine)(model_dir, 0, None, gpu_memory, seed)
         self.n, self.decoding, self.max_attempts, self.images = n, decoding, max_attempts, images
         self.figures = figures
 
@@ -158,12 +159,6 @@ class RewardScorer:
         return batch
 
 
-def _gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def read_prompts(cfg: GenerateConfig):
     """The split's prompts: contest, what the policy reads, what the reward model reads."""
     import pyarrow as pa
@@ -216,16 +211,27 @@ def _generate(cfg: GenerateConfig, per_contest: int):
     if vision:
         prompts = with_cartoons(cfg, prompts, model_dir)
     init_ray()
+    plan = placement_plan(cfg)
+    check_cluster(plan)  # a cluster too small is one line, before anything loads
+    engine = plan.role("engine")
     decoding = cfg.decoding()
     started = time.perf_counter()
     rows = ray.data.from_arrow(prompts).repartition(max(1, prompts.num_rows // cfg.batch_size)).map_batches(
         CaptionWriter, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_engines),
-        num_gpus=1 if cfg.use_gpu else 0,
+        num_gpus=engine.gpus,
         fn_constructor_kwargs={"engine": cfg.engine, "model_dir": model_dir, "n": per_contest,
                                "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed,
-                               "figures": figures(cfg), "images": cfg.images if vision else None},
+                               "figures": figures(cfg), "images": cfg.images if vision else None,
+                               "gpu_memory": engine.memory},
         runtime_env={"env_vars": VLLM_ENV})
     return prompts, rows, started
+
+
+def placement_plan(cfg: GenerateConfig):
+    """The engines (and for bon the reward model) and their GPUs (humor_ray.placement)."""
+    bon = isinstance(cfg, BonConfig)
+    return inference_plan("bon" if bon else "generate", cfg.use_gpu, cfg.num_engines, reward=bon,
+                          engine_gpu_memory=cfg.engine_gpu_memory)
 
 
 def figures(cfg: GenerateConfig) -> StageMetrics:
@@ -308,6 +314,7 @@ def _best_of_n(cfg: BonConfig, reward_spec: str) -> dict:
 
     prompts, rows, started = _generate(cfg, cfg.n * cfg.candidates_factor)
     scored = _table(rows.map_batches(RewardScorer, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1),
+                                     num_gpus=placement_plan(cfg).role("reward").gpus,
                                      fn_constructor_kwargs={"spec": reward_spec, "max_length": cfg.reward_max_length}))
     pq.write_table(scored.select(["contest", "sample", "caption", "reward"]),
                    os.path.join(cfg.output_dir, "candidates.parquet"))

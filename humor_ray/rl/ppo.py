@@ -33,6 +33,7 @@ from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, Lor
                               UserError, field)
 from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
+from humor_ray.placement import EngineGpuOptions, ppo_plan
 from humor_ray.rl.algorithms import ESTIMATORS
 from humor_ray.engines import ENGINES, DecodingOptions
 from humor_ray.rl.learners import deepspeed_loading, precision, unwrap
@@ -53,7 +54,8 @@ HISTORY_TIMES = {"rollout": "generate", "score": "score", "make_experience": "re
 
 # The groups in reverse: a dataclass lists the last base's fields first.
 @dataclasses.dataclass
-class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOptions, DecodingOptions):
+class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOptions, EngineGpuOptions,
+             DecodingOptions):
     """PPO (or GRPO/RLOO) of a caption policy against a reward model."""
     # The trainer scores sampled tokens by the policy at --temperature alone, so by default PPO samples
     # from exactly that: no nucleus cut, no repetition penalty (the paper's 0.95 and 1.15 are for generate/bon).
@@ -104,10 +106,13 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
     num_engines: int = field(1, "rollout engine actors", minimum=1)
     engine_max_model_len: int | None = field(None, "prompt + caption tokens an engine holds per sequence "
                                                    "(default: the model's limit)", minimum=1)
-    placement: str = field("separate", "GPU placement: separate (each role its own GPUs) or colocate (shares "
-                                       "of one)", choices=PLACEMENTS)
-    colocate_fractions: list[float] = field([0.4, 0.2, 0.4], "GPU shares of engine, reward model, trainer "
-                                                             "worker when colocated", exclusive_minimum=0, maximum=1)
+    placement: str = field("separate", "GPU placement: separate (each engine, the reward model and each trainer "
+                                       "worker its own GPU) or colocate (one GPU per trainer worker, shared with "
+                                       "the engines and the reward model)", choices=PLACEMENTS)
+    colocate_fractions: list[float] = field([0.4, 0.2, 0.4], "shares of a GPU of engine, reward model, trainer "
+                                                             "worker when colocated (an engine's vLLM memory is its "
+                                                             "share of --engine_gpu_memory)",
+                                            exclusive_minimum=0, maximum=1)
     staleness_alarm: float = field(0.05, "warn when the mean trainer-engine log-prob gap exceeds this",
                                    minimum=0)
     gradient_checkpointing: bool = field(False, "recompute the policy's and value model's activations in the "
@@ -140,19 +145,15 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
                 vllm_lora_rank(self.lora_r)
             except UserError as err:
                 raise ConfigError(f"{err}; or use --weight_sync full") from None
+        ppo_plan(self)  # the GPU shares are checked before any cluster starts
 
     def syncs_adapter(self) -> bool:
         """Whether the engines get the LoRA adapter alone after each update."""
         return self.lora_r > 0 and self.weight_sync == "adapter"
 
-    def gpu_shares(self) -> tuple[float, float, float]:
-        """GPUs for (each engine, the reward actor, each trainer worker)."""
-        if not self.use_gpu:
-            return 0.0, 0.0, 0.0
-        if self.placement == "colocate":
-            engine, reward, trainer = self.colocate_fractions
-            return engine, reward, trainer
-        return 1.0, 1.0, 1.0
+    def max_lora_rank(self) -> int:
+        """The LoRA rank the engines must take (0: they get whole weights)."""
+        return self.lora_r if self.syncs_adapter() else 0
 
 
 # ---------------------------------------------------------------- inside a trainer worker
@@ -695,9 +696,38 @@ class PPOWorker:
             self.writer.close()
 
 
+def _start_colocated(args: WorkerArgs, worker: WorkerContext) -> WorkerArgs:
+    """--placement colocate: this worker starts the engines and (worker 0) the reward model that share its GPU,
+    before its own models take their part of it; every worker gets all of them (`humor_ray.placement`)."""
+    from humor_ray import placement
+    from humor_ray.engines import start_engines
+    from humor_ray.models import registry
+    from humor_ray.rl.reward import resolve_reward_model, start_reward_actor
+
+    cfg = args.config
+    plan = ppo_plan(cfg)
+
+    def start(name: str, index: int, options: dict):
+        role = plan.role(name)
+        if name == "engine":
+            actor, = start_engines(cfg.engine, registry.resolve(cfg.model_name), 1, num_cpus=role.cpus,
+                                   gpu_memory=role.memory, max_model_len=cfg.engine_max_model_len,
+                                   seed=cfg.seed + index, max_lora_rank=cfg.max_lora_rank(), options=options)
+            return actor, actor.version.remote()
+        actor = start_reward_actor(resolve_reward_model(cfg.reward_model), max_length=cfg.reward_max_length,
+                                   num_cpus=role.cpus, options=options)
+        return actor, actor.pid.remote()
+
+    roles = placement.start_colocated(plan, worker.rank, start)
+    return dataclasses.replace(args, engines=[roles[("engine", j)] for j in range(cfg.num_engines)],
+                               reward=roles[("reward", 0)])
+
+
 def _worker_loop(config: dict) -> None:
     args: WorkerArgs = config["args"]
     context = start_worker(args.config, "ppo")
+    if not args.engines:  # colocated: the worker starts them
+        args = _start_colocated(args, context)
     with deepspeed_loading(args.config):  # the models are built and trained in it; the final merge is not
         worker = PPOWorker(args, context)
         worker.train()
@@ -724,6 +754,7 @@ def run(cfg: Config):
     from humor_ray.cluster import init_ray
     from humor_ray.models import registry
     from humor_ray.engines import start_engines
+    from humor_ray.placement import check_cluster
     from humor_ray.plan import check_before_start
     from humor_ray.rl.reward import recorded_max_length, resolve_reward_model, start_reward_actor
     from humor_ray.train.launcher import TrainError, absolute_local_paths
@@ -736,34 +767,40 @@ def run(cfg: Config):
     prompts_dir = os.path.join(cfg.dataset_dir, "prompts", "train")
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
-    reward_spec = resolve_reward_model(cfg.reward_model)
     if cfg.reward_max_length is None:  # as the reward model was trained, when its run says
         cfg.reward_max_length = recorded_max_length(cfg.reward_model) or 512
     check_before_start("ppo", cfg)  # a role that cannot fit its GPU stops here, before Ray starts
+    init_ray(dashboard=True)
+    plan = ppo_plan(cfg)
+    check_cluster(plan)  # a cluster too small is one line, before anything loads
+    reward_spec = resolve_reward_model(cfg.reward_model)
     if cfg.top_p < 1 or cfg.repetition_penalty != 1:
         log.warning(f"--top_p {cfg.top_p} --repetition_penalty {cfg.repetition_penalty}: the engines sample from a "
                     "distribution the trainer does not score; importance ratios and KL are biased")
     policy_dir = registry.resolve(cfg.model_name)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    init_ray(dashboard=True)
-    engine_gpus, reward_gpus, trainer_gpus = cfg.gpu_shares()
-    engines = start_engines(cfg.engine, policy_dir, cfg.num_engines, num_gpus=engine_gpus,
-                            max_model_len=cfg.engine_max_model_len, seed=cfg.seed,
-                            max_lora_rank=cfg.lora_r if cfg.syncs_adapter() else 0)
-    reward_actor = start_reward_actor(reward_spec, max_length=cfg.reward_max_length, num_gpus=reward_gpus)
+    engines, reward_actor = [], None  # colocated: each trainer worker starts those that share its GPU
+    if plan.mode != "colocate":
+        engine = plan.role("engine")
+        engines = start_engines(cfg.engine, policy_dir, cfg.num_engines, **plan.actor_options("engine"),
+                                gpu_memory=engine.memory, max_model_len=cfg.engine_max_model_len, seed=cfg.seed,
+                                max_lora_rank=cfg.max_lora_rank())
+        reward_actor = start_reward_actor(reward_spec, max_length=cfg.reward_max_length,
+                                          **plan.actor_options("reward"))
     try:
         # Ready before the trainer starts, so a model that cannot load fails here with its own message.
         try:
-            ray.get([e.version.remote() for e in engines] + [reward_actor.pid.remote()])
+            ray.get([e.version.remote() for e in engines] + ([reward_actor.pid.remote()] if reward_actor else []))
         except ray.exceptions.RayActorError as err:
             raise TrainError(f"a rollout engine or the reward model could not start: {err}") from err
         log.info(f"{cfg.num_workers} trainer worker(s), {cfg.num_engines} {cfg.engine} engine(s), policy "
                  f"{cfg.model_name}, reward {reward_spec}, {cfg.estimator}, {cfg.max_steps} steps -> {cfg.output_dir}")
         result = run_trainer(_worker_loop, WorkerArgs(config=cfg, engines=engines, reward=reward_actor), "ppo",
-                             shown=("reward", "kl", "gap", "s/step"), gpus_per_worker=trainer_gpus)
+                             shown=("reward", "kl", "gap", "s/step"), resources=plan.trainer_resources())
     finally:
         for actor in [*engines, reward_actor]:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
     from humor_ray.train.export import final_model
 
     summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())

@@ -98,11 +98,16 @@ class RewardModel:
         return scores
 
 
-def start_reward_actor(spec: str, *, max_length: int = 512, num_cpus: float = 1, num_gpus: float = 0):
+def start_reward_actor(spec: str, *, max_length: int = 512, num_cpus: float = 1, num_gpus: float = 0,
+                       options: dict | None = None):
+    """The reward model as an actor with `num_gpus` GPUs from Ray (it runs on a GPU when it sees one);
+    `options`: more Ray options (a colocated reward model's node and device)."""
     import ray
 
-    actor = ray.remote(RewardModel).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
-                                            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}})
+    options = dict(options or {})
+    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), **options.pop("runtime_env", {}).get("env_vars", {})}
+    actor = ray.remote(RewardModel).options(**{"num_cpus": num_cpus, "num_gpus": num_gpus, **options},
+                                            max_restarts=-1, runtime_env={"env_vars": env})
     return actor.remote(spec, max_length)
 
 

@@ -26,6 +26,7 @@ from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, Lor
 from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
+from humor_ray.placement import check_cluster, train_plan
 from humor_ray.train.deepspeed_presets import deepspeed_config, trainer_half_precision
 from humor_ray.train.export import PARTIAL, final_model, publish_final, save_merged, start_final
 
@@ -474,9 +475,10 @@ def fit_with_progress(trainer, board, run_name: str, stage_name: str, shown: tup
 
 
 def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str, *, shown=TRAINER_SHOWN,
-                datasets: dict | None = None, checkpoint_config=None, gpus_per_worker: float = 1.0):
-    """`loop` on `--num_workers` Ray Train workers, each given `args` (and the progress board this starts):
-    storage, the checkpoints kept, restarts after failures, the driver's progress bar."""
+                datasets: dict | None = None, checkpoint_config=None, resources: dict | None = None):
+    """`loop` on `--num_workers` Ray Train workers, each given `args` (and the progress board this starts) and
+    reserving `resources` (default: the stage's `humor_ray.placement` plan): storage, the checkpoints kept,
+    restarts after failures, the driver's progress bar."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -485,7 +487,7 @@ def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str,
     run_config = RunConfig(name=cfg.run_name, storage_path=cfg.storage_path or os.path.join(cfg.output_dir, "ray"),
                            checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=cfg.save_total_limit),
                            failure_config=FailureConfig(max_failures=cfg.max_failures))
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if cfg.use_gpu else {})}
+    resources = resources or train_plan(stage_name, cfg).trainer_resources()
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     trainer = TorchTrainer(loop, train_loop_config={"args": dataclasses.replace(args, board=board)},
                            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -517,6 +519,7 @@ def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool
     check_before_start(stage.name, cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
+    check_cluster(train_plan(stage.name, cfg))  # a cluster too small is one line, before anything loads
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
