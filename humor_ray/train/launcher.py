@@ -27,7 +27,7 @@ from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
 from humor_ray.train.deepspeed_presets import deepspeed_config
-from humor_ray.train.export import PARTIAL, final_model, publish_final, save_merged, start_final
+from humor_ray.train.export import PARTIAL, final_model, publish_final, rewrite_record, save_merged, start_final
 
 class TrainError(UserError):
     """A training run that cannot start or finish; the message says why."""
@@ -81,6 +81,7 @@ class WorkerArgs:
     stage: Stage | None = None  # a TRL stage: what the worker builds
     engines: list = dataclasses.field(default_factory=list)  # ppo: the rollout engine actors
     reward: Any = None  # ppo: the reward-model actor
+    marks: dict = dataclasses.field(default_factory=dict)  # the driver's wall-clock marks (see `outside_loop`)
 
 
 def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
@@ -272,6 +273,7 @@ def _worker_loop(config: dict) -> None:
     args: WorkerArgs = config["args"]
     cfg, stage = args.config, args.stage
     worker = start_worker(cfg, stage.name)
+    marks = {**args.marks, "worker_ready": time.time()}
     # TensorBoard events next to the run's outputs, where `tensorboard --logdir` finds them.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     # TRL still calls the old gradient-checkpointing names; one warning per call floods the logs.
@@ -281,11 +283,16 @@ def _worker_loop(config: dict) -> None:
 
         deepspeed.init_distributed(dist_backend="gloo")
     train, evaluation = _worker_datasets(cfg, stage, worker)
+    marks["data_ready"] = time.time()
     trainer = _ready_trainer(cfg, stage, worker, args.board, train, evaluation)
+    marks["trainer_ready"] = time.time()
+    timer = _loop_timer()
+    trainer.add_callback(timer)
     if cfg.do_train:
         trainer.train(resume_from_checkpoint=_resume_from(worker))
         worker.log.info("trained")
-    _save_final_model(cfg, stage, worker, trainer, evaluation)
+    marks.update(timer.marks, trained=time.time(), checkpoint_s=timer.checkpoint_s)
+    _save_final_model(cfg, stage, worker, trainer, evaluation, marks)
 
 
 def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext):
@@ -325,6 +332,55 @@ def _ready_trainer(cfg: TrainConfig, stage: Stage, worker: WorkerContext, board,
     return prepare_trainer(trainer)
 
 
+def _loop_timer():
+    """A callback that marks when the training loop began and ended its first step, and adds up the time
+    its checkpoints took (from the step's last log or evaluation to the end of Ray Train's report)."""
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):
+        def __init__(self):
+            self.marks, self.checkpoint_s, self.last = {}, 0.0, time.time()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks["loop_begin"] = self.last = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.last = time.time()
+            self.marks.setdefault("first_step", self.last)
+
+        def on_log(self, args, state, control, **kwargs):
+            self.last = time.time()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.last = time.time()
+
+        def on_save(self, args, state, control, **kwargs):  # added last: runs after Ray Train's report
+            self.checkpoint_s += time.time() - self.last
+
+    return LoopTimer()
+
+
+# The phases of a run outside its training loop, from the wall-clock marks the driver and rank 0 take (one
+# machine's clock, or clocks a cluster keeps in step): (phase, mark it starts at, mark it ends at).
+PHASES = (("cluster", "launch", "cluster_ready"),  # start a local Ray or join one, and the checks before
+          ("driver", "cluster_ready", "fit"),  # the dataset's plan, the trainer's set-up
+          ("worker start", "fit", "worker_ready"),  # Ray Train's controller, placement, worker processes
+          ("dataset", "worker_ready", "data_ready"),  # this worker's training and evaluation rows
+          ("model load", "data_ready", "trainer_ready"),  # the model, the tokenized dataset, the trainer
+          ("loop start", "trainer_ready", "loop_begin"),  # the trainer's own set-up, a resumed checkpoint
+          ("first step", "loop_begin", "first_step"),  # inside the loop: its first step
+          ("final evaluation", "trained", "evaluated"),
+          ("export", "evaluated", "exported"))  # the final save and the merged model
+
+
+def outside_loop(marks: dict) -> dict:
+    """Seconds per phase (PHASES, and `checkpoint`: the checkpoints inside the loop), from `marks`."""
+    timings = {name: round(marks[end] - marks[start], 2) for name, start, end in PHASES
+               if start in marks and end in marks}
+    timings["checkpoint"] = round(marks.get("checkpoint_s", 0.0), 2)
+    return timings
+
+
 def _resume_from(worker: WorkerContext) -> str | None:
     """A local copy of the checkpoint's Hugging Face folder, when Ray Train restarts or resumes a run."""
     from ray.train.huggingface.transformers import RayTrainReportCallback
@@ -338,22 +394,28 @@ def _resume_from(worker: WorkerContext) -> str | None:
     return os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
 
 
-def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, trainer, evaluation) -> None:
+def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, trainer, evaluation,
+                      marks: dict) -> None:
     metrics = {}
     if evaluation is not None:
         # The last step's evaluation already ran when --eval_steps divides --max_steps: reuse it.
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
         fresh = last is not None and last["step"] == trainer.state.global_step
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate()
+    marks["evaluated"] = time.time()
     # Every rank takes part (DeepSpeed gathers); rank 0 alone writes, so it alone clears the folder.
     written = start_final(cfg.output_dir) if worker.rank == 0 else os.path.join(cfg.output_dir, PARTIAL)
     trainer.save_model(written)
     if worker.rank == 0:
         trainer.processing_class.save_pretrained(written)
-        serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, written)
+        # Under ZeRO-3 each worker holds a part of the weights: the merge reloads the base instead.
+        live = None
+        serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, written, live)
+        marks["exported"] = time.time()
         publish_final(cfg.output_dir, written, serve,
                       {"eval": metrics, "log_history": trainer.state.log_history,
-                       "resumed_from": worker.checkpoint.path if worker.checkpoint else None})
+                       "resumed_from": worker.checkpoint.path if worker.checkpoint else None,
+                       "timings": outside_loop(marks), "timing_marks": marks})
         worker.log.info(f"final model in {final_model(cfg.output_dir)}")
 
 
@@ -446,6 +508,7 @@ def launch(stage: Stage, cfg: TrainConfig):
     from humor_ray.cluster import init_ray
     from humor_ray.plan import check_before_start
 
+    marks = {"launch": time.time()}
     setup_logging()
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name", "images"))
     cfg.run_name = cfg.run_name or stage.name
@@ -457,6 +520,7 @@ def launch(stage: Stage, cfg: TrainConfig):
     check_before_start(stage.name, cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
+    marks["cluster_ready"] = time.time()
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
@@ -469,9 +533,27 @@ def launch(stage: Stage, cfg: TrainConfig):
     log = get_logger(stage.name)
     log.info(f"{cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
              f"{cfg.output_dir}")
-    result = run_trainer(_worker_loop, WorkerArgs(config=cfg, stage=stage), stage.name, datasets={"train": train},
-                         checkpoint_config=kept)
-    summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
+    marks["fit"] = time.time()
+    result = run_trainer(_worker_loop, WorkerArgs(config=cfg, stage=stage, marks=marks), stage.name,
+                         datasets={"train": train}, checkpoint_config=kept)
+    summary = record_teardown(cfg.output_dir, marks["launch"])
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
     log.info(f"done: {final_model(cfg.output_dir)}  eval {shown}")
+    timings = summary["timings"]
+    log.info(f"{timings['outside_loop']:.1f} s outside the training loop: "
+             + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items() if name != "outside_loop"))
     return result
+
+
+def record_teardown(output_dir: str, launched: float) -> dict:
+    """Adds the driver's part to metrics.json's `timings` (rank 0 wrote the rest): `teardown`, from the
+    export to `fit()` returning, and `outside_loop`, the run's wall time less the training loop's."""
+    summary = json.loads(Path(output_dir, "metrics.json").read_text())
+    now = time.time()
+    timings = summary["timings"]
+    if "exported" in summary.get("timing_marks", {}):
+        timings["teardown"] = round(now - summary["timing_marks"]["exported"], 2)
+    loop = max((e.get("train_runtime", 0.0) for e in summary["log_history"]), default=0.0)
+    timings["outside_loop"] = round(now - launched - loop, 2)
+    rewrite_record(output_dir, summary)
+    return summary
