@@ -409,7 +409,7 @@ def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, tra
     if worker.rank == 0:
         trainer.processing_class.save_pretrained(written)
         # Under ZeRO-3 each worker holds a part of the weights: the merge reloads the base instead.
-        live = None
+        live = None if cfg.deepspeed.startswith("zero3") else trainer.model
         serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, written, live)
         marks["exported"] = time.time()
         publish_final(cfg.output_dir, written, serve,
