@@ -158,6 +158,30 @@ def shard_dataset(shard, columns: list[str], limit: int | None = None, caption_c
     return as_dataset(table, columns, caption_columns)
 
 
+# A local training split up to this size on disk reaches each worker as Parquet read in the worker, without a
+# Ray Data pipeline (whose read tasks and split coordinator cost seconds at every start); larger ones stream.
+DIRECT_READ_BYTES = 256 * 2**20
+
+
+def read_directly(path: str) -> bool:
+    """Whether the workers read the split at `path` themselves (local and small) instead of a Ray Data shard."""
+    if "://" in path:
+        return False
+    return sum(f.stat().st_size for f in Path(path).rglob("*.parquet")) <= DIRECT_READ_BYTES
+
+
+def direct_part(path: str, columns: list[str], rank: int, world: int, limit: int | None = None,
+                caption_columns: tuple[str, ...] = (), seed: int = 0):
+    """This worker's part of a small split read straight from Parquet: every `world`-th row of one seeded
+    permutation, from `rank` on (the workers' parts are disjoint), at most `limit` of them."""
+    import numpy as np
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(path, format="parquet").to_table(columns=columns)
+    rows = np.random.default_rng(seed).permutation(table.num_rows)[rank::world][:limit]
+    return as_dataset(table.take(rows), columns, caption_columns) if len(rows) else None
+
+
 def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_columns: tuple[str, ...] = ()):
     """The held-out examples every worker evaluates on: `limit` rows drawn at random (seeded) across
     all evaluation contests. Small by construction, so each worker reads it directly (local or s3://)."""
@@ -303,8 +327,12 @@ def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext):
     # shard would only cost time.
     needed = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     columns = list(stage.columns)
-    train = shard_dataset(ray.train.get_dataset_shard("train"), columns, needed, stage.caption_columns,
-                          seed=cfg.seed + worker.rank)
+    path = split_path(cfg, stage, "train")
+    if read_directly(path):  # the driver decided the same way: it passed no Ray Data dataset
+        train = direct_part(path, columns, worker.rank, worker.world, needed, stage.caption_columns, cfg.seed)
+    else:
+        train = shard_dataset(ray.train.get_dataset_shard("train"), columns, needed, stage.caption_columns,
+                              seed=cfg.seed + worker.rank)
     if train is None:
         raise TrainError(f"worker {worker.rank} got no training rows: the {stage.dataset_name(cfg)} train split "
                          "is empty")
@@ -502,7 +530,6 @@ def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str,
 
 def launch(stage: Stage, cfg: TrainConfig):
     """Run a TRL stage on Ray Train; resumes from the run's latest checkpoint when rerun."""
-    import ray.data
     from ray.train import CheckpointConfig
 
     from humor_ray.cluster import init_ray
@@ -521,10 +548,7 @@ def launch(stage: Stage, cfg: TrainConfig):
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
     marks["cluster_ready"] = time.time()
-    # Same seed, same rows in the same order (block order is shuffled, then kept).
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
-    train = train.randomize_block_order(seed=cfg.seed)
+    datasets = None if read_directly(split_path(cfg, stage, "train")) else {"train": stream_split(cfg, stage)}
     metric, order = stage.best_metric if cfg.do_eval else (None, "max")
     # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always kept
     # too, for resuming); without it, the newest ones.
@@ -535,7 +559,7 @@ def launch(stage: Stage, cfg: TrainConfig):
              f"{cfg.output_dir}")
     marks["fit"] = time.time()
     result = run_trainer(_worker_loop, WorkerArgs(config=cfg, stage=stage, marks=marks), stage.name,
-                         datasets={"train": train}, checkpoint_config=kept)
+                         datasets=datasets, checkpoint_config=kept)
     summary = record_teardown(cfg.output_dir, marks["launch"])
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
     log.info(f"done: {final_model(cfg.output_dir)}  eval {shown}")
@@ -543,6 +567,16 @@ def launch(stage: Stage, cfg: TrainConfig):
     log.info(f"{timings['outside_loop']:.1f} s outside the training loop: "
              + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items() if name != "outside_loop"))
     return result
+
+
+def stream_split(cfg: TrainConfig, stage: Stage):
+    """The training split as a Ray Data dataset, for Ray Train to shard across the workers."""
+    import ray.data
+
+    # Same seed, same rows in the same order (block order is shuffled, then kept).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
+    return train.randomize_block_order(seed=cfg.seed)
 
 
 def record_teardown(output_dir: str, launched: float) -> dict:
