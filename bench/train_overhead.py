@@ -5,7 +5,8 @@ single-process TRL with the same model, trainer, data and steps, in the same run
 
 Steady-state tokens/s is measured between the log at step --warmup and the last step, from the
 trainer's own logs (tokens seen, time since training began), so start-up stays out of it; the time
-outside the training loop (start-up, data, the final save) is reported separately.
+outside the training loop (start-up, data, the final save) is reported separately, and for Ray Train
+phase by phase, from the `timings` the run itself records in its metrics.json (the driver and rank 0).
 DIR holds the datasets of `humor-ray data build` (sft_simple is used).
 """
 
@@ -56,13 +57,16 @@ def run_options(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_on_ray(args) -> tuple[float, float]:
+def run_on_ray(args) -> tuple[float, float, dict]:
+    """(steady tokens/s, seconds outside the loop, the run's own `timings`)."""
     out = tempfile.mkdtemp(prefix="overhead_ray_")
     started = time.perf_counter()
     sft.run(config(args, out))
     wall = time.perf_counter() - started
-    history = json.loads(Path(out, "metrics.json").read_text())["log_history"]
-    return steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history)
+    summary = json.loads(Path(out, "metrics.json").read_text())
+    history = summary["log_history"]
+    return (steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history),
+            summary.get("timings", {}))
 
 
 def run_plain(args) -> tuple[float, float]:
@@ -84,15 +88,29 @@ def run_plain(args) -> tuple[float, float]:
     trainer.save_model(os.path.join(out, "final"))
     wall = time.perf_counter() - started
     history = trainer.state.log_history
-    return steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history)
+    return (steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history),
+            {})
+
+
+def print_phases(runs: list[dict]) -> None:
+    """The Ray Train runs' own phase timings, medians over the runs."""
+    phases = [name for name in runs[0] if name != "outside_loop"]
+    print("\nRay Train, outside the training loop by phase (s, median; first step and checkpoint are inside it):")
+    for name in phases:
+        print(f"  {name:20}{statistics.median(run.get(name, 0.0) for run in runs):>8.1f}")
+    recorded = statistics.median(run["outside_loop"] for run in runs)
+    print(f"  {'outside_loop':20}{recorded:>8.1f}  (as the run records it)")
 
 
 def main() -> None:
+    import ray
+
     args = run_options(__doc__.splitlines()[0]).parse_args()
     results = {"plain TRL (1 process)": [], "Ray Train (1 worker)": []}
     for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
         results["plain TRL (1 process)"].append(run_plain(args))
         results["Ray Train (1 worker)"].append(run_on_ray(args))
+        ray.shutdown()  # each run starts (or joins) its cluster itself, as a user's command does
     print(f"\n{args.model}, {args.steps} steps x {args.batch} examples, {args.threads} threads, "
           f"median of {args.repeats}")
     print(f"{'':24}{'steady tokens/s':>16}{'outside training (s)':>22}")
@@ -102,6 +120,10 @@ def main() -> None:
         print(f"{name:24}{medians[name][0]:>16,.0f}{medians[name][1]:>22.1f}")
     plain, ray = medians["plain TRL (1 process)"], medians["Ray Train (1 worker)"]
     print(f"Ray Train / plain: tokens/s {ray[0] / plain[0]:.3f}; extra start-up and shutdown {ray[1] - plain[1]:.1f} s")
+    timings = [r[2] for r in results["Ray Train (1 worker)"] if r[2]]
+    if timings:
+        print_phases(timings)
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

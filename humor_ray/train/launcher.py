@@ -28,7 +28,7 @@ from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
 from humor_ray.placement import check_cluster, train_plan
 from humor_ray.train.deepspeed_presets import deepspeed_config, trainer_half_precision
-from humor_ray.train.export import PARTIAL, final_model, publish_final, save_merged, start_final
+from humor_ray.train.export import PARTIAL, final_model, publish_final, rewrite_record, save_merged, start_final
 
 class TrainError(UserError):
     """A training run that cannot start or finish; the message says why."""
@@ -85,6 +85,9 @@ class WorkerArgs:
     # Tests: a folder where each worker writes the training rows it holds and those its trainer consumed
     # (taken from $HUMOR_RAY_RECORD_TRAIN_ROWS by `launch`).
     record_rows: str | None = None
+    marks: dict = dataclasses.field(default_factory=dict)  # the driver's wall-clock marks (see `outside_loop`)
+    # Whether the workers read the training split themselves (small, local, unfiltered) or get Ray Data shards.
+    direct_read: bool = False
 
 
 def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
@@ -161,6 +164,30 @@ def shard_dataset(shard, columns: list[str], limit: int | None = None, caption_c
     if limit is not None and table.num_rows > limit:
         table = table.take(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
     return as_dataset(table, columns, caption_columns)
+
+
+# A local training split up to this size on disk reaches each worker as Parquet read in the worker, without a
+# Ray Data pipeline (whose read tasks and split coordinator cost seconds at every start); larger ones stream.
+DIRECT_READ_BYTES = 256 * 2**20
+
+
+def read_directly(path: str) -> bool:
+    """Whether the workers read the split at `path` themselves (local and small) instead of a Ray Data shard."""
+    if "://" in path:
+        return False
+    return sum(f.stat().st_size for f in Path(path).rglob("*.parquet")) <= DIRECT_READ_BYTES
+
+
+def direct_part(path: str, columns: list[str], rank: int, world: int, limit: int | None = None,
+                caption_columns: tuple[str, ...] = (), seed: int = 0):
+    """This worker's part of a small split read straight from Parquet: every `world`-th row of one seeded
+    permutation, from `rank` on (the workers' parts are disjoint), at most `limit` of them."""
+    import numpy as np
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(path, format="parquet").to_table(columns=columns)
+    rows = np.random.default_rng(seed).permutation(table.num_rows)[rank::world][:limit]
+    return as_dataset(table.take(rows), columns, caption_columns) if len(rows) else None
 
 
 def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_columns: tuple[str, ...] = ()):
@@ -278,6 +305,7 @@ def _worker_loop(config: dict) -> None:
     args: WorkerArgs = config["args"]
     cfg, stage = args.config, args.stage
     worker = start_worker(cfg, stage.name)
+    marks = {**args.marks, "worker_ready": time.time()}
     # TensorBoard events next to the run's outputs, where `tensorboard --logdir` finds them.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     # TRL still calls the old gradient-checkpointing names; one warning per call floods the logs.
@@ -286,16 +314,21 @@ def _worker_loop(config: dict) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    train, evaluation = _worker_datasets(cfg, stage, worker)
+    train, evaluation = _worker_datasets(cfg, stage, worker, args.direct_read)
+    marks["data_ready"] = time.time()
     trainer = _ready_trainer(cfg, stage, worker, args.board, train, evaluation)
     train_on_own_rows(trainer, worker, args.record_rows)
+    marks["trainer_ready"] = time.time()
+    timer = _loop_timer()
+    trainer.add_callback(timer)
     if cfg.do_train:
         trainer.train(resume_from_checkpoint=_resume_from(worker))
         worker.log.info("trained")
-    _save_final_model(cfg, stage, worker, trainer, evaluation)
+    marks.update(timer.marks, trained=time.time(), checkpoint_s=timer.checkpoint_s)
+    _save_final_model(cfg, stage, worker, trainer, evaluation, marks)
 
 
-def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext):
+def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext, direct_read: bool):
     """(this worker's training rows, the held-out rows or None)."""
     import ray.train
 
@@ -303,8 +336,12 @@ def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext):
     # shard would only cost time.
     needed = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     columns = list(stage.columns)
-    train = shard_dataset(ray.train.get_dataset_shard("train"), columns, needed, stage.caption_columns,
-                          seed=cfg.seed + worker.rank)
+    path = split_path(cfg, stage, "train")
+    if direct_read:  # the driver passed no Ray Data dataset
+        train = direct_part(path, columns, worker.rank, worker.world, needed, stage.caption_columns, cfg.seed)
+    else:
+        train = shard_dataset(ray.train.get_dataset_shard("train"), columns, needed, stage.caption_columns,
+                              seed=cfg.seed + worker.rank)
     if train is None:
         raise TrainError(f"worker {worker.rank} got no training rows: the {stage.dataset_name(cfg)} train split "
                          "is empty")
@@ -384,6 +421,55 @@ class RecordedRows:
         return self.collate(rows)
 
 
+def _loop_timer():
+    """A callback that marks when the training loop began and ended its first step, and adds up the time
+    its checkpoints took (from the step's last log or evaluation to the end of Ray Train's report)."""
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):
+        def __init__(self):
+            self.marks, self.checkpoint_s, self.last = {}, 0.0, time.time()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks["loop_begin"] = self.last = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.last = time.time()
+            self.marks.setdefault("first_step", self.last)
+
+        def on_log(self, args, state, control, **kwargs):
+            self.last = time.time()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.last = time.time()
+
+        def on_save(self, args, state, control, **kwargs):  # added last: runs after Ray Train's report
+            self.checkpoint_s += time.time() - self.last
+
+    return LoopTimer()
+
+
+# The phases of a run outside its training loop, from the wall-clock marks the driver and rank 0 take (one
+# machine's clock, or clocks a cluster keeps in step): (phase, mark it starts at, mark it ends at).
+PHASES = (("cluster", "launch", "cluster_ready"),  # start a local Ray or join one, and the checks before
+          ("driver", "cluster_ready", "fit"),  # the dataset's plan, the trainer's set-up
+          ("worker start", "fit", "worker_ready"),  # Ray Train's controller, placement, worker processes
+          ("dataset", "worker_ready", "data_ready"),  # this worker's training and evaluation rows
+          ("model load", "data_ready", "trainer_ready"),  # the model, the tokenized dataset, the trainer
+          ("loop start", "trainer_ready", "loop_begin"),  # the trainer's own set-up, a resumed checkpoint
+          ("first step", "loop_begin", "first_step"),  # inside the loop: its first step
+          ("final evaluation", "trained", "evaluated"),
+          ("export", "evaluated", "exported"))  # the final save and the merged model
+
+
+def outside_loop(marks: dict) -> dict:
+    """Seconds per phase (PHASES, and `checkpoint`: the checkpoints inside the loop), from `marks`."""
+    timings = {name: round(marks[end] - marks[start], 2) for name, start, end in PHASES
+               if start in marks and end in marks}
+    timings["checkpoint"] = round(marks.get("checkpoint_s", 0.0), 2)
+    return timings
+
+
 def _resume_from(worker: WorkerContext) -> str | None:
     """A local copy of the checkpoint's Hugging Face folder, when Ray Train restarts or resumes a run."""
     from ray.train.huggingface.transformers import RayTrainReportCallback
@@ -397,23 +483,29 @@ def _resume_from(worker: WorkerContext) -> str | None:
     return os.path.join(restored, RayTrainReportCallback.CHECKPOINT_NAME)
 
 
-def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, trainer, evaluation) -> None:
+def _save_final_model(cfg: TrainConfig, stage: Stage, worker: WorkerContext, trainer, evaluation,
+                      marks: dict) -> None:
     metrics = {}
     if evaluation is not None:
         # The last step's evaluation already ran when --eval_steps divides --max_steps: reuse it.
         last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
         fresh = last is not None and last["step"] == trainer.state.global_step
         metrics = {k: v for k, v in last.items() if k.startswith("eval_")} if fresh else trainer.evaluate()
+    marks["evaluated"] = time.time()
     # Every rank takes part (DeepSpeed gathers); rank 0 alone writes, so it alone clears the folder.
     written = start_final(cfg.output_dir) if worker.rank == 0 else os.path.join(cfg.output_dir, PARTIAL)
     trainer.save_model(written)
     if worker.rank == 0:
         trainer.processing_class.save_pretrained(written)
-        serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, written)
+        # Under ZeRO-3 each worker holds a part of the weights: the merge reloads the base instead.
+        live = None if cfg.deepspeed.startswith("zero3") else trainer.model
+        serve = save_merged(cfg.base_model(), stage.model_kind, cfg.new_padding_token, written, live)
+        marks["exported"] = time.time()
         publish_final(cfg.output_dir, written, serve,
                       {"eval": metrics, "log_history": trainer.state.log_history,
                        "max_length": cfg.max_length,  # what a reward model reads when PPO scores with it
-                       "resumed_from": worker.checkpoint.path if worker.checkpoint else None})
+                       "resumed_from": worker.checkpoint.path if worker.checkpoint else None,
+                       "timings": outside_loop(marks), "timing_marks": marks})
         worker.log.info(f"final model in {final_model(cfg.output_dir)}")
 
 
@@ -502,12 +594,12 @@ def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str,
 def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool] | None = None):
     """Run a TRL stage on Ray Train; resumes from the run's latest checkpoint when rerun. `keep_train_row`:
     which training rows to keep, decided before the rows are split among the workers."""
-    import ray.data
     from ray.train import CheckpointConfig
 
     from humor_ray.cluster import init_ray
     from humor_ray.plan import check_before_start
 
+    marks = {"launch": time.time()}
     setup_logging()
     absolute_local_paths(cfg, ("output_dir", "dataset_dir", "model_name", "model_checkpoint_name", "images"))
     cfg.run_name = cfg.run_name or stage.name
@@ -520,12 +612,9 @@ def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool
     os.makedirs(cfg.output_dir, exist_ok=True)
     init_ray(dashboard=True)
     check_cluster(train_plan(stage.name, cfg))  # a cluster too small is one line, before anything loads
-    # Same seed, same rows in the same order (block order is shuffled, then kept).
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
-    if keep_train_row is not None:
-        train = train.filter(keep_train_row)
-    train = train.randomize_block_order(seed=cfg.seed)
+    marks["cluster_ready"] = time.time()
+    direct = keep_train_row is None and read_directly(split_path(cfg, stage, "train"))
+    datasets = None if direct else {"train": stream_split(cfg, stage, keep_train_row)}
     metric, order = stage.best_metric if cfg.do_eval else (None, "max")
     # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always kept
     # too, for resuming); without it, the newest ones.
@@ -534,9 +623,41 @@ def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool
     log = get_logger(stage.name)
     log.info(f"{cfg.num_workers} worker(s), model {cfg.base_model()}, {cfg.max_steps} steps -> "
              f"{cfg.output_dir}")
-    args = WorkerArgs(config=cfg, stage=stage, record_rows=os.environ.get("HUMOR_RAY_RECORD_TRAIN_ROWS"))
-    result = run_trainer(_worker_loop, args, stage.name, datasets={"train": train}, checkpoint_config=kept)
-    summary = json.loads(Path(cfg.output_dir, "metrics.json").read_text())
+    marks["fit"] = time.time()
+    args = WorkerArgs(config=cfg, stage=stage, record_rows=os.environ.get("HUMOR_RAY_RECORD_TRAIN_ROWS"),
+                      marks=marks, direct_read=direct)
+    result = run_trainer(_worker_loop, args, stage.name, datasets=datasets, checkpoint_config=kept)
+    summary = record_teardown(cfg.output_dir, marks["launch"])
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
     log.info(f"done: {final_model(cfg.output_dir)}  eval {shown}")
+    timings = summary["timings"]
+    log.info(f"{timings['outside_loop']:.1f} s outside the training loop: "
+             + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items() if name != "outside_loop"))
     return result
+
+
+def stream_split(cfg: TrainConfig, stage: Stage, keep_train_row: Callable[[dict], bool] | None = None):
+    """The training split as a Ray Data dataset, for Ray Train to shard across the workers; `keep_train_row`
+    filters it before it is split, so every worker gets as many rows."""
+    import ray.data
+
+    # Same seed, same rows in the same order (block order is shuffled, then kept).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
+    if keep_train_row is not None:
+        train = train.filter(keep_train_row)
+    return train.randomize_block_order(seed=cfg.seed)
+
+
+def record_teardown(output_dir: str, launched: float) -> dict:
+    """Adds the driver's part to metrics.json's `timings` (rank 0 wrote the rest): `teardown`, from the
+    export to `fit()` returning, and `outside_loop`, the run's wall time less the training loop's."""
+    summary = json.loads(Path(output_dir, "metrics.json").read_text())
+    now = time.time()
+    timings = summary["timings"]
+    if "exported" in summary.get("timing_marks", {}):
+        timings["teardown"] = round(now - summary["timing_marks"]["exported"], 2)
+    loop = max((e.get("train_runtime", 0.0) for e in summary["log_history"]), default=0.0)
+    timings["outside_loop"] = round(now - launched - loop, 2)
+    rewrite_record(output_dir, summary)
+    return summary

@@ -36,3 +36,40 @@ def test_a_moved_run_loads_its_model_from_where_it_is_now(tmp_path):
     run.rename(moved)
     assert final_model(str(moved)) == str(moved / "final")
     assert resolve_reward_model(str(moved)) == str(moved / "final")
+
+
+def test_merging_the_live_model_writes_the_same_model_without_loading_the_base_again(tmp_path, monkeypatch):
+    """After LoRA training the export merges the trained model in place of loading the base again (outside
+    ZeRO-3); the served model is the one merging the saved adapter into a fresh base gives."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from humor_ray.models import registry
+    from humor_ray.train.export import save_merged
+
+    monkeypatch.setenv("HUMOR_RAY_MODEL_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = registry.load_model("tiny")
+    trained = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    trained.config.use_cache = False  # as the trainer leaves it under gradient checkpointing
+    reloaded_final, live_final = tmp_path / "reloaded", tmp_path / "live"
+    for final in (reloaded_final, live_final):
+        trained.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    reloaded = save_merged("tiny", "causal_lm", False, str(reloaded_final))
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded again")
+
+    monkeypatch.setattr(registry, "load_model", no_second_load)
+    live = save_merged("tiny", "causal_lm", False, str(live_final), trained)
+    assert live == str(live_final / "merged")
+    expected, got = load_file(f"{reloaded}/model.safetensors"), load_file(f"{live}/model.safetensors")
+    assert sorted(got) == sorted(expected) and not any("lora" in name for name in got)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor)
+    assert json.loads(open(f"{live}/config.json").read()) == json.loads(open(f"{reloaded}/config.json").read())
