@@ -43,14 +43,8 @@ class EngineGpuOptions(Options):
     engine_gpu_memory: float = field(ENGINE_GPU_MEMORY, "fraction of a whole GPU's memory a vLLM engine alone on its "
                                                         "GPU may use (vLLM's gpu_memory_utilization; that much must "
                                                         "be free when it starts, so below 1); a colocated engine "
-                                                        "gets its --colocate_fractions share of it")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.engine_gpu_memory < 1:
-            raise ConfigError(f"--engine_gpu_memory {self.engine_gpu_memory}: a fraction above 0 and below 1 (a "
-                              "CUDA context always holds some of the GPU's memory, so vLLM can never find all of "
-                              "it free)")
+                                                        "gets its --colocate_fractions share of it",
+                                     exclusive_minimum=0, exclusive_maximum=1)
 
 
 def engine_memory(gpu_share: float, engine_gpu_memory: float) -> float:
@@ -383,8 +377,9 @@ def spec_plan(spec: str, flags: list[str]) -> Plan:
     # The outputs and inputs are not read: a placement needs none of them.
     needed = ["--output_dir", "/unused", "--dataset_dir", "/unused"] + (
         ["--reward_model", "builtin:vowel_share"] if stage == "ppo" else [])
+    # The spec's paths name the cluster's storage, not this machine's: they are not checked here.
     cfg = parse_config(getattr(importlib.import_module(module_name), config_name), ["--config", spec, *needed, *flags],
-                       f"humor-ray {stage}")
+                       f"humor-ray {stage}", check_inputs=False)
     return ppo_plan(cfg) if stage == "ppo" else train_plan(stage, cfg)
 
 

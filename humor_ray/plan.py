@@ -436,9 +436,9 @@ def plan_ppo(cfg, gpu_bytes: int, prompt_tokens: int) -> Plan:
     colocate = cfg.placement == "colocate"
     trainer_gpu, reward_gpu, engine_gpu = ("shared",) * 3 if colocate else ("trainer", "reward", "engine")
     policy = architecture(cfg.model_name, "causal_lm", lora_config(cfg, "CAUSAL_LM"))
-    # learners.py: the models load in fp32; a DeepSpeed engine casts its model to bf16 on GPU, torch's learner
-    # keeps fp32 and runs without autocast.
-    dtype_bytes = 2 if zero else 4
+    # learners.precision: on a GPU the models load in bf16 under DeepSpeed or LoRA; a full fine-tune with DDP
+    # keeps fp32 weights (for AdamW) and autocasts.
+    dtype_bytes = 2 if zero or cfg.lora_r > 0 else 4
     length = prompt_tokens + cfg.max_new_tokens
     checkpointing = bool(getattr(cfg, "gradient_checkpointing", False))
     trainer = Role("trainer rank", trainer_gpu, world, policy.name, *model_states(policy, zero, world, dtype_bytes),
@@ -487,6 +487,13 @@ def plan_ppo(cfg, gpu_bytes: int, prompt_tokens: int) -> Plan:
     return plan
 
 
+def reward_length(cfg) -> int:
+    """The tokens the reward model reads: --reward_max_length, else its run's (as ppo.run decides), else 512."""
+    from humor_ray.rl.reward import recorded_max_length
+
+    return cfg.reward_max_length or recorded_max_length(cfg.reward_model) or 512
+
+
 def _reward_role(cfg, gpu: str, policy: Architecture) -> Role:
     """The reward actor: a sequence classifier in fp32 (reward.py), scoring 32 texts of up to
     --reward_max_length tokens per forward pass, without gradients."""
@@ -500,7 +507,7 @@ def _reward_role(cfg, gpu: str, policy: Architecture) -> Role:
         spec, note = resolve_reward_model(cfg.reward_model), ""
     arch = architecture(spec, "reward")
     role = Role("reward actor", gpu, 1, spec, weights=4 * arch.params, other=CUDA_CONTEXT, note=note)
-    role.activations = inference_activations(arch, 32, cfg.reward_max_length, 4, 0)
+    role.activations = inference_activations(arch, 32, reward_length(cfg), 4, 0)
     return role
 
 
@@ -584,7 +591,7 @@ def _candidates(stage: str, cfg) -> list[tuple[str, dict]]:
             if length < (cfg.engine_max_model_len or 1 << 30):
                 changes.append((f"--engine_max_model_len {length}", {"engine_max_model_len": length}))
         for length in (256, 128):
-            if length < cfg.reward_max_length:
+            if length < reward_length(cfg):
                 changes.append((f"--reward_max_length {length}", {"reward_max_length": length}))
     return changes
 
