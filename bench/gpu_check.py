@@ -127,27 +127,34 @@ def llava_rows(args, count: int) -> list[dict]:
 
 def check_recipe_collate(args) -> dict:
     """The LLaVA stage's collate with the 7B recipe's processor and --max_length, on real cartoons."""
-    from humor_ray.models.vision import open_image
+    from humor_ray.models.vision import open_image, single_view_processor
     from humor_ray.train.llava import ImageConversations
 
     recipe = plan.load_stage_config("llava", "llava-7b.yaml", ["--images", args.images])
     processor = recipe_processor()
+    architecture = plan.architecture(RECIPE_LLAVA, "image_text")
     rows = llava_rows(args, recipe.per_device_train_batch_size)
+    if recipe.image_aspect_ratio == "pad":  # one padded view per cartoon, as the stage reads it
+        processor = single_view_processor(processor)
+        expected = [architecture.padded_image_tokens] * len(rows)
+    else:
+        side = processor.image_processor.crop_size["height"]
+        # The processor's own count (with "default" feature selection the CLS feature is dropped: one fewer).
+        dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
+        expected = []
+        for row in rows:
+            width, height = open_image(args.images, row["image"]).size
+            expected.append(processor._get_number_of_features(height, width, side, side) - dropped)
     batch = ImageConversations(processor, args.images, recipe.max_length)(rows)
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    side = processor.image_processor.crop_size["height"]
-    # The processor's own count (with "default" feature selection the CLS feature is dropped: one fewer).
-    dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
-    expected = []
-    for row in rows:
-        width, height = open_image(args.images, row["image"]).size
-        expected.append(processor._get_number_of_features(height, width, side, side) - dropped)
     found = (batch["input_ids"] == image_id).sum(1).tolist()
     return {"max_length": recipe.max_length, "sequence_length": int(batch["input_ids"].shape[1]),
             "image_tokens": found, "image_tokens_expected": expected,
             "rows_with_images_cut": sum(f < e for f, e in zip(found, expected)),
             "pixel_values": list(batch["pixel_values"].shape),
-            "planned_image_tokens_at_most": plan.architecture(RECIPE_LLAVA, "image_text").image_tokens,
+            "image_aspect_ratio": recipe.image_aspect_ratio,
+            "planned_image_tokens_at_most": (architecture.padded_image_tokens if recipe.image_aspect_ratio == "pad"
+                                             else architecture.image_tokens),
             "ok": found == expected}
 
 

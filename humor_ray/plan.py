@@ -70,6 +70,7 @@ class Architecture:
     max_positions: int
     lora_rank_sum: int  # sum of the LoRA ranks of one decoder layer's adapted linears
     image_tokens: int = 0  # a vision-language model: language-model tokens of one image, at most
+    padded_image_tokens: int = 0  # the same for one padded view (--image_aspect_ratio pad: LLaVA-1.5's reading)
     vision_tokens: int = 0  # ... and the vision tower's tokens over all of an image's tiles
     vision_width: int = 0  # the tower's widest intermediates per token and layer: 4 x hidden + intermediate
 
@@ -121,22 +122,22 @@ def _meta_model(config, kind: str):
         return auto.from_config(config)
 
 
-def _image_tokens(config) -> tuple[int, int, int]:
-    """(language-model tokens, vision-tower tokens, the tower's width) of one image at most: LLaVA-NeXT's
-    any-resolution tiling (the base image and the best grid of tiles, unpadded, a newline token per row of
-    features) or LLaVA-1.5's single image."""
+def _image_tokens(config) -> tuple[int, int, int, int]:
+    """(language-model tokens, vision-tower tokens, the tower's width) of one image at most, and the language-model
+    tokens of one padded view: LLaVA-NeXT's any-resolution tiling (the base image and the best grid of tiles,
+    unpadded, a newline token per row of features) or LLaVA-1.5's single image."""
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
     per_tile = side * side + (0 if config.vision_feature_select_strategy == "default" else 1)
     grids = getattr(config, "image_grid_pinpoints", None)
     width = 4 * vision.hidden_size + vision.intermediate_size
     if not grids:
-        return per_tile, side * side + 1, width
+        return per_tile, side * side + 1, width, per_tile
     # The worst case is an image of exactly a grid's size: no unpadding removes any feature row.
     best = max(grids, key=lambda hw: (hw[0] // vision.image_size) * (hw[1] // vision.image_size))
     rows, cols = (best[0] // vision.image_size) * side, (best[1] // vision.image_size) * side
     tiles = 1 + (best[0] // vision.image_size) * (best[1] // vision.image_size)
-    return per_tile + rows * cols + rows, tiles * (side * side + 1), width
+    return per_tile + rows * cols + rows, tiles * (side * side + 1), width, per_tile
 
 
 @functools.lru_cache(maxsize=32)
@@ -166,13 +167,14 @@ def _architecture(spec: str, kind: str, peft_key: str, freeze_tower: bool, value
         adapted = [m for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
                    and m.lora_A]
         lora_rank_sum = sum(next(iter(m.lora_A.values())).out_features for m in adapted) // text.num_hidden_layers
-    image, vision, vision_width = _image_tokens(config) if hasattr(config, "vision_config") else (0, 0, 0)
+    image, vision, vision_width, padded = _image_tokens(config) if hasattr(config, "vision_config") else (0,) * 4
     return Architecture(name=spec, params=params, trainable=trainable, largest_layer=largest,
                         layers=text.num_hidden_layers, hidden=text.hidden_size,
                         kv_hidden=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
                         intermediate=text.intermediate_size,
                         vocab=text.vocab_size, max_positions=text.max_position_embeddings,
-                        lora_rank_sum=lora_rank_sum, image_tokens=image, vision_tokens=vision,
+                        lora_rank_sum=lora_rank_sum, image_tokens=image, padded_image_tokens=padded,
+                        vision_tokens=vision,
                         vision_width=vision_width)
 
 
@@ -376,16 +378,20 @@ def plan_trainer_stage(stage: str, cfg, gpu_bytes: int) -> Plan:
     logit_positions = 0 if stage == "rm" else cfg.max_length
     full, checkpointed = training_activations(arch, sequences, cfg.max_length, 2, logit_positions,
                                               autocast_weight_copies=zero is None)
+    # One padded view (llava.py's --image_aspect_ratio pad) or NeXT's tiles: what the tower and the LM read.
+    padded = getattr(cfg, "image_aspect_ratio", "native") == "pad"
+    image_tokens = arch.padded_image_tokens if padded else arch.image_tokens
+    vision_tokens = arch.padded_image_tokens + 1 if padded and arch.vision_tokens else arch.vision_tokens
     # A frozen vision tower runs without gradients: one of its layers at a time (bf16), beside the rest.
-    vision = 2 * cfg.per_device_train_batch_size * arch.vision_tokens * arch.vision_width
+    vision = 2 * cfg.per_device_train_batch_size * vision_tokens * arch.vision_width
     name = "LLaVA worker" if stage == "llava" else "trainer rank"
     trainer = Role(name, "trainer", world, arch.name, weights, grads, optimizer,
                    other=CUDA_CONTEXT + _zero_buffers(arch, zero))
     _activations(trainer, full + vision, checkpointed + vision, _trainer_checkpointing(cfg))
     notes = [f"{sequences} sequences x {cfg.max_length} tokens per micro-batch"]
     if stage == "llava":
-        notes.append(f"an image is up to {arch.image_tokens} language-model tokens"
-                     + (f", more than --max_length {cfg.max_length}" if arch.image_tokens > cfg.max_length else ""))
+        notes.append(f"an image is {'one padded view, ' if padded else 'up to '}{image_tokens} language-model tokens"
+                     + (f", more than --max_length {cfg.max_length}" if image_tokens > cfg.max_length else ""))
     trainer.note = "; ".join(notes)
     roles = [trainer]
     if stage == "dpo":

@@ -152,6 +152,7 @@ def test_llava_image_tokens_follow_the_any_resolution_tiling():
     arch = plan.architecture("hf:llava-hf/llava-v1.6-mistral-7b-hf", "image_text")
     # A 672 x 672 image: the 336 base image (576 features) and 2 x 2 tiles (48 x 48 features, a newline a row).
     assert arch.image_tokens == 576 + 48 * 48 + 48 and arch.vision_tokens == 5 * 577
+    assert arch.padded_image_tokens == 576  # --image_aspect_ratio pad: one 336-px view
 
 
 def test_an_unknown_hub_model_is_one_line(monkeypatch, capsys):
@@ -208,8 +209,8 @@ def test_cpu_runs_are_not_planned():
 
 
 def test_the_gpu_check_plans_its_runs_and_finds_what_it_calls():
-    """bench/gpu_check.py --dry_run: what runs of it without a GPU (its exit code says whether the 7B LLaVA
-    recipe's collate keeps every image token, which is the recipe's business, not this test's)."""
+    """bench/gpu_check.py --dry_run: what runs of it without a GPU, and the 7B LLaVA recipe's collate, which
+    keeps every image token (one padded 336-px view, 576 tokens, per cartoon)."""
     import subprocess
     import sys
 
@@ -222,7 +223,8 @@ def test_the_gpu_check_plans_its_runs_and_finds_what_it_calls():
     assert report["ppo colocate (planned)"]["gpus_needed"] == 1
     assert report["ppo separate (planned)"]["gpus_needed"] == 3
     collate = report["llava collate at the 7B recipe's settings"]
-    assert collate["pixel_values"][2:] == [3, 336, 336] and len(collate["image_tokens"]) == 4
+    assert collate["pixel_values"][-3:] == [3, 336, 336] and collate["image_tokens"] == [576] * 4
+    assert collate["ok"] and collate["rows_with_images_cut"] == 0 and done.returncode == 0
     assert max(collate["image_tokens_expected"]) <= collate["planned_image_tokens_at_most"]
 
 
