@@ -263,50 +263,74 @@ def _picked(answer: dict, captions: list[str]) -> str:
 
 
 def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict], dict]:
+    """The LLM judge's verdicts, by --protocol, on every comparison; with --dry_run none, and what would be sent."""
     from humor_ray.cluster import init_ray
-    from humor_ray.config import data_root
     from humor_ray.eval.client import JudgeClient
     from humor_ray.metrics import StageMetrics
 
     context = read_context(cfg.dataset_dir, "eval")
-    humans = {(g, int(c)): rows["caption"].tolist() for (g, c), rows in references.groupby(["group", "contest"])}
-    methods = {(m, int(c)): rows.sort_values("sample")["caption"].tolist()
-               for (m, c), rows in generations.groupby(["method", "contest"])}
-    contests = sorted({c for _, c in humans} & set(context))
-    # Every comparison: (name, group, contest) -> its captions vs the human group's; the reference
-    # comparisons (human top10 vs rank1000) fit the threshold and measure the judge's reliability.
-    comparisons = [(m, g, c, caps, humans[(g, c)]) for (m, c), caps in methods.items() for g in GROUPS
-                   if (g, c) in humans and c in context]
-    comparisons += [("human_top10", "rank1000", c, humans[("top10", c)], humans[("rank1000", c)])
-                    for c in contests if ("top10", c) in humans and ("rank1000", c) in humans]
+    comparisons = _comparisons(generations, references, context)
     if os.environ.get("RAY_ADDRESS"):  # submitted to a cluster: join it, so its dashboard shows the figures
         init_ray()
     client = JudgeClient(cfg.base_url, cfg.model, cfg.cache_dir or os.path.join(cfg.output_dir, "cache"),
                          concurrency=cfg.concurrency, price_per_mtok_in=cfg.price_per_mtok_in,
                          price_per_mtok_out=cfg.price_per_mtok_out, api_key_env=cfg.api_key_env,
                          figures=StageMetrics(Path(cfg.output_dir).name, "judge"))
-    if cfg.protocol == "overall":
-        shots = few_shot_groups(cfg.dataset_dir, cfg.shots, cfg.seed)
-        requests = []
-        for _, _, c, ours, theirs in comparisons:
-            requests.append(overall_request(context[c][0], ours, theirs, shots))  # ours as A
-            requests.append(overall_request(context[c][0], theirs, ours, shots))  # ours as B
-        if cfg.dry_run:
-            return [], client.dry_run(requests)
-        answers = client.complete_many(requests)
-        p_a = [prob_a(a) for a in answers]
-        reference = [p for i, comparison in enumerate(comparisons) if comparison[0] == "human_top10"
-                     for p in (p_a[2 * i], p_a[2 * i + 1])]
-        threshold = float(np.median(reference)) if reference else 0.5
-        out = []
-        for i, (name, group, contest, _, _) in enumerate(comparisons):
-            first, second = p_a[2 * i], p_a[2 * i + 1]
-            out.append({"contest": contest, "method": name, "against": group, "order": "AB",
-                        "win": float(first > threshold), "score": first, "against_score": threshold})
-            out.append({"contest": contest, "method": name, "against": group, "order": "BA",
-                        "win": float(second <= threshold), "score": second, "against_score": threshold})
-        return out, {"threshold": threshold, **dataclasses.asdict(client.stats)}
-    # best_pick: the funniest caption of each group, then the better of the two picks.
+    judge = _overall_judgments if cfg.protocol == "overall" else _best_pick_judgments
+    return judge(cfg, client, context, comparisons)
+
+
+def _comparisons(generations, references, context: dict) -> list[tuple]:
+    """Every comparison, (name, group, contest, its captions, the human group's captions): each method against
+    each human group, and the reference comparisons (human top10 vs rank1000) that fit the threshold and
+    measure the judge's reliability."""
+    humans = {(g, int(c)): rows["caption"].tolist() for (g, c), rows in references.groupby(["group", "contest"])}
+    methods = {(m, int(c)): rows.sort_values("sample")["caption"].tolist()
+               for (m, c), rows in generations.groupby(["method", "contest"])}
+    contests = sorted({c for _, c in humans} & set(context))
+    comparisons = [(m, g, c, caps, humans[(g, c)]) for (m, c), caps in methods.items() for g in GROUPS
+                   if (g, c) in humans and c in context]
+    comparisons += [("human_top10", "rank1000", c, humans[("top10", c)], humans[("rank1000", c)])
+                    for c in contests if ("top10", c) in humans and ("rank1000", c) in humans]
+    return comparisons
+
+
+def _verdicts(comparisons: list[tuple], p_a: list[float], threshold: float, tie_to_b: bool) -> list[dict]:
+    """Two rows per comparison, ours as A then as B: a win when P(A) says ours, against `threshold` (a P(A)
+    of exactly the threshold counts for B when `tie_to_b`)."""
+    out = []
+    for i, (name, group, contest, _, _) in enumerate(comparisons):
+        first, second = p_a[2 * i], p_a[2 * i + 1]
+        out.append({"contest": contest, "method": name, "against": group, "order": "AB",
+                    "win": float(first > threshold), "score": first, "against_score": threshold})
+        out.append({"contest": contest, "method": name, "against": group, "order": "BA",
+                    "win": float(second <= threshold if tie_to_b else second < threshold), "score": second,
+                    "against_score": threshold})
+    return out
+
+
+def _overall_judgments(cfg: JudgeConfig, client, context: dict, comparisons: list[tuple]):
+    """The paper's protocol: all captions of both sides, both orders, P(A) against a threshold fitted on the
+    reference comparisons (their median)."""
+    shots = few_shot_groups(cfg.dataset_dir, cfg.shots, cfg.seed)
+    requests = []
+    for _, _, c, ours, theirs in comparisons:
+        requests.append(overall_request(context[c][0], ours, theirs, shots))  # ours as A
+        requests.append(overall_request(context[c][0], theirs, ours, shots))  # ours as B
+    if cfg.dry_run:
+        return [], client.dry_run(requests)
+    p_a = [prob_a(a) for a in client.complete_many(requests)]
+    reference = [p for i, comparison in enumerate(comparisons) if comparison[0] == "human_top10"
+                 for p in (p_a[2 * i], p_a[2 * i + 1])]
+    threshold = float(np.median(reference)) if reference else 0.5
+    return (_verdicts(comparisons, p_a, threshold, tie_to_b=True),
+            {"threshold": threshold, **dataclasses.asdict(client.stats)})
+
+
+def _best_pick_judgments(cfg: JudgeConfig, client, context: dict, comparisons: list[tuple]):
+    """With the cartoon: the funniest caption of each group, then the better of the two picks, both orders."""
+    from humor_ray.config import data_root
+
     images_dir = cfg.images_dir or str(data_root() / "images")
     groups = {}
     for _, _, c, ours, theirs in comparisons:
@@ -324,13 +348,7 @@ def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict]
         duel_requests.append(overall_request(context[c][0], [mine], [other], []))
         duel_requests.append(overall_request(context[c][0], [other], [mine], []))
     p_a = [prob_a(a) for a in client.complete_many(duel_requests)]
-    out = []
-    for i, (name, group, contest, _, _) in enumerate(comparisons):
-        out.append({"contest": contest, "method": name, "against": group, "order": "AB",
-                    "win": float(p_a[2 * i] > 0.5), "score": p_a[2 * i], "against_score": 0.5})
-        out.append({"contest": contest, "method": name, "against": group, "order": "BA",
-                    "win": float(p_a[2 * i + 1] < 0.5), "score": p_a[2 * i + 1], "against_score": 0.5})
-    return out, dataclasses.asdict(client.stats)
+    return _verdicts(comparisons, p_a, 0.5, tie_to_b=False), dataclasses.asdict(client.stats)
 
 
 # ---------------------------------------------------------------- driver
