@@ -129,6 +129,7 @@ def test_training_specs_on_their_shape_and_ppo_refused_in_one_line(cluster, tmp_
     assert lines[PPO]["error"] == need
     # The stage itself says so before it loads anything (the spec's model is a hub id it never fetches).
     (tmp_path / "datasets" / "prompts" / "train").mkdir(parents=True)
+    (tmp_path / "datasets" / "_COMPLETE").write_text("{}")  # a complete build, as far as the stage checks
     done = subprocess.run([HUMOR_RAY, "ppo", "--config", PPO, "--dataset_dir", str(tmp_path / "datasets"),
                            "--output_dir", str(tmp_path / "out"), "--reward_model", "builtin:vowel_share"],
                           cwd=REPO, env=dict(os.environ, RAY_ADDRESS=cluster.address), capture_output=True,
