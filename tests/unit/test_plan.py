@@ -173,11 +173,20 @@ def make_dataset_dirs(root: Path, *names: str) -> str:
     return str(root)
 
 
-def test_a_gpu_stage_refuses_before_ray_starts(tmp_path):
-    import ray
+def never_start_ray(monkeypatch) -> list:
+    """Records any call of `init_ray` (a test run may already have a Ray of its own, so `ray.is_initialized()`
+    says nothing about the stage)."""
+    import humor_ray.cluster
 
+    calls = []
+    monkeypatch.setattr(humor_ray.cluster, "init_ray", lambda *args, **kwargs: calls.append(args))
+    return calls
+
+
+def test_a_gpu_stage_refuses_before_ray_starts(tmp_path, monkeypatch):
     from humor_ray.train import sft
 
+    ray_started = never_start_ray(monkeypatch)
     datasets = make_dataset_dirs(tmp_path / "datasets", "sft/train", "sft/eval")
     # The logits of 256 sequences of 512 tokens alone outgrow a 2 GiB GPU; 64 sequences fit.
     cfg = sft.Config(output_dir=str(tmp_path / "out"), dataset_dir=datasets, model_name="tiny", use_gpu=True,
@@ -185,20 +194,19 @@ def test_a_gpu_stage_refuses_before_ray_starts(tmp_path):
     refusal = r"memory plan: the trainer GPU needs .*; try --per_device_train_batch_size \d+ \(then"
     with pytest.raises(ConfigError, match=refusal):
         sft.run(cfg)
-    assert not ray.is_initialized()
+    assert not ray_started
 
 
-def test_ppo_refuses_before_ray_starts(tmp_path):
-    import ray
-
+def test_ppo_refuses_before_ray_starts(tmp_path, monkeypatch):
     from humor_ray.rl import ppo
 
+    ray_started = never_start_ray(monkeypatch)
     datasets = make_dataset_dirs(tmp_path / "datasets", "prompts/train")
     cfg = ppo.Config(output_dir=str(tmp_path / "out"), dataset_dir=datasets, model_name="tiny",
                      reward_model="builtin:vowel_share", use_gpu=True, gpu_memory_gb=0.01, report_to=["none"])
     with pytest.raises(ConfigError, match="memory plan: the .* GPU needs .*; no single flag makes it fit"):
         ppo.run(cfg)
-    assert not ray.is_initialized()
+    assert not ray_started
 
 
 def test_cpu_runs_are_not_planned():
