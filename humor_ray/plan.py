@@ -493,17 +493,10 @@ def plan_ppo(cfg, gpu_bytes: int, prompt_tokens: int) -> Plan:
     return plan
 
 
-def reward_length(cfg) -> int:
-    """The tokens the reward model reads: --reward_max_length, else its run's (as ppo.run decides), else 512."""
-    from humor_ray.rl.reward import recorded_max_length
-
-    return cfg.reward_max_length or recorded_max_length(cfg.reward_model) or 512
-
-
 def _reward_role(cfg, gpu: str, policy: Architecture) -> Role:
     """The reward actor: a sequence classifier in fp32 (reward.py), scoring 32 texts of up to
     --reward_max_length tokens per forward pass, without gradients."""
-    from humor_ray.rl.reward import BUILTIN, resolve_reward_model
+    from humor_ray.rl.reward import BUILTIN, resolve_reward_model, reward_max_length
 
     if cfg.reward_model in BUILTIN:  # ppo.run still gives its actor the reward model's GPU share
         return Role("reward actor", gpu, 1, cfg.reward_model, note="a rule: its GPU (share) holds nothing")
@@ -513,7 +506,7 @@ def _reward_role(cfg, gpu: str, policy: Architecture) -> Role:
         spec, note = resolve_reward_model(cfg.reward_model), ""
     arch = architecture(spec, "reward")
     role = Role("reward actor", gpu, 1, spec, weights=4 * arch.params, other=CUDA_CONTEXT, note=note)
-    role.activations = inference_activations(arch, 32, reward_length(cfg), 4, 0)
+    role.activations = inference_activations(arch, 32, reward_max_length(cfg), 4, 0)
     return role
 
 
@@ -572,6 +565,8 @@ def plan_stage(stage: str, cfg, gpu_gib: float, prompt_tokens: int = 512, spec: 
 
 def _candidates(stage: str, cfg) -> list[tuple[str, dict]]:
     """Changes that lower memory, in the order they cost least to the recipe: (flag text, config changes)."""
+    from humor_ray.rl.reward import reward_max_length
+
     changes: list[tuple[str, dict]] = []
     if hasattr(cfg, "gradient_checkpointing") and not cfg.gradient_checkpointing:
         changes.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
@@ -597,7 +592,7 @@ def _candidates(stage: str, cfg) -> list[tuple[str, dict]]:
             if length < (cfg.engine_max_model_len or 1 << 30):
                 changes.append((f"--engine_max_model_len {length}", {"engine_max_model_len": length}))
         for length in (256, 128):
-            if length < reward_length(cfg):
+            if length < reward_max_length(cfg):
                 changes.append((f"--reward_max_length {length}", {"reward_max_length": length}))
     return changes
 

@@ -756,7 +756,7 @@ def run(cfg: Config):
     from humor_ray.engines import start_engines
     from humor_ray.placement import check_cluster
     from humor_ray.plan import check_before_start
-    from humor_ray.rl.reward import recorded_max_length, resolve_reward_model, start_reward_actor
+    from humor_ray.rl.reward import resolve_reward_model, reward_max_length, start_reward_actor
     from humor_ray.train.launcher import TrainError, absolute_local_paths
 
     setup_logging()
@@ -767,8 +767,7 @@ def run(cfg: Config):
     prompts_dir = os.path.join(cfg.dataset_dir, "prompts", "train")
     if "://" not in prompts_dir and not os.path.isdir(prompts_dir):
         raise TrainError(f"{prompts_dir} not found: run `humor-ray data build` first")
-    if cfg.reward_max_length is None:  # as the reward model was trained, when its run says
-        cfg.reward_max_length = recorded_max_length(cfg.reward_model) or 512
+    cfg.reward_max_length = reward_max_length(cfg)  # as the reward model was trained, when its run says
     check_before_start("ppo", cfg)  # a role that cannot fit its GPU stops here, before Ray starts
     init_ray(dashboard=True)
     plan = ppo_plan(cfg)

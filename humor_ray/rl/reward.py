@@ -45,6 +45,12 @@ def resolve_reward_model(spec: str) -> str:
                     f"{', '.join(sorted(BUILTIN))})")
 
 
+def reward_max_length(cfg) -> int:
+    """The tokens the reward model reads: --reward_max_length, else what its `humor-ray rm` run trained with,
+    else 512 (PPO's run and its memory plan both ask here)."""
+    return cfg.reward_max_length or recorded_max_length(cfg.reward_model) or 512
+
+
 def recorded_max_length(spec: str) -> int | None:
     """The --max_length a `humor-ray rm` run trained its model with (its metrics.json records it), when
     `spec` names such a run; None otherwise."""
