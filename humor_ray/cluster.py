@@ -17,6 +17,14 @@ OFFLINE_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
+# A local cluster's Ray Train, tuned for runs of seconds to minutes on one machine: its controller polls the
+# workers every half second instead of two (a finished or failed run is noticed sooner; a poll is one cheap
+# call per worker), and no preemption watcher (one more actor process per run, for nodes a cloud reclaims).
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
 # Ray Train workers beside a Ray Data pipeline deadlock when the logical CPU count is the physical
 # count on small machines, so a local cluster advertises at least this many.
 MIN_LOCAL_CPUS = 4
@@ -40,7 +48,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         return
     # A local cluster's workers inherit this process's environment (the log level too): cheaper than a runtime_env,
     # which makes every worker start wait for the runtime-env agent.
-    for key, value in OFFLINE_ENV.items():
+    for key, value in {**OFFLINE_ENV, **LOCAL_TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
     # address="local": never attach to some other cluster this machine happens to run.
     log.info("starting a local Ray cluster (set RAY_ADDRESS to join a running one and skip this start)")

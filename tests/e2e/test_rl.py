@@ -498,14 +498,29 @@ def test_a_reward_actor_killed_while_scoring_is_retried(ray_local):
     from humor_ray.rl.reward import score_with_retries, start_reward_actor
 
     actor = start_reward_actor(registry.resolve("minilm"), max_length=128)
-    pid = ray.get(actor.pid.remote())
-    prompts, captions = PROMPTS * 1500, ["A cat walks into a bar.", "I said no pickles.", "Fish are friends."] * 1500
-    killer = threading.Timer(1.0, os.kill, (pid, signal.SIGKILL))
-    killer.start()  # the scoring below takes several seconds: the actor dies in the middle of it
+    process = psutil.Process(ray.get(actor.pid.remote()))  # the model is loaded: the actor is idle now
+    idle_cpu = sum(process.cpu_times()[:2])
+    prompts, captions = PROMPTS * 300, ["A cat walks into a bar.", "I said no pickles.", "Fish are friends."] * 300
+    killed = threading.Event()
+
+    def kill_while_scoring():
+        # Scoring these takes seconds of CPU: once the actor has spent half a second on the call, it is inside it.
+        while not killed.is_set():
+            try:
+                if sum(process.cpu_times()[:2]) - idle_cpu > 0.5:
+                    process.kill()
+                    killed.set()
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_while_scoring, daemon=True)
+    killer.start()
     try:
         scores, failed = score_with_retries(actor, prompts, captions)
     finally:
-        killer.cancel()
+        killed.set()
+        killer.join()
         ray.kill(actor)
     assert failed >= 1 and len(scores) == len(captions)
     assert scores[:3] == scores[3:6]  # the same pairs, the same rewards from the restarted actor
