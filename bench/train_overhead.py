@@ -1,12 +1,14 @@
 """Ray Train overhead: the SFT stage through the launcher (1 Ray Train worker) against plain
 single-process TRL with the same model, trainer, data and steps, in the same run.
 
-    python bench/train_overhead.py --datasets DIR [--model tiny] [--steps 60] [--repeats 3]
+    python bench/train_overhead.py --datasets DIR [--model tiny] [--steps 60] [--repeats 3] [--ray_defaults]
 
 Steady-state tokens/s is measured between the log at step --warmup and the last step, from the
 trainer's own logs (tokens seen, time since training began), so start-up stays out of it; the time
 outside the training loop (start-up, data, the final save) is reported separately, and for Ray Train
 phase by phase, from the `timings` the run itself records in its metrics.json (the driver and rank 0).
+`--ray_defaults` adds a third side, the same Ray Train run with Ray Train's own settings instead of the ones a
+local cluster gets (`humor_ray.cluster.LOCAL_TRAIN_ENV`), to show what those settings save.
 DIR holds the datasets of `humor-ray data build` (sft_simple is used).
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from humor_ray.cluster import LOCAL_TRAIN_ENV
 from humor_ray.train import sft
 from humor_ray.train.launcher import as_dataset
 
@@ -54,15 +57,34 @@ def run_options(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ray_defaults", action="store_true",
+                        help="also time the Ray Train run with Ray Train's defaults for LOCAL_TRAIN_ENV's settings")
     return parser
 
 
-def run_on_ray(args) -> tuple[float, float, dict]:
-    """(steady tokens/s, seconds outside the loop, the run's own `timings`)."""
+# Ray Train's own defaults for the settings a local cluster changes.
+RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+
+
+def run_on_ray(args, env: dict | None = None) -> tuple[float, float, dict]:
+    """(steady tokens/s, seconds outside the loop, the run's own `timings`); `env`: settings for this run only
+    (the local cluster it starts, and its workers, inherit them)."""
+    import ray
+
     out = tempfile.mkdtemp(prefix="overhead_ray_")
+    saved = {key: os.environ.get(key) for key in LOCAL_TRAIN_ENV}
+    os.environ.update(env or {})
     started = time.perf_counter()
-    sft.run(config(args, out))
-    wall = time.perf_counter() - started
+    try:
+        sft.run(config(args, out))
+    finally:
+        wall = time.perf_counter() - started
+        ray.shutdown()  # each run starts (or joins) its cluster itself, as a user's command does
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     summary = json.loads(Path(out, "metrics.json").read_text())
     history = summary["log_history"]
     return (steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history),
@@ -92,37 +114,37 @@ def run_plain(args) -> tuple[float, float]:
             {})
 
 
-def print_phases(runs: list[dict]) -> None:
-    """The Ray Train runs' own phase timings, medians over the runs."""
-    phases = [name for name in runs[0] if name != "outside_loop"]
+def print_phases(sides: dict[str, list[dict]]) -> None:
+    """The Ray Train runs' own phase timings, medians over the runs, a column per side."""
+    names = list(sides)
+    phases = [name for name in sides[names[0]][0] if name != "outside_loop"] + ["outside_loop"]
     print("\nRay Train, outside the training loop by phase (s, median; first step and checkpoint are inside it):")
-    for name in phases:
-        print(f"  {name:20}{statistics.median(run.get(name, 0.0) for run in runs):>8.1f}")
-    recorded = statistics.median(run["outside_loop"] for run in runs)
-    print(f"  {'outside_loop':20}{recorded:>8.1f}  (as the run records it)")
+    print(f"  {'':20}" + "".join(f"{name:>34}" for name in names))
+    for phase in phases:
+        print(f"  {phase:20}" + "".join(f"{statistics.median(run.get(phase, 0.0) for run in sides[name]):>34.1f}"
+                                        for name in names))
 
 
 def main() -> None:
-    import ray
-
     args = run_options(__doc__.splitlines()[0]).parse_args()
     results = {"plain TRL (1 process)": [], "Ray Train (1 worker)": []}
-    for _ in range(args.repeats):  # interleaved, so drift in the machine hits both alike
+    if args.ray_defaults:
+        results["Ray Train, Ray's defaults"] = []
+    for _ in range(args.repeats):  # interleaved, so drift in the machine hits every side alike
         results["plain TRL (1 process)"].append(run_plain(args))
         results["Ray Train (1 worker)"].append(run_on_ray(args))
-        ray.shutdown()  # each run starts (or joins) its cluster itself, as a user's command does
+        if args.ray_defaults:
+            results["Ray Train, Ray's defaults"].append(run_on_ray(args, RAY_TRAIN_DEFAULTS))
     print(f"\n{args.model}, {args.steps} steps x {args.batch} examples, {args.threads} threads, "
           f"median of {args.repeats}")
-    print(f"{'':24}{'steady tokens/s':>16}{'outside training (s)':>22}")
+    print(f"{'':28}{'steady tokens/s':>16}{'outside training (s)':>22}")
     medians = {}
     for name, runs in results.items():
         medians[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-        print(f"{name:24}{medians[name][0]:>16,.0f}{medians[name][1]:>22.1f}")
+        print(f"{name:28}{medians[name][0]:>16,.0f}{medians[name][1]:>22.1f}")
     plain, ray = medians["plain TRL (1 process)"], medians["Ray Train (1 worker)"]
     print(f"Ray Train / plain: tokens/s {ray[0] / plain[0]:.3f}; extra start-up and shutdown {ray[1] - plain[1]:.1f} s")
-    timings = [r[2] for r in results["Ray Train (1 worker)"] if r[2]]
-    if timings:
-        print_phases(timings)
+    print_phases({name: [r[2] for r in runs] for name, runs in results.items() if name.startswith("Ray Train")})
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -39,8 +39,21 @@ USAGE_ERROR, RUN_ERROR = 2, 1
 
 def usage() -> str:
     names = "\n".join(f"  humor-ray {' '.join(key)}" for key in STAGES)
-    return (f"usage: humor-ray <stage> [--config FILE.yaml] [--flags ...]\nstages:\n{names}\n"
-            "Each stage takes --help.")
+    return (f"usage: humor-ray [--address RAY_ADDRESS] <stage> [--config FILE.yaml] [--flags ...]\nstages:\n{names}\n"
+            "Each stage takes --help. --address joins a running Ray cluster (as the variable RAY_ADDRESS does: "
+            "auto for the one this machine runs); without it a stage starts a local cluster.")
+
+
+def take_address(argv: list[str]) -> list[str]:
+    """`--address ADDR` (or `--address=ADDR`) before the stage, Ray's way of naming a running cluster to
+    join: moved into RAY_ADDRESS, which every stage and Ray itself read. Returns the rest of `argv`."""
+    if argv[:1] == ["--address"]:
+        if len(argv) < 2 or argv[1].startswith("-"):
+            raise UserError("--address needs a value (a Ray cluster's address, or auto)")
+        os.environ["RAY_ADDRESS"], argv = argv[1], argv[2:]
+    elif argv[:1] and argv[0].startswith("--address="):
+        os.environ["RAY_ADDRESS"], argv = argv[0].split("=", 1)[1], argv[1:]
+    return argv
 
 
 def unknown_stage(argv: list[str]) -> str:
@@ -56,6 +69,11 @@ def unknown_stage(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = take_address(argv)
+    except UserError as err:
+        print(f"humor-ray: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     key = tuple(argv[:2]) if tuple(argv[:2]) in STAGES else tuple(argv[:1])
     if key not in STAGES:
         if argv[:1] in (["-h"], ["--help"]):

@@ -39,7 +39,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        log.info(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']} (RAY_ADDRESS)")
+        log.info(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']} (--address / RAY_ADDRESS)")
         env = {key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()}
         if LEVEL_VARIABLE in os.environ:  # --log_level, for our lines in the workers
             env[LEVEL_VARIABLE] = os.environ[LEVEL_VARIABLE]
@@ -51,7 +51,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     for key, value in {**OFFLINE_ENV, **LOCAL_TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
     # address="local": never attach to some other cluster this machine happens to run.
-    log.info("starting a local Ray cluster (set RAY_ADDRESS to join a running one and skip this start)")
+    log.info("starting a local Ray cluster (humor-ray --address ADDR, or RAY_ADDRESS, joins a running one instead)")
     context = ray.init(address="local", num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
                        include_dashboard=dashboard, log_to_driver=True, logging_level=ray_level())
     if dashboard and context.dashboard_url:

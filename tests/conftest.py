@@ -121,7 +121,7 @@ def stop_cluster(head: subprocess.Popen, gcs_port: int, grace: float = 5.0) -> N
 def head_node():
     """A Ray head on loopback, with its own ports, stopped at the end without touching other clusters:
     `.address` (its dashboard, for `ray job submit`), `.env` (for the commands run against it) and
-    `.metrics_port` (where its node serves Prometheus metrics)."""
+    `.metrics_port` (where its node serves Prometheus metrics), `.gcs_address` (for joining it: `--address`)."""
     gcs, dashboard, metrics = free_port(), free_port(), free_port()
     # The cluster's Python is this environment, as on a node image where humor_ray is installed.
     # Metrics reach the node's endpoint every second instead of every ten, for the metrics test.
@@ -148,7 +148,7 @@ def head_node():
         time.sleep(2)
     else:
         pytest.fail("the Ray head did not come up within 120 s")
-    yield types.SimpleNamespace(address=address, env=env, metrics_port=metrics)
+    yield types.SimpleNamespace(address=address, gcs_address=f"127.0.0.1:{gcs}", env=env, metrics_port=metrics)
     stop_cluster(head, gcs)
     # `ray start` records its cluster for later `ray.init()` calls; ours is gone.
     current = Path("/tmp/ray/ray_current_cluster")

@@ -38,3 +38,13 @@ def test_data_build_submitted_as_a_ray_job(ray_local, head_node, real_data, tmp_
     report = json.loads((output / "report.json").read_text())
     assert report["contests"]["total"] == 2 and report["quarantined"]["files"] == 1
     assert report["datasets"]["pairs"] == {"train": 1000, "eval": 1000}
+
+    # The same build run from this machine's shell against the running cluster: it joins, says so first.
+    joined = subprocess.run([str(Path(sys.executable).parent / "humor-ray"), "--address", head_node.gcs_address,
+                             "data", "build", "--input", str(inputs), "--output", str(tmp_path / "joined"),
+                             "--splits", str(real_data / "benchmarks" / "humor_in_ai_splits.json")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0, joined.stderr
+    first = joined.stderr.splitlines()[0]
+    assert f"joining the Ray cluster at {head_node.gcs_address}" in first, joined.stderr
+    assert json.loads((tmp_path / "joined" / "report.json").read_text())["datasets"] == report["datasets"]

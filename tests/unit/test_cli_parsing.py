@@ -86,3 +86,15 @@ def test_the_command_runs_offline_unless_the_environment_says_otherwise(monkeypa
 def test_help_lists_the_stages(capsys):
     assert main(["--help"]) == 0
     assert "humor-ray data build" in capsys.readouterr().out
+
+
+def test_address_before_the_stage_names_the_cluster_to_join(capsys, monkeypatch):
+    from humor_ray.cli import take_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert take_address(["--address", "10.0.0.1:6379", "sft", "--max_steps", "2"]) == ["sft", "--max_steps", "2"]
+    assert os.environ["RAY_ADDRESS"] == "10.0.0.1:6379"
+    assert take_address(["--address=auto", "rm"]) == ["rm"] and os.environ["RAY_ADDRESS"] == "auto"
+    assert take_address(["sft", "--address", "x"]) == ["sft", "--address", "x"]  # a stage's flags stay its own
+    assert error_of(capsys, ["--address", "--max_steps"]) == (
+        "humor-ray: error: --address needs a value (a Ray cluster's address, or auto)")
