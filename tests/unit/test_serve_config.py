@@ -16,6 +16,7 @@ from humor_ray.serve import ServeConfig, weights_fingerprint
 
 
 def test_the_context_defaults_to_the_models_own_and_a_longer_one_is_refused():
+    assert ServeConfig().model == "tiny" and ServeConfig().max_model_len is None
     assert ServeConfig(model="tiny").context() == 512
     assert ServeConfig(model="tiny", max_model_len=256).context() == 256
     with pytest.raises(ConfigError, match="--max_model_len 2048: tiny holds at most 512 tokens"):
