@@ -24,15 +24,17 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-
 from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data.generations import read_generations
 from humor_ray.log import get_logger
+
+if TYPE_CHECKING:
+    import torch
 
 log = get_logger("diversity")
 
@@ -128,6 +130,8 @@ def embed(texts: Sequence[str], model: str = EMBEDDING_MODEL, batch_size: int = 
     """Sentence embeddings, one unit-length row per text: the attention-masked mean of the last hidden
     state, L2-normalised (what sentence-transformers computes for mpnet and minilm). Texts are batched
     by length, so that a few long captions do not pad every batch."""
+    import torch  # here, not at import: best-of-N's options name the embedding models without loading torch
+
     encoder, tokenizer, max_tokens = _encoder(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), encoder.config.hidden_size)
@@ -151,6 +155,8 @@ def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_
     All groups are embedded together, in batches."""
     if pairs not in PAIRS:
         raise UserError(f"unknown pairs {pairs!r}: use one of {', '.join(PAIRS)}")
+    import torch
+
     kept = [[c for c in group if c.strip()] for group in groups]
     vectors = embed([c for group in kept for c in group], model=model, batch_size=batch_size)
     scores, start = [], 0
