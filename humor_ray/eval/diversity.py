@@ -175,6 +175,20 @@ def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_
     return scores
 
 
+def group_diversity(embeddings: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each text's mean embedding distance (1 - cosine) to the other texts of its group (groups: consecutive
+    `group_size` rows of `embeddings`, unit length, as `embed` gives them); (B,). PPO's diversity term and
+    the diverse DPO pairs read it."""
+    import torch
+
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 texts, got {group_size}")
+    grouped = embeddings.double().view(-1, group_size, embeddings.shape[-1])
+    distance = (1.0 - grouped @ grouped.transpose(1, 2)).clamp(min=0)  # a cosine a rounding above 1 is 1
+    distance = distance - torch.diag_embed(torch.diagonal(distance, dim1=1, dim2=2))  # not a text to itself
+    return (distance.sum(2) / (group_size - 1)).reshape(-1).to(embeddings.dtype)
+
+
 # ------------------------------------------------------------------------------ per method
 
 
