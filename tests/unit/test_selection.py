@@ -87,3 +87,15 @@ def test_bon_mmr_skips_a_paraphrase_and_records_every_candidate(tmp_path):
     assert candidates["picked"].tolist() == [True, False, True, False]
     assert candidates["pick"].tolist() == [0, -1, 1, -1]
     assert candidates["reward"].tolist() == [2.0, 1.9, 0.5, 0.0]
+
+
+def test_bon_selection_options_on_the_command_line():
+    from humor_ray.config import ConfigError, parse_config
+
+    base = ["--dataset_dir", "/d", "--output_dir", "/o", "--reward_model", "/rm"]
+    cfg = parse_config(generate.BonConfig, [*base, "--select", "mmr", "--diversity_weight", "0.3", "--embedding",
+                                            "mpnet"], "humor-ray bon")
+    assert (cfg.select, cfg.diversity_weight, cfg.embedding) == ("mmr", 0.3, "mpnet")
+    for flag, value in (("--diversity_weight", "1.5"), ("--select", "random"), ("--embedding", "glove")):
+        with pytest.raises(ConfigError, match=flag):
+            parse_config(generate.BonConfig, [*base, flag, value], "humor-ray bon")
