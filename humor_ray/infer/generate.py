@@ -84,7 +84,8 @@ class GenerateConfig(EngineGpuOptions, DecodingOptions):
 
 @dataclasses.dataclass
 class BonConfig(GenerateConfig):
-    """Best-of-N: generate factor x N, keep the N the reward model scores highest."""
+    """Best-of-N: generate factor x N, keep the N the reward model scores highest (or, --select mmr, N picked by
+    reward and by how unlike each other they are)."""
     reward_model: str = field(None, "a `humor-ray rm` output directory or a reward model directory",
                               required=True)
     candidates_factor: int = field(5, "candidates per kept caption (the paper: 50 for 10)", minimum=1)
