@@ -3,6 +3,9 @@
 Captions are ranked by mean (best first). A candidate pair is (i, j) with i in the top half and j ranked
 below i. It is kept when mean_i - mean_j > sigma * sqrt(se_i^2 + se_j^2). Up to `max_pairs` distinct
 pairs per contest are drawn uniformly from the kept candidates.
+
+`diverse_pairs` makes pairs from a pool of sampled captions scored by a reward model instead (DPO's
+`--pairs diverse`): a distinct funny caption against a repetitive unfunny one.
 """
 
 from __future__ import annotations
@@ -69,3 +72,22 @@ def sample_pairs(mean: np.ndarray, se: np.ndarray, max_pairs: int, sigma: float,
         batch = int(min(MAX_BATCH, max(MIN_BATCH, 2 * (max_pairs - len(chosen)) / kept_share)))
     chosen = chosen[:max_pairs]
     return _index_to_pair(chosen, n)
+
+
+def diverse_pairs(rewards: np.ndarray, distinctness: np.ndarray, quantile: float,
+                  count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (chosen, rejected) of up to `count` pairs from one contest's pool of scored captions: the
+    chosen are the most distinct of the captions whose reward is at or above the pool's `quantile`, the
+    rejected the least distinct of those below it, paired in that order (the most distinct with the least).
+    `distinctness`: each caption's mean embedding distance to the rest of the pool. Equal distinctness goes to
+    the earlier caption. No pair when every reward is at or above the quantile."""
+    rewards, distinctness = np.asarray(rewards, dtype=np.float64), np.asarray(distinctness, dtype=np.float64)
+    if len(rewards) < 2 or count <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    above = rewards >= np.quantile(rewards, quantile)
+    positions = np.arange(len(rewards))
+    high, low = positions[above], positions[~above]
+    chosen = high[np.lexsort((high, -distinctness[high]))]  # most distinct first
+    rejected = low[np.lexsort((low, distinctness[low]))]  # least distinct first
+    size = min(count, len(chosen), len(rejected))
+    return chosen[:size].astype(np.int64), rejected[:size].astype(np.int64)

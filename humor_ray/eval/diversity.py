@@ -24,15 +24,17 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-
 from humor_ray.config import ConfigError, Options, UserError, field
 from humor_ray.data.generations import read_generations
 from humor_ray.log import get_logger
+
+if TYPE_CHECKING:
+    import torch
 
 log = get_logger("diversity")
 
@@ -128,6 +130,8 @@ def embed(texts: Sequence[str], model: str = EMBEDDING_MODEL, batch_size: int = 
     """Sentence embeddings, one unit-length row per text: the attention-masked mean of the last hidden
     state, L2-normalised (what sentence-transformers computes for mpnet and minilm). Texts are batched
     by length, so that a few long captions do not pad every batch."""
+    import torch  # here, not at import: best-of-N's options name the embedding models without loading torch
+
     encoder, tokenizer, max_tokens = _encoder(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), encoder.config.hidden_size)
@@ -151,6 +155,8 @@ def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_
     All groups are embedded together, in batches."""
     if pairs not in PAIRS:
         raise UserError(f"unknown pairs {pairs!r}: use one of {', '.join(PAIRS)}")
+    import torch
+
     kept = [[c for c in group if c.strip()] for group in groups]
     vectors = embed([c for group in kept for c in group], model=model, batch_size=batch_size)
     scores, start = [], 0
@@ -167,6 +173,20 @@ def embedding_diversity(groups: Sequence[Sequence[str]], model: str = EMBEDDING_
             similarity = similarity[upper[0], upper[1]]
         scores.append(1.0 - float(similarity.mean()))
     return scores
+
+
+def group_diversity(embeddings: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each text's mean embedding distance (1 - cosine) to the other texts of its group (groups: consecutive
+    `group_size` rows of `embeddings`, unit length, as `embed` gives them); (B,). PPO's diversity term and
+    the diverse DPO pairs read it."""
+    import torch
+
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 texts, got {group_size}")
+    grouped = embeddings.double().view(-1, group_size, embeddings.shape[-1])
+    distance = (1.0 - grouped @ grouped.transpose(1, 2)).clamp(min=0)  # a cosine a rounding above 1 is 1
+    distance = distance - torch.diag_embed(torch.diagonal(distance, dim1=1, dim2=2))  # not a text to itself
+    return (distance.sum(2) / (group_size - 1)).reshape(-1).to(embeddings.dtype)
 
 
 # ------------------------------------------------------------------------------ per method

@@ -7,12 +7,15 @@ quotes stripped, with any echo of the prompt's "funny caption:" removed, and nev
 again, up to --max_attempts; what stays empty is reported.
 
 Best-of-N (`bon`) draws --candidates_factor x N captions per contest, scores every one with the reward
-model (prompt with the cartoon's context + caption, in its own Ray Data stage) and keeps the N with the
-highest reward, best first; the kept captions carry their reward.
+model (prompt with the cartoon's context + caption, in its own Ray Data stage) and keeps N of them
+(`--select`, humor_ray/infer/selection.py): `top`, the N with the highest reward, best first; or `mmr`, N
+picked greedily by reward and by how little each resembles those already picked (sentence embeddings, as
+`humor-ray diversity` computes them). The kept captions carry their reward.
 
 Outputs in --output_dir: `captions.parquet` (long: contest, method, sample, caption, and reward for bon),
 `<method>.csv` (wide: contest_number, prompt, caption1..N, the layout of the paper's released
-generations), `candidates.parquet` (bon: every scored candidate) and `summary.json`.
+generations), `candidates.parquet` (bon: every scored candidate, whether it was picked and its place among the
+picks) and `summary.json`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from humor_ray.config import ConfigError, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
 from humor_ray.data.outputs import require_complete, written_aside
 from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, clean_caption
+from humor_ray.eval.diversity import EMBEDDING_MODELS
+from humor_ray.infer.selection import SELECTIONS
 from humor_ray.log import get_logger
 from humor_ray.metrics import StageMetrics
 from humor_ray.placement import EngineGpuOptions, check_cluster, inference_plan
@@ -79,11 +84,20 @@ class GenerateConfig(EngineGpuOptions, DecodingOptions):
 
 @dataclasses.dataclass
 class BonConfig(GenerateConfig):
-    """Best-of-N: generate factor x N, keep the N the reward model scores highest."""
+    """Best-of-N: generate factor x N, keep the N the reward model scores highest (or, --select mmr, N picked by
+    reward and by how unlike each other they are)."""
     reward_model: str = field(None, "a `humor-ray rm` output directory or a reward model directory",
                               required=True)
     candidates_factor: int = field(5, "candidates per kept caption (the paper: 50 for 10)", minimum=1)
     reward_max_length: int = field(512, "tokens of prompt + caption the reward model reads", minimum=1)
+    select: str = field("top", "which candidates are kept: top (the N highest rewards) or mmr (maximal marginal "
+                               "relevance: each pick maximises (1 - L) x standardised reward - L x its highest "
+                               "cosine similarity to the captions already picked)", choices=SELECTIONS)
+    diversity_weight: float = field(0.5, "L of --select mmr: 0 keeps the top rewards, 1 ignores them",
+                                    minimum=0, maximum=1)
+    embedding: str = field("minilm", "sentence embeddings of --select mmr: minilm (all-MiniLM-L6-v2, fast) or "
+                                     "mpnet (all-mpnet-base-v2, what `humor-ray diversity` measures with)",
+                           choices=EMBEDDING_MODELS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -308,33 +322,47 @@ def run_bon(cfg: BonConfig) -> dict:
 
 def _best_of_n(cfg: BonConfig, reward_spec: str) -> dict:
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.data
 
     prompts, rows, started = _generate(cfg, cfg.n * cfg.candidates_factor)
     scored = _table(rows.map_batches(RewardScorer, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1),
                                      num_gpus=placement_plan(cfg).role("reward").gpus,
                                      fn_constructor_kwargs={"spec": reward_spec, "max_length": cfg.reward_max_length}))
-    pq.write_table(scored.select(["contest", "sample", "caption", "reward"]),
-                   os.path.join(cfg.output_dir, "candidates.parquet"))
-    # Per contest the N highest rewards, best first (ties: the earlier sample).
-    keep = []
-    contests = scored["contest"].to_numpy()
+    kept = _pick(cfg, scored)
     rewards = scored["reward"].to_numpy()
-    samples = scored["sample"].to_numpy()
-    for contest in np.unique(contests):
-        rows_of = np.flatnonzero(contests == contest)
-        order = rows_of[np.lexsort((samples[rows_of], -rewards[rows_of]))]
-        keep.extend(order[: cfg.n].tolist())
-    kept = scored.take(pa.array(keep, pa.int64()))
-    rank = []
-    for contest in np.unique(contests):
-        rank.extend(range(int((kept["contest"].to_numpy() == contest).sum())))
-    kept = kept.set_column(kept.column_names.index("sample"), "sample", pa.array(rank, pa.int64()))
     return _finish(cfg, prompts, kept, started, {"reward_model": reward_spec, "candidates": scored.num_rows,
+                                                 "select": cfg.select, **_selection_settings(cfg),
                                                  "mean_reward_kept": float(np.mean(kept["reward"].to_numpy())),
                                                  "mean_reward_all": float(np.mean(rewards))})
+
+
+def _selection_settings(cfg: BonConfig) -> dict:
+    return {"diversity_weight": cfg.diversity_weight, "embedding": cfg.embedding} if cfg.select == "mmr" else {}
+
+
+def _pick(cfg: BonConfig, scored):
+    """The kept candidates (numbered by their place among the picks); candidates.parquet gets every
+    candidate with `picked` and `pick` (its place, -1 when not kept)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from humor_ray.eval.diversity import embed
+    from humor_ray.infer.selection import pick_rows
+
+    contests = scored["contest"].to_numpy()
+    vectors = embed(scored["caption"].to_pylist(), model=cfg.embedding).numpy() if cfg.select == "mmr" else None
+    keep = pick_rows(contests, scored["sample"].to_numpy(), scored["reward"].to_numpy(), cfg.n, cfg.select,
+                     cfg.diversity_weight, vectors)
+    place = np.full(scored.num_rows, -1, dtype=np.int64)
+    for contest in np.unique(contests):
+        mine = [row for row in keep if contests[row] == contest]
+        place[mine] = np.arange(len(mine))
+    candidates = scored.select(["contest", "sample", "caption", "reward"])
+    candidates = candidates.append_column("picked", pa.array(place >= 0)).append_column("pick", pa.array(place))
+    pq.write_table(candidates, os.path.join(cfg.output_dir, "candidates.parquet"))
+    kept = scored.take(pa.array(keep, pa.int64()))
+    return kept.set_column(kept.column_names.index("sample"), "sample", pa.array(place[keep], pa.int64()))
 
 
 def _table(dataset):

@@ -59,6 +59,32 @@ def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
 
 
+# ---------------------------------------------------------------- a diversity term for the group estimators
+
+DIVERSITY_FORMS = ("additive", "multiplicative")
+# Embedding distances below this are rounding error: the captions embed the same.
+SAME_MEANING = 1e-6
+
+
+def diversity_term(scores: torch.Tensor, diversity: torch.Tensor, group_size: int, weight: float,
+                   form: str) -> torch.Tensor:
+    """What each sample's score gains for being unlike the other samples of its group (B,).
+    additive: weight x its diversity. multiplicative: its score times its diversity over the group's highest
+    (in [0, 1]), times weight, with the score taken above the group's lowest: the group baselines are blind
+    to a shift of a group's scores, and a negative reward-model score would otherwise make diversity a
+    penalty."""
+    if form == "additive":
+        return weight * diversity
+    if form != "multiplicative":
+        raise ConfigError(f"unknown diversity form {form!r}: use one of {', '.join(DIVERSITY_FORMS)}")
+    grouped, spread = scores.view(-1, group_size), diversity.view(-1, group_size)
+    above = grouped - grouped.min(1, keepdim=True).values
+    highest = spread.max(1, keepdim=True).values
+    # A group of paraphrases differs only by rounding: no sample of it is more diverse than another.
+    normalised = torch.where(highest > SAME_MEANING, spread / highest.clamp(min=SAME_MEANING), 0.0)
+    return (weight * above * normalised).reshape(-1)
+
+
 # ---------------------------------------------------------------- advantage estimators, by name
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,9 @@
   every engine, with a version number; under LoRA the adapter alone, see `--weight_sync`) and `checkpoint`.
   Every (re)start of the workers first brings the engines to the policy it starts from.
 - `--estimator grpo|rloo` replaces the value model by group-normalised advantages over
-  `--samples_per_prompt` samples of each prompt (the estimators are looked up by name in `algorithms.py`).
+  `--samples_per_prompt` samples of each prompt (the estimators are looked up by name in `algorithms.py`);
+  `--diversity_weight` adds to each sample's score a term for how unlike the other samples of its group it
+  is (sentence embeddings from the reward actor), logged and exported beside the reward.
 
 Per step it reports reward, KL and its adaptive coefficient, losses, the trainer-engine log-prob gap
 (a staleness alarm: it should be ~0 since the engines get every update), and the time of each phase,
@@ -34,7 +36,8 @@ from humor_ray.config import (ConfigError, DeepSpeedOptions, LoggingOptions, Lor
 from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.placement import EngineGpuOptions, ppo_plan
-from humor_ray.rl.algorithms import ESTIMATORS
+from humor_ray.eval.diversity import EMBEDDING_MODELS
+from humor_ray.rl.algorithms import DIVERSITY_FORMS, ESTIMATORS
 from humor_ray.engines import ENGINES, DecodingOptions
 from humor_ray.rl.learners import deepspeed_loading, precision, unwrap
 from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run_trainer, start_worker
@@ -74,6 +77,14 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
     simple_prompt: bool = field(False, "use the simple prompt instead of the long instruction prompt")
     estimator: str = field("gae", "gae (PPO with a value model); grpo or rloo: critic-free, group baselines",
                            choices=tuple(ESTIMATORS))
+    diversity_weight: float = field(0.0, "grpo/rloo: weight W of a diversity term added to each sample's score, "
+                                         "from its mean embedding distance (1 - cosine) to the other samples "
+                                         "of its group (0: none)", minimum=0)
+    diversity_form: str = field("additive", "the diversity term: additive (W x the distance) or multiplicative "
+                                            "(W x the score above the group's lowest x the distance over the "
+                                            "group's highest)", choices=DIVERSITY_FORMS)
+    diversity_embedding: str = field("minilm", "sentence embeddings of the diversity term: minilm or mpnet",
+                                     choices=EMBEDDING_MODELS)
     rollout_batch_size: int = field(8, "prompts per step per worker", minimum=1)
     samples_per_prompt: int = field(4, "captions sampled per prompt (the group size for grpo/rloo)", minimum=1)
     mini_batch_size: int = field(16, "sequences per optimizer step", minimum=1)
@@ -127,6 +138,9 @@ class Config(LoggingOptions, DeepSpeedOptions, LoraOptions, ScaleOptions, RunOpt
         super().__post_init__()
         if not ESTIMATORS[self.estimator].critic and self.samples_per_prompt < 2:
             raise ConfigError(f"--estimator {self.estimator} needs --samples_per_prompt of at least 2")
+        if self.diversity_weight and ESTIMATORS[self.estimator].critic:
+            raise ConfigError(f"--diversity_weight needs a group estimator (--estimator grpo or rloo), not "
+                              f"{self.estimator}")
         batch = self.rollout_batch_size * self.samples_per_prompt
         if batch % self.mini_batch_size:
             raise ConfigError(f"--mini_batch_size must divide the rollout batch (rollout_batch_size x "
@@ -189,7 +203,9 @@ class Experience:
     kl: torch.Tensor  # (B, T) policy - reference log-probs on completion tokens
     advantages: torch.Tensor  # (B, T)
     returns: torch.Tensor | None  # (B, T) the value model's targets; None without one
-    totals: list[float]  # over all workers: score sum, score square sum, sequences, KL sum, cut captions
+    totals: list[float]  # over all workers: score sum, score square sum, sequences, KL sum, cut captions,
+    #                      diversity term sum, diversity sum
+    diversity: torch.Tensor | None = None  # (B,) each sample's mean distance to its group (with --diversity_weight)
 
     def logprob_gap(self, rows=slice(None)) -> float:
         """Mean |trainer - engine| log-prob of the completion tokens of `rows`."""
@@ -457,8 +473,8 @@ class PPOWorker:
         while self.step < cfg.max_steps:
             times: dict[str, float] = {}
             samples, chosen = self._timed(times, self.rollout)
-            captions, scores, retries = self._timed(times, self.score, samples, chosen)
-            experience = self._timed(times, self.make_experience, samples, captions, scores, retries)
+            captions, scores, retries, diversity = self._timed(times, self.score, samples, chosen)
+            experience = self._timed(times, self.make_experience, samples, captions, scores, retries, diversity)
             stats = self._timed(times, self.update, experience)
             self.step += 1
             self._timed(times, self.sync_weights, self.step)
@@ -488,14 +504,16 @@ class PPOWorker:
         decoding = dataclasses.replace(self.decoding, seed=seed)
         return self.pool.generate([self.prompts[i] for i in chosen], cfg.samples_per_prompt, decoding), chosen
 
-    def score(self, samples: list[Sample], chosen) -> tuple[list[str], torch.Tensor, int]:
-        """(the captions, the reward model's scores (B,), reward calls retried). The caption is what
+    def score(self, samples: list[Sample], chosen) -> tuple[list[str], torch.Tensor, int, torch.Tensor | None]:
+        """(the captions, the reward model's scores (B,), reward calls retried, with --diversity_weight each
+        caption's mean embedding distance to the others of its group (B,), else None). The caption is what
         generate and bon keep (`clean_caption`): one cut at max_new_tokens keeps its whole words, and under
         --truncated penalize loses --truncation_penalty."""
         import torch
 
         from humor_ray.engines import clean_caption
-        from humor_ray.rl.reward import score_with_retries
+        from humor_ray.eval.diversity import group_diversity
+        from humor_ray.rl.reward import call_with_retries, score_with_retries
 
         cfg = self.cfg
         captions = [clean_caption(s.text, s.finished) for s in samples]
@@ -505,11 +523,20 @@ class PPOWorker:
         if cfg.truncated == "penalize":
             cut = torch.tensor([not s.finished for s in samples], device=scores.device)
             scores = scores - cfg.truncation_penalty * cut
-        return captions, scores, retries
+        diversity = None
+        if cfg.diversity_weight:
+            vectors, failed = call_with_retries(self.reward_actor.embed, captions, cfg.diversity_embedding)
+            retries += failed
+            diversity = group_diversity(torch.as_tensor(vectors, device=scores.device), cfg.samples_per_prompt)
+        return captions, scores, retries, diversity
 
-    def make_experience(self, samples: list[Sample], captions: list[str], scores, retries: int) -> Experience:
-        """Log-probs, reference log-probs and values of the samples, then the advantages."""
+    def make_experience(self, samples: list[Sample], captions: list[str], scores, retries: int,
+                        diversity=None) -> Experience:
+        """Log-probs, reference log-probs and values of the samples, then the advantages (of the scores plus,
+        with --diversity_weight, the diversity term)."""
         import torch
+
+        from humor_ray.rl import algorithms as alg
 
         cfg, device = self.cfg, self.worker.device
         # Under --truncated trim the tokens past a cut caption's last whole word are not trained: the
@@ -532,15 +559,21 @@ class PPOWorker:
         for row, s in enumerate(samples):
             engine_logprobs[row, :len(s.logprobs)] = torch.tensor(s.logprobs)
         kl = (old_logprobs - ref_logprobs) * mask
+        term = torch.zeros_like(scores)
+        if diversity is not None:
+            term = alg.diversity_term(scores, diversity, cfg.samples_per_prompt, cfg.diversity_weight,
+                                      cfg.diversity_form)
         totals = _all_sum([scores.sum().item(), (scores ** 2).sum().item(), len(samples), kl.sum(1).sum().item(),
-                           sum(not s.finished for s in samples)], device)
+                           sum(not s.finished for s in samples), term.sum().item(),
+                           0.0 if diversity is None else diversity.sum().item()], device)
         normalized = scores
         if self.estimator.critic and cfg.normalize_rewards:
             self.moments.update(*totals[:3])
             normalized = self.moments.normalize(scores)
-        advantages, returns = self.estimator.advantages(normalized, kl, mask, values, self.kl_control.value, cfg)
+        advantages, returns = self.estimator.advantages(normalized + term, kl, mask, values, self.kl_control.value,
+                                                        cfg)
         return Experience(samples, captions, scores, retries, seqs, old_logprobs, raw_logprobs, engine_logprobs,
-                          entropy, values, kl, advantages, returns, totals)
+                          entropy, values, kl, advantages, returns, totals, diversity)
 
     def _autocast(self):
         """The forward passes' half precision on a GPU (`learners.precision`)."""
@@ -612,7 +645,7 @@ class PPOWorker:
         from humor_ray.rl import algorithms as alg
 
         cfg, step, device = self.cfg, self.step, self.worker.device
-        total, total_sq, count, kl_total, cut = exp.totals
+        total, total_sq, count, kl_total, cut, term_total, diversity_total = exp.totals
         mean_kl, kl_coef_used = kl_total / count, self.kl_control.value
         self.kl_control.update(mean_kl, int(count))
         size, generated = len(exp.samples), float(sum(len(s.completion_ids) for s in exp.samples))
@@ -629,6 +662,8 @@ class PPOWorker:
             "reward_retries": exp.reward_retries, "caption_tokens": generated / size, "trained_tokens": trained / size,
             "empty_captions": sum(not c for c in exp.captions), "cut_captions": cut / count,
             "tokens_per_second": _all_sum([generated], device)[0] / step_time,
+            **({"diversity/mean": diversity_total / count, "diversity/term": term_total / count}
+               if exp.diversity is not None else {}),
             **{k: float(np.mean(v)) for k, v in stats.items() if v},
             **{f"time/{HISTORY_TIMES[k]}": v for k, v in times.items()}, "time/step": step_time,
         }
@@ -673,6 +708,11 @@ class PPOWorker:
         figures = self.figures
         figures.gauge("ppo_step", self.step, "PPO steps done")
         figures.gauge("ppo_reward", metrics["reward/mean"], "mean reward of the step's captions, all workers")
+        if "diversity/term" in metrics:
+            figures.gauge("ppo_diversity_term", metrics["diversity/term"], "mean diversity term added to the step's "
+                          "scores (--diversity_weight), all workers")
+            figures.gauge("ppo_diversity", metrics["diversity/mean"], "mean embedding distance of the step's "
+                          "captions to the others of their group, all workers")
         figures.gauge("ppo_kl", metrics["kl"], "KL from the reference, nats per caption")
         figures.gauge("ppo_kl_coef", metrics["kl_coef"], "the KL penalty coefficient of the step")
         for phase, seconds in times.items():

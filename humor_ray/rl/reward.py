@@ -79,6 +79,13 @@ class RewardModel:
     def pid(self) -> int:
         return os.getpid()
 
+    def embed(self, captions: list[str], model: str):
+        """Unit-length sentence embeddings of `captions` (B, D), as `humor-ray diversity` computes them
+        (`model`: one of its embedding models, loaded once per process); for PPO's diversity term."""
+        from humor_ray.eval.diversity import embed
+
+        return embed(captions, model=model).numpy()
+
     def score(self, prompts: list[str], captions: list[str], progress: bool = False) -> list[float]:
         """Rewards of (prompt, caption) pairs; `progress` shows a bar (long scoring runs)."""
         if self.spec == "builtin:vowel_share":
@@ -120,11 +127,16 @@ def start_reward_actor(spec: str, *, max_length: int = 512, num_cpus: float = 1,
 def score_with_retries(actor, prompts: list[str], captions: list[str], retries: int = 5) -> tuple[list[float], int]:
     """Scores from the reward actor; a failed call (the actor crashed and is restarting, or a transient
     error) is retried with backoff. Returns (scores, failed attempts)."""
+    return call_with_retries(actor.score, prompts, captions, retries=retries)
+
+
+def call_with_retries(method, *args, retries: int = 5):
+    """(`method.remote(*args)`'s result, failed attempts): a method of the reward actor, retried with backoff."""
     import ray
 
     for attempt in range(retries + 1):  # the last attempt returns or raises
         try:
-            return ray.get(actor.score.remote(prompts, captions)), attempt
+            return ray.get(method.remote(*args)), attempt
         except Exception as err:  # retried; the last failure is raised
             if attempt == retries:
                 raise RuntimeError(f"the reward model failed {retries + 1} times: {err}") from err

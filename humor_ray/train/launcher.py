@@ -72,6 +72,9 @@ class Stage:
     # (cfg, train, evaluation, scratch) -> its TRL trainer, inside a worker. It creates the training
     # arguments BEFORE loading the model: under ZeRO-3 they set up DeepSpeed's partitioned loading.
     make_trainer: Callable
+    # cfg -> a folder of training rows the stage wrote itself (DPO's pairs from a pool of captions), read
+    # instead of the dataset's training split; None: the dataset's.
+    train_dir: Callable[[Any], str | None] | None = None
 
 
 @dataclasses.dataclass
@@ -128,7 +131,8 @@ def lora_config(cfg: TrainConfig, task_type: str, **overrides):
 
 
 def split_path(cfg: TrainConfig, stage: Stage, split: str) -> str:
-    return os.path.join(cfg.dataset_dir, stage.dataset_name(cfg), split)
+    own = stage.train_dir(cfg) if split == "train" and stage.train_dir else None
+    return own or os.path.join(cfg.dataset_dir, stage.dataset_name(cfg), split)
 
 
 # ---------------------------------------------------------------- inside a worker

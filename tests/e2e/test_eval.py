@@ -85,6 +85,8 @@ def test_best_of_n_keeps_the_highest_rewards(tmp_path, datasets_dir):
     for contest, rows in kept.groupby("contest"):
         pool = candidates[candidates["contest"] == contest]["reward"].sort_values(ascending=False).tolist()
         assert rows.sort_values("sample")["reward"].tolist() == pytest.approx(pool[:3])
+        picked = candidates[(candidates["contest"] == contest) & candidates["picked"]].sort_values("pick")
+        assert picked["caption"].tolist() == rows.sort_values("sample")["caption"].tolist()
 
 
 def test_reward_model_judge_win_rates_and_report_in_a_browser(tmp_path, datasets_dir, generated, real_data):

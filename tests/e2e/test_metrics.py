@@ -114,17 +114,19 @@ def test_data_build_sft_and_ppo_export_their_figures_to_the_node_metrics_endpoin
     eval_loss = series(seen, "humor_ray_train_eval", metric="loss", **train)
     assert eval_loss == [pytest.approx(logged["eval"]["eval_loss"])]
 
-    # Two PPO steps on the same prompts, against the builtin reward: the trainer worker's step figures.
+    # Two GRPO steps with a diversity term on the same prompts, against the builtin reward: the trainer
+    # worker's step figures.
     steps = 2
     command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
                "humor-ray", "ppo", "--config", "jobs/ppo-tiny.yaml", "--dataset_dir", str(output),
                "--output_dir", str(tmp_path / "ppo"), "--run_name", "metrics-ppo", "--max_steps", str(steps),
-               "--save_steps", str(steps), "--report_to", "none"]
+               "--save_steps", str(steps), "--report_to", "none", "--estimator", "grpo", "--diversity_weight", "0.5"]
     ppo = {"run": "metrics-ppo", "stage": "ppo"}
     seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_ppo_step", **ppo) == [steps])
     last = json.loads((tmp_path / "ppo" / "metrics.json").read_text())["history"][-1]
     assert series(seen, "humor_ray_ppo_step", **ppo) == [steps]
-    for name, key in (("reward", "reward/mean"), ("kl", "kl"), ("kl_coef", "kl_coef")):
+    for name, key in (("reward", "reward/mean"), ("kl", "kl"), ("kl_coef", "kl_coef"),
+                      ("diversity_term", "diversity/term"), ("diversity", "diversity/mean")):
         assert series(seen, f"humor_ray_ppo_{name}", **ppo) == [pytest.approx(last[key])], name
     for phase in ("rollout", "score", "make_experience", "update", "sync_weights", "checkpoint"):
         assert series(seen, "humor_ray_ppo_phase_seconds", phase=phase, **ppo)[0] > 0, phase

@@ -357,6 +357,25 @@ def test_ppo_raises_a_known_reward_and_the_controller_steers_the_kl_to_its_targe
     assert list((out / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
 
 
+def test_grpo_with_a_diversity_term_logs_it_beside_the_reward(tmp_path, datasets_dir):
+    """Two GRPO steps with --diversity_weight: each step's captions embedded by the reward actor, the additive
+    term (W x each caption's mean distance to its group) in the history and TensorBoard."""
+    out, weight = tmp_path / "grpo_diverse", 0.5
+    ppo.run(ppo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share",
+                       model_name="tiny", simple_prompt=True, estimator="grpo", samples_per_prompt=4,
+                       rollout_batch_size=2, mini_batch_size=8, diversity_weight=weight, max_steps=2,
+                       max_new_tokens=12, save_steps=2, report_to=["tensorboard"], max_failures=0))
+    history = history_of(out)
+    assert [m["step"] for m in history] == [1, 2]
+    for m in history:
+        # Sampled captions of a tiny model differ, yet not every one from every other in meaning.
+        assert 0 < m["diversity/mean"] < 2
+        assert m["diversity/term"] == pytest.approx(weight * m["diversity/mean"])
+    # The tags are stored as text in the event records.
+    events = b"".join(p.read_bytes() for p in (out / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
+    assert b"diversity/term" in events and b"reward/mean" in events
+
+
 def test_a_resumed_run_draws_as_an_uninterrupted_one_and_trains_only_the_scored_words(tmp_path, datasets_dir):
     """Rollouts are seeded by step: a run resumed after step 1 samples step 2 as the uninterrupted run does
     (restarted engines with their own generators would repeat their first draws). Captions cut at

@@ -16,7 +16,8 @@ from humor_ray.models.reward_inputs import encode
 from humor_ray.train import dpo, rm, sft
 
 pytestmark = pytest.mark.timeout(900)
-REAL_DATASETS = {"summaries": "53[06]_LilUCB.csv", "datasets": ["sft_simple", "pairs"]}
+# 530 is a training contest, 536 an evaluation one; prompts: for a best-of-N pool on the training split.
+REAL_DATASETS = {"summaries": "53[06]_LilUCB.csv", "datasets": ["sft_simple", "pairs", "prompts"]}
 
 # Small runs: a few steps, every one logged, evaluation and a checkpoint every second step.
 SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
@@ -100,6 +101,34 @@ def test_dpo_with_lora_from_the_new_pad_token(tmp_path, datasets_dir, monkeypatc
     tokenizer = AutoTokenizer.from_pretrained(out / "final" / "merged")
     assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert merged.get_input_embeddings().num_embeddings >= len(tokenizer)
+
+
+def test_dpo_on_diverse_pairs_from_a_best_of_n_pool(tmp_path, datasets_dir, monkeypatch):
+    """`bon --split train` scores a pool of captions; `dpo --pairs diverse` builds its pairs from it (each chosen
+    caption scored above its rejected one) and trains on them alone, evaluating on the dataset's pairs."""
+    import pandas as pd
+
+    from humor_ray.infer import generate
+
+    pool = tmp_path / "pool"
+    generate.run_bon(generate.BonConfig(dataset_dir=str(datasets_dir), output_dir=str(pool), model_name="tiny",
+                                        split="train", n=2, candidates_factor=4, max_new_tokens=12,
+                                        reward_model="builtin:vowel_share", engine="hf"))
+    record = tmp_path / "rows"
+    monkeypatch.setenv("HUMOR_RAY_RECORD_TRAIN_ROWS", str(record))
+    out = tmp_path / "dpo"
+    dpo.run(dpo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", lora_r=8,
+                       pairs="diverse", pairs_from=str(pool), pairs_per_contest=3,
+                       **{**SMALL, "max_steps": 2, "eval_steps": 2, "save_steps": 2}))
+    pairs = pd.read_parquet(out / "pairs" / "train")
+    candidates = pd.read_parquet(pool / "candidates.parquet")
+    assert set(pairs["contest"]) == {530} and 1 <= len(pairs) <= 3
+    reward = candidates.groupby("caption")["reward"].agg(["min", "max"])
+    assert all(reward.loc[c, "min"] > reward.loc[r, "max"] for c, r in zip(pairs["chosen"], pairs["rejected"]))
+    # The worker held the pool's pairs, not the dataset's thousands of human pairs of contest 530.
+    assert len((record / "rank0-rows.jsonl").read_text().splitlines()) == len(pairs)
+    metrics = metrics_of(out)
+    assert steps_logged(metrics) == [1, 2] and "eval_loss" in metrics["eval"]
 
 
 def test_each_worker_trains_on_each_of_its_rows_once_per_epoch(tmp_path, datasets_dir, monkeypatch):
