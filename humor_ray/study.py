@@ -31,22 +31,26 @@ log = get_logger("study")
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """The job specs of a policy size, and the flags that turn the simple-prompt SFT spec into the long one
-    where no long-prompt spec exists."""
+    """The job specs of a policy size, and the flags that turn its `sft` spec into the long-prompt SFT where no
+    long-prompt spec exists (None: the policy's context cannot hold the long prompt, so every stage reads the
+    simple one)."""
     prefix: str  # our methods' names: <prefix>_sft, ... (the released ones are sft, dpo, ...)
     sft: str
     sft_simple: str
     rm: str
     dpo: str
     ppo: str
-    long_prompt: tuple[str, ...] = ()
+    long_prompt: tuple[str, ...] | None = ()
 
 
 PROFILES = {
+    # The tiny preset has 512 positions and a small vocabulary: a long prompt alone is 454-501 of its tokens.
     "tiny": Profile("tiny", "sft-tiny.yaml", "sft-tiny.yaml", "rm-minilm.yaml", "dpo-tiny.yaml", "ppo-tiny.yaml",
-                    ("--simple_prompt", "false", "--new_padding_token", "false")),
+                    None),
+    # SmolLM2's long prompt and caption: 256 tokens (median), 310 at most.
     "smollm2-135m": Profile("smollm2", "sft-smollm2.yaml", "sft-smollm2.yaml", "rm-minilm.yaml", "dpo-smollm2.yaml",
-                            "ppo-smollm2.yaml", ("--simple_prompt", "false", "--new_padding_token", "false")),
+                            "ppo-smollm2.yaml", ("--simple_prompt", "false", "--new_padding_token", "false",
+                                                 "--max_length", "384")),
     "mistral-7b": Profile("mistral7b", "sft-7b.yaml", "sft-simple-7b.yaml", "rm-7b.yaml", "dpo-7b.yaml",
                           "ppo-7b.yaml"),
 }
@@ -120,8 +124,8 @@ def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path |
     rewarded = _training_budget(cfg.rm_steps, cfg.eval_examples)
     stage = pipeline.Stage
     stages = [
-        stage("sft", "sft", runs / "sft", [*data, *trained, *profile.long_prompt, "--output_dir", str(runs / "sft")],
-              profile.sft),
+        stage("sft", "sft", runs / "sft", [*data, *trained, *(profile.long_prompt or ()),
+                                           "--output_dir", str(runs / "sft")], profile.sft),
         stage("sft_simple", "sft", runs / "sft_simple",
               [*data, *trained, "--output_dir", str(runs / "sft_simple")], profile.sft_simple),
         stage("rm_a", "rm", runs / "rm_a", [*data, *rewarded, "--contest_fold", FOLD_A,
@@ -141,14 +145,15 @@ def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path |
     sample = [*data, "--contests", *map(str, contests), "--n", str(cfg.captions), "--seed", str(cfg.seed),
               *(["--use_gpu"] if cfg.use_gpu else [])]
     # Each policy reads the prompt it was trained on: the long one zero-shot and after the long SFT.
-    policies = {"zs": (base, []), "sft": (str(runs / "sft" / "final"), []),
+    long = [] if profile.long_prompt is not None else ["--simple_prompt"]
+    policies = {"zs": (base, long), "sft": (str(runs / "sft" / "final"), long),
                 "dpo": (str(runs / "dpo" / "final"), ["--simple_prompt"]),
                 "ppo": (str(runs / "ppo" / "final"), ["--simple_prompt"])}
     for name, (model, prompt) in policies.items():
         stages.append(stage(f"generate {names[name]}", "generate", captions / name, [
             *sample, *prompt, "--model_name", model, "--method", names[name], "--output_dir", str(captions / name)]))
     stages.append(stage(f"bon {names['zs_BoN']}", "bon", captions / "zs_BoN", [
-        *sample, "--model_name", base, "--method", names["zs_BoN"], "--reward_model", str(runs / "rm_a"),
+        *sample, *long, "--model_name", base, "--method", names["zs_BoN"], "--reward_model", str(runs / "rm_a"),
         "--reward_max_length", reward_length, "--candidates_factor", str(cfg.candidates_factor),
         "--output_dir", str(captions / "zs_BoN")]))
     generations = [str(captions / name) for name in names] + ([str(released)] if released else [])
