@@ -119,3 +119,16 @@ def test_a_judge_that_clears_chance_gets_a_leaderboard_and_no_warning():
     assert page.startswith("<h2>Leaderboard</h2>") and "judge-warning" not in page
     assert page.index(">ours<") < page.index(">theirs<")  # a ranking: the best first
     assert "<td>12.0</td>" in page  # mean words per caption beside the method
+
+
+def test_the_demos_report_says_its_runs_cannot_rank_and_points_to_the_study(tmp_path):
+    from humor_ray import demo
+
+    cfg = report.ReportConfig(judge_dir=str(tmp_path), generations=[str(tmp_path)], dataset_dir=str(tmp_path),
+                              output_dir=str(tmp_path / "out"), note=demo.SHORT_RUNS_NOTE)
+    summary = {**SUMMARY, "reliability": _reliability(0.25, 0.0, 0.3)}
+    page = report._page(cfg, summary, {}, {"diversity": "diversity.png", "lengths": "lengths.png"}, [])
+    note = page.index("<p id='note'")
+    assert "cannot rank anything" in page[note:] and "humor-ray study" in page[note:]
+    # The note, then the judge's warning, then its table.
+    assert note < page.index("id='judge-warning'") < page.index("id='leaderboard'") < page.index("id='reliability'")
