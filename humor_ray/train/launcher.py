@@ -650,11 +650,10 @@ def stream_split(cfg: TrainConfig, stage: Stage, keep_train_row: Callable[[dict]
     """The training split as a Ray Data dataset, for Ray Train to shard across the workers; `keep_train_row`
     filters it before it is split, so every worker gets as many rows."""
     import ray.data
+    from ray.data.expressions import col
 
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    from ray.data.expressions import col
-
     path = split_path(cfg, stage, "train")
     train = ray.data.read_parquet(path)
     keep = stage.train_rows(cfg, path)

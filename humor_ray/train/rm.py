@@ -13,7 +13,6 @@ evaluation contests, which no fold trains on): metrics.json's `held_out` block m
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 from pathlib import Path

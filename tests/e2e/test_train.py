@@ -107,6 +107,13 @@ def test_a_fold_reward_model_trains_only_on_its_folds_contests(tmp_path, dataset
     assert metrics["held_out"] == {"accuracy": metrics["eval"]["eval_accuracy"], "split": "eval",
                                    "pairs": SMALL["max_eval_examples"], "seed": 2024}
     assert 0.0 <= metrics["held_out"]["accuracy"] <= 1.0
+    # A split too large for the workers to read themselves streams through Ray Data, filtered the same way.
+    from humor_ray.train.launcher import stream_split
+
+    config = rm.Config(output_dir=str(out), dataset_dir=str(data), contest_fold=metrics["contest_fold"])
+    streamed = stream_split(config, rm.STAGE).to_pandas()
+    assert len(streamed) == (pairs["contest"] == ours).sum()
+    assert set(streamed["prompt"]) == set(pairs[pairs["contest"] == ours]["prompt"])
 
 
 def test_reward_input_keeps_the_caption_and_the_end_of_a_long_prompt():
