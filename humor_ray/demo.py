@@ -137,4 +137,11 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     pipeline.run_stage(9, "judge", None, [
         *common, *subset, "--generations", *generations, *judge, "--output_dir", str(out / "judge")])
     return pipeline.run_stage(10, "report", None, [
-        *common, "--judge_dir", str(out / "judge"), "--generations", *generations, "--output_dir", str(out / "report")])
+        *common, "--judge_dir", str(out / "judge"), "--generations", *generations, "--output_dir", str(out / "report"),
+        "--note", SHORT_RUNS_NOTE])
+
+
+# The demo's report says what its runs cannot show, whatever its judge's reliability came out as.
+SHORT_RUNS_NOTE = ("These are the demo's short runs: a few training steps per model, a reward model near chance "
+                   "and a handful of contests. They show the pipeline working end to end and cannot rank anything; "
+                   "the win rates below are not a leaderboard. To compare methods, run `humor-ray study`.")

@@ -1,7 +1,8 @@
 """`humor-ray report`: one static HTML file (plus its images) that opens without a server.
 
-- a leaderboard: each method's win rate against the four human groups, with 95% intervals, and the
-  judge's reliability check;
+- the win rates of each method against the four human groups, raw and length-controlled, with 95% intervals
+  and mean caption lengths, and the judge's reliability block; a leaderboard only when the judge clears
+  chance, else a warning in words above a table that is not ordered as a ranking;
 - a table of methods and human groups: raw and length-controlled win rates, diversity, mean length and, with
   --reward_dir, the mean reward of a second reward model (humor_ray/eval/table.py);
 - diversity beside win rate (a scatter: embedding diversity and EAD against the mean win rate), human groups
@@ -25,7 +26,7 @@ from humor_ray.config import ConfigError, Options, UserError, data_root, field
 from humor_ray.data.generations import read_generations
 from humor_ray.data.outputs import written_aside
 from humor_ray.eval import table
-from humor_ray.eval.benchmark import GROUPS, read_references
+from humor_ray.eval.benchmark import GROUPS, read_references, reliability_lines, reliability_warning
 from humor_ray.log import get_logger
 from humor_ray.models.vision import image_location
 
@@ -52,6 +53,8 @@ class ReportConfig(Options):
     ead: str = field("paper", "the EAD: paper (the paper's words, V = 32,000) or words (our tokens)")
     pairs: str = field("with_self", "embedding cosines: with_self (the paper's) or distinct (two different captions)")
     overwrite: bool = field(False, "replace --output_dir even when it holds files that are not an earlier report")
+    note: str | None = field(None, "a paragraph shown at the top of the page (say, what the runs judged can and "
+                                   "cannot show)")
 
     def __post_init__(self):
         if not (self.judge_dir and self.generations and self.dataset_dir and self.output_dir):
@@ -94,26 +97,44 @@ def _plots(out: Path, summary: dict, diversity: dict, lengths: dict) -> dict[str
     return files
 
 
+def _rate_cell(r: dict | None, key: str) -> str:
+    if not r or r.get(key) is None or math.isnan(r[key]):
+        return "-"
+    low, high = ("lc_ci_low", "lc_ci_high") if key == "lc_win_rate" else ("ci_low", "ci_high")
+    return f"{100 * r[key]:.1f}% <small>[{100 * r[low]:.1f}, {100 * r[high]:.1f}]</small>"
+
+
 def _leaderboard(summary: dict) -> str:
+    """The win rates, raw and length-controlled, with each method's mean caption length. Under a judge whose
+    reliability does not clear chance, the warning comes first, and the table is neither called a leaderboard
+    nor ordered by win rate."""
     rates = {(r["method"], r["against"]): r for r in summary["win_rates"]}
-    methods = sorted({m for m, _ in rates}, key=lambda m: -sum(rates[(m, g)]["win_rate"] for g in GROUPS
-                                                               if (m, g) in rates))
-    head = "".join(f"<th>vs {g}</th>" for g in GROUPS)
+    lengths = summary.get("lengths", {})
+    warning = reliability_warning(summary.get("reliability"))
+    methods = sorted({m for m, _ in rates})
+    if not warning:  # a ranking: best mean win rate first
+        methods.sort(key=lambda m: -sum(rates[(m, g)]["win_rate"] for g in GROUPS if (m, g) in rates))
+    head = "".join(f"<th>vs {g}</th><th>vs {g}, length-controlled</th>" for g in GROUPS)
     rows = []
     for m in methods:
-        cells = []
-        for g in GROUPS:
-            r = rates.get((m, g))
-            cells.append(f"<td>{100 * r['win_rate']:.1f}% <small>[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-                         f"</small></td>" if r else "<td>-</td>")
-        rows.append(f"<tr><td>{html.escape(m)}</td>{''.join(cells)}</tr>")
-    table = f"<table id='leaderboard'><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
-    reliability = summary.get("reliability")
-    if reliability:
-        table += (f"<p>Judge reliability: human top-10 beats human #1000-1009 in {100 * reliability['win_rate']:.1f}% "
-                  f"[{100 * reliability['ci_low']:.1f}, {100 * reliability['ci_high']:.1f}] of "
-                  f"{reliability['judgments']} judgments (chance: 50%).</p>")
-    return table
+        cells = "".join(f"<td>{_rate_cell(rates.get((m, g)), 'win_rate')}</td>"
+                        f"<td>{_rate_cell(rates.get((m, g)), 'lc_win_rate')}</td>" for g in GROUPS)
+        words = f"{lengths[m]:.1f}" if m in lengths else "-"
+        rows.append(f"<tr><td>{html.escape(m)}</td><td>{words}</td>{cells}</tr>")
+    humans = ", ".join(f"{g} {lengths[f'human_{g}']:.1f}" for g in GROUPS if f"human_{g}" in lengths)
+    table = (f"<table id='leaderboard'><tr><th>method</th><th>words per caption</th>{head}</tr>{''.join(rows)}</table>"
+             + (f"<p>Human captions, mean words per caption: {humans}.</p>" if humans else ""))
+    if warning:
+        return (f"<h2>Win rates (not a ranking)</h2><p id='judge-warning' class='warning'>{html.escape(warning)}</p>"
+                + table)
+    return f"<h2>Leaderboard</h2>{table}"
+
+
+def _reliability(summary: dict) -> str:
+    """The judge's reliability block, (a)-(d), as the judge prints it."""
+    lines = reliability_lines(summary.get("reliability"))[1:]  # the first is the heading
+    items = "".join(f"<li>{html.escape(line.strip())}</li>" for line in lines)
+    return f"<h2>Judge reliability</h2><p>Chance is 50%.</p><ul id='reliability'>{items}</ul>"
 
 
 def run(cfg: ReportConfig) -> str:
@@ -242,12 +263,14 @@ img {{ max-width: 100%; }}
 .example img {{ max-height: 320px; }}
 .cols {{ display: flex; flex-wrap: wrap; gap: 1em; }}
 .col {{ flex: 1 1 220px; font-size: 0.9em; }}
+.warning {{ border-left: 4px solid #c00; background: #fff4f4; padding: 0.5em 1em; }}
 </style></head><body>
 <h1>{html.escape(cfg.title)}</h1>
+{f"<p id='note' class='warning'>{html.escape(cfg.note)}</p>" if cfg.note else ""}
 <p>Judge: {html.escape(str(summary['judge']))}. Win rate of each method's captions against four groups of human captions
 (ranks 1-10, 200-209, 1000-1009, median), with 95% bootstrap intervals over contests.</p>
-<h2>Leaderboard</h2>
 {_leaderboard(summary)}
+{_reliability(summary)}
 <h2>Methods and human groups</h2>
 <p>Win rates against each human group (a human group is not judged against itself), diversity and mean words per
 caption{" and the mean reward of the reward model in " + html.escape(cfg.reward_dir) if cfg.reward_dir else ""}.</p>
