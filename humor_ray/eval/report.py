@@ -155,7 +155,8 @@ def run(cfg: ReportConfig) -> str:
         diversity = {m: {"embedding": v["embedding"], "ead": v["ead"]} for m, v in diversity_rows.items()}
         lengths = {m: rows["caption"].str.split().str.len().tolist() for m, rows in captions.groupby("method")}
         plots = _plots(out, summary, diversity, lengths)
-        rows = table.method_rows(summary, diversity, lengths, _rewards(cfg))
+        ranked = reliability_warning(summary.get("reliability")) is None  # no ranking from a judge near chance
+        rows = table.method_rows(summary, diversity, lengths, _rewards(cfg), ranked)
         examples = _examples(cfg, out, generations, references)
         (out / "report.html").write_text(_page(cfg, summary, diversity, plots, examples, rows))
         (out / "diversity.json").write_text(json.dumps(diversity_rows, indent=1, default=_json_number))
@@ -198,6 +199,14 @@ def _methods_table(rows: list[dict]) -> str:
         + number(r["embedding"], 3) + number(r["ead"], 3) + number(r["words"], 1) + number(r["reward"], 3) + "</tr>"
         for r in rows)
     return f"<table id='methods'>{head}{body}</table>"
+
+
+def _methods_section(cfg: ReportConfig, rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    reward = f" and the mean reward of the reward model in {html.escape(cfg.reward_dir)}" if cfg.reward_dir else ""
+    return (f"<h2>Methods and human groups</h2><p>Win rates against each human group (a human group is not judged "
+            f"against itself), diversity and mean words per caption{reward}.</p>{_methods_table(rows)}")
 
 
 def _judged(cfg: ReportConfig):
@@ -250,7 +259,8 @@ def _examples(cfg: ReportConfig, out: Path, generations, references) -> list[str
 
 
 def _page(cfg: ReportConfig, summary: dict, diversity: dict, plots: dict, examples: list[str],
-          rows: list[dict]) -> str:
+          rows: list[dict] = ()) -> str:
+    """The page; `rows`: the table of methods and human groups (humor_ray/eval/table.py), shown when given."""
     div_rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{d['embedding']:.3f}</td><td>{d['ead']:.3f}</td></tr>"
                        for m, d in sorted(diversity.items()))
     return f"""<!doctype html>
@@ -271,10 +281,7 @@ img {{ max-width: 100%; }}
 (ranks 1-10, 200-209, 1000-1009, median), with 95% bootstrap intervals over contests.</p>
 {_leaderboard(summary)}
 {_reliability(summary)}
-<h2>Methods and human groups</h2>
-<p>Win rates against each human group (a human group is not judged against itself), diversity and mean words per
-caption{" and the mean reward of the reward model in " + html.escape(cfg.reward_dir) if cfg.reward_dir else ""}.</p>
-{_methods_table(rows)}
+{_methods_section(cfg, rows)}
 <h2>Diversity and win rate</h2>
 <img id="diversity-plot" src="{plots['diversity']}" alt="diversity against win rate">
 <table id="diversity"><tr><th>method</th><th>embedding diversity</th><th>EAD</th></tr>{div_rows}</table>

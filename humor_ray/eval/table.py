@@ -67,10 +67,11 @@ def plot_points(summary: dict, diversity: dict[str, dict]) -> list[dict]:
 
 
 def method_rows(summary: dict, diversity: dict[str, dict], lengths: dict[str, list[int]],
-                rewards: dict[str, float]) -> list[dict]:
+                rewards: dict[str, float], ranked: bool = True) -> list[dict]:
     """The table: per method and human group, `raw` and `lc` ({group: (rate, low, high)} in percent, the groups
     the judge rated), `mean_win_rate` (percent, or None), `embedding`, `ead`, `words` (mean words per caption)
-    and `reward` (None where unknown). Human groups first, then methods by mean win rate, best first."""
+    and `reward` (None where unknown). Human groups first, then methods by mean win rate, best first when `ranked`
+    (a judge that clears chance), else by name."""
     raw, lc = _rates(summary, "win_rate"), _rates(summary, "lc_win_rate")
     names = ({m for m, _ in raw} | set(diversity) | set(lengths)) - {""}
     rows = []
@@ -89,9 +90,11 @@ def method_rows(summary: dict, diversity: dict[str, dict], lengths: dict[str, li
         row["words"] = sum(words) / len(words) if words else None
         row["reward"] = rewards.get(name)
         rows.append(row)
-    rank = {True: 0, False: 1}
-    return sorted(rows, key=lambda r: (rank[r["human"]], -(r["mean_win_rate"] if r["mean_win_rate"] is not None
-                                                           else -math.inf), r["name"]))
+    def order(row: dict):
+        rate = row["mean_win_rate"] if ranked and row["mean_win_rate"] is not None else -math.inf
+        return not row["human"], -rate, row["name"]
+
+    return sorted(rows, key=order)
 
 
 def mean_rewards(judgments) -> dict[str, float]:

@@ -33,7 +33,8 @@ def test_plot_points_hold_every_method_and_human_group_at_its_mean_win_rate():
     # A method rated against only some groups has no mean win rate and is left out of the plot.
     assert set(points) == {"sft", "dpo", *(table.human_name(g) for g in GROUPS)}
     assert points["sft"]["win_rate"] == pytest.approx(25.0)  # (10 + 20 + 30 + 40) / 4
-    assert points["dpo"] == {"name": "dpo", "human": False, "embedding": 0.7, "ead": 0.92, "win_rate": pytest.approx(60)}
+    assert points["dpo"] == {"name": "dpo", "human": False, "embedding": 0.7, "ead": 0.92,
+                             "win_rate": pytest.approx(60)}
     # A human group counts 50% against itself: top10 beats the other three in 80%, so (3 x 80 + 50) / 4.
     assert points["human_top10"]["win_rate"] == pytest.approx(72.5)
     assert points["human_top10"]["human"] and points["human_median"]["win_rate"] == pytest.approx(42.5)
@@ -62,6 +63,9 @@ def test_method_rows_carry_raw_and_length_controlled_rates_length_and_reward():
     assert by_name["partial"]["mean_win_rate"] is None and set(by_name["partial"]["raw"]) == {"top10"}
     assert "top10" not in by_name["human_top10"]["raw"]  # never judged against itself
     assert by_name["human_top10"]["words"] == pytest.approx(9.0)
+    # Under a judge that does not clear chance the rows are no ranking: by name.
+    unranked = table.method_rows(_summary(), DIVERSITY, lengths, {}, ranked=False)
+    assert [r["name"] for r in unranked][4:] == ["dpo", "partial", "sft"]
 
 
 def test_mean_rewards_count_each_contest_once():
