@@ -64,23 +64,23 @@ class StudyConfig(Options):
     """Train and judge every method of the study (zero-shot, SFT, DPO, PPO, best-of-N) on Ray, resuming a
     rerun where it stopped."""
     output: str = field("outputs/study", "where every stage writes")
-    data: str | None = field(None, "the contest data; default $HUMOR_RAY_DATA, else a downloaded copy in "
+    data: str | None = field(None, "the contest data; unset: $HUMOR_RAY_DATA, else a downloaded copy in "
                                    f"{pipeline.DEFAULT_CACHE}")
     mirror: str | None = field(None, "download the data from this mirror (URL or folder) instead of upstream")
-    datasets: str | None = field(None, "a complete `humor-ray data build` output to use (default: build one into "
-                                       "<output>/datasets)", existing=True)
+    datasets: str | None = field(None, "a complete `humor-ray data build` output to use; unset: build one into "
+                                       "<output>/datasets", existing=True)
     policy: str = field("smollm2-135m", "the policy and its job specs: smollm2-135m (CPU), mistral-7b (the paper's, "
                                         "GPUs) or tiny (tests)", choices=tuple(PROFILES))
-    train_steps: int | None = field(None, "optimizer steps of each policy training stage (both SFTs, DPO) "
-                                          "(default: each job spec's)", minimum=1)
-    rm_steps: int | None = field(None, "optimizer steps of each reward model (default: the job spec's)", minimum=1)
-    ppo_steps: int | None = field(None, "PPO steps (default: the job spec's)", minimum=1)
-    eval_examples: int | None = field(None, "held-out examples each training stage evaluates on (default: each job "
-                                            "spec's)", minimum=1)
-    estimator: str | None = field(None, "the RL stage: gae (PPO), grpo or rloo (default: the job spec's)",
+    train_steps: int | None = field(None, "optimizer steps of each policy training stage (both SFTs, DPO); "
+                                          "unset: each job spec's", minimum=1)
+    rm_steps: int | None = field(None, "optimizer steps of each reward model; unset: the job spec's", minimum=1)
+    ppo_steps: int | None = field(None, "PPO steps; unset: the job spec's", minimum=1)
+    eval_examples: int | None = field(None, "held-out examples each training stage evaluates on; unset: each job "
+                                            "spec's", minimum=1)
+    estimator: str | None = field(None, "the RL stage: gae (PPO), grpo or rloo; unset: the job spec's",
                                   choices=tuple(ESTIMATOR_METHODS))
-    eval_contests: int | None = field(None, "evaluation contests, a seeded sample (default: every held-out contest "
-                                            "with a cartoon and human references)", minimum=1)
+    eval_contests: int | None = field(None, "evaluation contests, a seeded sample; unset: every held-out contest with "
+                                            "a cartoon and human references", minimum=1)
     captions: int = field(10, "captions per method and contest", minimum=1)
     candidates_factor: int = field(5, "best-of-N: candidates per kept caption", minimum=1)
     use_gpu: bool = field(False, "generation, best-of-N and the judges on GPUs (the training specs say their own)")
