@@ -30,6 +30,7 @@ STAGES = {
     ("report",): ("humor_ray.eval.report", "ReportConfig"),
     ("serve",): ("humor_ray.serve", "ServeConfig"),
     ("demo",): ("humor_ray.demo", "DemoConfig"),
+    ("study",): ("humor_ray.study", "StudyConfig"),
     ("plan",): ("humor_ray.plan", None, "main"),  # parses its own flags and a job spec's; returns the exit code
 }
 # Exit codes: a mistake in the flags or the config file (found before any work starts), and one the

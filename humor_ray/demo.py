@@ -14,11 +14,11 @@ import json
 import os
 from pathlib import Path
 
-from humor_ray.config import ConfigError, Options, field, parse_config
+from humor_ray import pipeline
+from humor_ray.config import ConfigError, Options, field
 from humor_ray.log import get_logger
 
 log = get_logger("demo")
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "humor_ray" / "data"
 
 
 @dataclasses.dataclass
@@ -26,7 +26,7 @@ class DemoConfig(Options):
     """Run the whole pipeline on local Ray with small real models."""
     output: str = field("outputs/demo", "where every stage writes")
     data: str | None = field(None, "the contest data; default $HUMOR_RAY_DATA, else a downloaded copy in "
-                                   f"{DEFAULT_CACHE}")
+                                   f"{pipeline.DEFAULT_CACHE}")
     mirror: str | None = field(None, "download the data from this mirror (URL or folder) instead of upstream")
     policy: str = field("smollm2-135m", "the policy model: smollm2-135m (SmolLM2) or tiny (a few minutes)")
     train_steps: int | None = field(None, "optimizer steps of each training stage (default 8 for SmolLM2, "
@@ -52,42 +52,16 @@ class DemoConfig(Options):
 POLICY_SPECS = {"smollm2-135m": "smollm2", "tiny": "tiny"}
 
 
-def locate_data(cfg: DemoConfig) -> Path:
-    """The data folder, downloading the public data into the cache when none is given."""
-    from humor_ray.data import fetch
-
-    given = cfg.data or os.environ.get("HUMOR_RAY_DATA")
-    if given:
-        if not (Path(given) / "summaries").is_dir():
-            raise fetch.FetchError(f"{given} has no summaries/ folder: point HUMOR_RAY_DATA at the contest data")
-        return Path(given)
-    if not (DEFAULT_CACHE / "summaries").is_dir():
-        log.info(f"HUMOR_RAY_DATA is not set: downloading the public data into {DEFAULT_CACHE}")
-        fetch.run(fetch.FetchConfig(output=str(DEFAULT_CACHE), mirror=cfg.mirror))
-    return DEFAULT_CACHE
-
-
 def run(cfg: DemoConfig) -> dict:
     from humor_ray.cluster import init_ray
-    from humor_ray.data import build
 
-    data = locate_data(cfg)
+    data = pipeline.locate_data(cfg.data, cfg.mirror)
     # With the dashboard from the start: the training stages are watched there (and Ray Train asks the
     # cluster's state through it); the data build alone would start Ray without it.
     init_ray(dashboard=True)
     os.environ["HUMOR_RAY_DATA"] = str(data)
     datasets = Path(cfg.output) / "datasets"
-    log.info(f"stage 1: data build from {data} -> {datasets}")
-    # Inputs unchecked: what the download lacks is dropped just below.
-    build_cfg = parse_config(build.BuildConfig, ["--config", "jobs/data.yaml", "--output", str(datasets)],
-                             "humor-ray data build", check_inputs=False)
-    # The upstream download has no paper split or Humor-in-AI descriptions: use what is there.
-    build_cfg.descriptions = [d for d in build_cfg.descriptions if Path(d).is_file()]
-    if build_cfg.splits and not Path(build_cfg.splits).is_file():
-        log.info(f"no split file at {build_cfg.splits}: contests are split by hash")
-        build_cfg.splits = None
-    report = build.run(build_cfg)
-    log.info(f"datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}")
+    report = pipeline.build_datasets(data, datasets)
     if cfg.train_steps > 0:
         report["training"] = train(cfg, datasets)
         report["report"] = evaluate(cfg, datasets)
@@ -98,8 +72,6 @@ def run(cfg: DemoConfig) -> dict:
 
 def train(cfg: DemoConfig, datasets: Path) -> dict:
     """SFT -> reward model -> DPO from the SFT -> LLaVA SFT, each a short run of its laptop job spec."""
-    from humor_ray.train import dpo, llava, rm, sft
-
     runs = Path(cfg.output) / "runs"
     steps = cfg.train_steps
     # The specs are for longer runs: here one optimizer step per batch, and one evaluation (on fewer
@@ -109,15 +81,15 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
              "--gradient_accumulation_steps", "1", "--max_eval_examples", "16"]
     size = POLICY_SPECS[cfg.policy]
     stages = [
-        ("sft", sft, f"sft-{size}.yaml", []),
-        ("rm", rm, "rm-minilm.yaml", ["--max_eval_examples", "300"]),
-        ("dpo", dpo, f"dpo-{size}.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
-        ("llava", llava, f"llava-{size}.yaml", []),
+        ("sft", f"sft-{size}.yaml", []),
+        ("rm", "rm-minilm.yaml", ["--max_eval_examples", "300"]),
+        ("dpo", f"dpo-{size}.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
+        ("llava", f"llava-{size}.yaml", []),
     ]
     results = {}
-    for number, (name, module, spec, extra) in enumerate(stages, start=2):
+    for number, (name, spec, extra) in enumerate(stages, start=2):
         out = runs / name
-        _stage(number, name, module.run, module.Config, spec, [*short, "--output_dir", str(out), *extra])
+        pipeline.run_stage(number, name, spec, [*short, "--output_dir", str(out), *extra])
         results[name] = json.loads((out / "metrics.json").read_text())["eval"]
     log.info(f"sft held-out loss {results['sft'].get('eval_loss', float('nan')):.3f}; reward model held-out "
              f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
@@ -126,36 +98,9 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
     return results
 
 
-def eval_contests(datasets: Path, released: Path, count: int) -> list[int]:
-    """The first `count` evaluation contests, preferring those every one of the paper's released
-    generations covers, so that ours and theirs are judged on the same cartoons."""
-    import pyarrow.dataset as pds
-
-    from humor_ray.data.generations import read_generations
-
-    contests = sorted(pds.dataset(datasets / "prompts" / "eval", format="parquet").to_table(
-        columns=["contest"])["contest"].to_pylist())
-    covered = set()
-    if released.is_dir():
-        theirs = read_generations([str(released)])
-        covered = set.intersection(*(set(rows["contest"]) for _, rows in theirs.groupby("method")))
-    ordered = [c for c in contests if c in covered] + [c for c in contests if c not in covered]
-    return ordered[:count]
-
-
-def _stage(number: int, name: str, function, config_class, spec: str | None, args: list[str]):
-    """One stage as its command line would run it (printed, so it can be rerun alone)."""
-    argv = (["--config", f"jobs/{spec}"] if spec else []) + args
-    log.info(f"stage {number}: humor-ray {name} {' '.join(argv)}")
-    return function(parse_config(config_class, argv, f"humor-ray {name}"))
-
-
 def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     """PPO from the SFT policy, captions from every policy, best-of-N, the judge and the report."""
     from humor_ray.config import data_root
-    from humor_ray.eval import benchmark, report
-    from humor_ray.infer import generate
-    from humor_ray.rl import ppo
 
     out = Path(cfg.output)
     runs, captions = out / "runs", out / "captions"
@@ -164,24 +109,24 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     sft_model, reward = str(runs / "sft" / "final"), str(runs / "rm")
     # The SFT specs train on the simple prompt; PPO and generation must read the same.
     prompt = ["--simple_prompt"]
-    _stage(6, "ppo", ppo.run, ppo.Config, f"ppo-{size}.yaml", [
+    pipeline.run_stage(6, "ppo", f"ppo-{size}.yaml", [
         *common, *prompt, "--output_dir", str(runs / "ppo"), "--model_name", sft_model, "--reward_model", reward,
         "--reward_max_length", "128", "--max_steps", str(cfg.ppo_steps), "--save_steps", str(cfg.ppo_steps),
         # Two prompts x 4 captions per step: a step of SmolLM2 with its value model takes ~25 s here.
         "--rollout_batch_size", "2", "--mini_batch_size", "8", "--forward_batch_size", "8"])
     released = data_root() / "benchmarks" / "humor_in_ai_examples"
-    subset = ["--contests", *map(str, eval_contests(datasets, released, cfg.eval_contests))]
+    subset = ["--contests", *map(str, pipeline.eval_contests(datasets, released, cfg.eval_contests))]
     # Named after the policy: the paper's released generations, judged beside ours, are sft, dpo, ...
     names = {name: f"{cfg.policy}_{name}" for name in ("sft", "dpo", "ppo", "llava_sft", "sft_BoN")}
     for name in ("sft", "dpo", "ppo"):
-        _stage(7, "generate", generate.run, generate.GenerateConfig, None, [
+        pipeline.run_stage(7, "generate", None, [
             *common, *subset, *prompt, "--model_name", str(runs / name / "final"), "--method", names[name],
             "--output_dir", str(captions / name)])
     # The LLaVA reads the cartoon itself; its vision tower is untrained at the start (README: Models).
-    _stage(7, "generate", generate.run, generate.GenerateConfig, None, [
+    pipeline.run_stage(7, "generate", None, [
         *common, *subset, "--model_name", str(runs / "llava" / "final"), "--method", names["llava_sft"],
         "--output_dir", str(captions / "llava_sft")])
-    _stage(8, "bon", generate.run_bon, generate.BonConfig, None, [
+    pipeline.run_stage(8, "bon", None, [
         *common, *subset, *prompt, "--model_name", sft_model, "--method", names["sft_BoN"], "--reward_model", reward,
         "--reward_max_length", "128", "--output_dir", str(captions / "sft_BoN")])
     generations = [str(captions / name) for name in names]
@@ -189,7 +134,14 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
         generations.append(str(released))
     judge = (["--judge", "llm", "--base_url", cfg.judge_base_url, "--model", cfg.judge_model or "gpt-4o"]
              if cfg.judge_base_url else ["--judge", "rm", "--reward_model", reward, "--reward_max_length", "128"])
-    _stage(9, "judge", benchmark.run, benchmark.JudgeConfig, None, [
+    pipeline.run_stage(9, "judge", None, [
         *common, *subset, "--generations", *generations, *judge, "--output_dir", str(out / "judge")])
-    return _stage(10, "report", report.run, report.ReportConfig, None, [
-        *common, "--judge_dir", str(out / "judge"), "--generations", *generations, "--output_dir", str(out / "report")])
+    return pipeline.run_stage(10, "report", None, [
+        *common, "--judge_dir", str(out / "judge"), "--generations", *generations, "--output_dir", str(out / "report"),
+        "--note", SHORT_RUNS_NOTE])
+
+
+# The demo's report says what its runs cannot show, whatever its judge's reliability came out as.
+SHORT_RUNS_NOTE = ("These are the demo's short runs: a few training steps per model, a reward model near chance "
+                   "and a handful of contests. They show the pipeline working end to end and cannot rank anything; "
+                   "the win rates below are not a leaderboard. To compare methods, run `humor-ray study`.")

@@ -11,7 +11,15 @@ Per evaluation contest, a method's 10 captions are compared with four groups of 
   the median P(A), which cancels the judge's preference for a position.
 - `llm`, protocol `best_pick`: with the cartoon image, the judge picks the funniest caption of each
   group, then says which of the two picks is funnier (both orders); ties by position cancel out.
-The judge-reliability check (can it tell human top-10 from #1000-1009?) is reported beside the win rates.
+Beside each raw win rate, a length-controlled one (as AlpacaEval 2 does): per method and human group, a
+logistic regression of the judgments on the difference in mean caption length (words) between the two
+groups of a contest, read at zero difference.
+The judge's reliability is printed with every table and written to winrates.json: (a) human top-10 against
+#1000-1009; (b) the share of the six pairs of human groups the judge orders as their ranks do (top-10 over
+#200 over #1000 over median), averaged over contests; for the reward model (c) its accuracy on seeded
+held-out pairs, by vote margin and on length-matched pairs, and (d) the rank correlation of its reward with
+caption length on human captions, beside that of the human mean rating. When (a) or (b) does not clear
+chance, the table is shown as what it is, not as a ranking.
 Confidence intervals: 95%, bootstrap over contests (the two orders of a contest stay together).
 
 Generations: our `humor-ray generate`/`bon` output directories, wide CSV files (contest_number, prompt,
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -35,7 +44,10 @@ from humor_ray.data.generations import choose_contests, read_generations
 from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger
 
-GROUPS = ("top10", "rank200", "rank1000", "median")
+GROUPS = ("top10", "rank200", "rank1000", "median")  # best first: the order reliability (b) expects
+HELD_OUT_PAIRS = 2000  # reliability (c): the seeded held-out pairs, as `humor-ray rm` evaluates with jobs/rm-minilm
+LENGTH_MATCHED_WORDS = 2  # reliability (c): a pair whose captions differ by at most this many words
+CHANCE = 0.5
 JUDGES = ("rm", "llm")
 PROTOCOLS = ("overall", "best_pick")
 log = get_logger("judge")
@@ -139,31 +151,177 @@ def bootstrap_ci(wins_by_contest: list[list[float]], resamples: int, seed: int) 
     return float(rate), float(low), float(high)
 
 
+def words(caption) -> int:
+    return len(str(caption).split())
+
+
+def _contest_weights(contests: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(1 + resamples, judgments): each judgment's weight, its contest's count in the sample; the first row
+    the data as they are, then one row per bootstrap resample of whole contests."""
+    ids, index = np.unique(contests, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+    counts = np.zeros((resamples, len(ids)))
+    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1)
+    return np.vstack([np.ones(len(ids)), counts])[:, index]
+
+
+def _logistic_intercepts(x: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """The intercepts of logistic regressions of y on x, one per row of `weights`, fitted together by Newton's
+    method. A small ridge keeps a fit finite when the judgments are separable (all wins, or length decides)."""
+    design = np.stack([np.ones_like(x), x], axis=1)
+    beta = np.zeros((len(weights), 2))
+    for _ in range(60):
+        p = 1.0 / (1.0 + np.exp(-np.clip(beta @ design.T, -30, 30)))
+        gradient = (weights * (y - p)) @ design - ridge * beta
+        hessian = np.einsum("rn,ni,nj->rij", weights * p * (1 - p), design, design) + ridge * np.eye(2)
+        step = np.linalg.solve(hessian, gradient[..., None])[..., 0]
+        beta += np.clip(step, -2.0, 2.0)  # damped: the first steps of a separable fit would overshoot
+    return beta[:, 0]
+
+
+def lc_win_rate(contests, wins, length_diffs, resamples: int, seed: int) -> tuple[float, float, float]:
+    """(length-controlled win rate, 95% low, 95% high): the win probability at zero difference in mean
+    caption length, from a logistic regression of the judgments on that difference; contests resampled whole."""
+    x, y = np.asarray(length_diffs, dtype=float), np.asarray(wins, dtype=float)
+    if not len(y):
+        return math.nan, math.nan, math.nan
+    weights = _contest_weights(np.asarray(contests), resamples, seed)
+    rates = 1.0 / (1.0 + np.exp(-_logistic_intercepts(x, y, weights)))
+    low, high = np.percentile(rates[1:], [2.5, 97.5])
+    return float(rates[0]), float(low), float(high)
+
+
+def mean_lengths(generations, references) -> dict[tuple[str, int], float]:
+    """(method, or human_<group>, contest) -> the mean caption length in words."""
+    out = {(m, int(c)): float(rows["caption"].map(words).mean()) for (m, c), rows in
+           generations.groupby(["method", "contest"])}
+    out.update({(f"human_{g}", int(c)): float(rows["caption"].map(words).mean()) for (g, c), rows in
+                references.groupby(["group", "contest"])})
+    return out
+
+
+def add_length_diffs(judgments: list[dict], lengths: dict[tuple[str, int], float]) -> None:
+    """Each judgment's difference in mean caption length, its side's minus the human group's (words)."""
+    for j in judgments:
+        ours, theirs = lengths.get((j["method"], j["contest"])), lengths.get((f"human_{j['against']}", j["contest"]))
+        j["length_diff"] = math.nan if ours is None or theirs is None else ours - theirs
+
+
+# ---------------------------------------------------------------- the judge's reliability
+
+def group_order(judgments: list[dict], resamples: int, seed: int) -> dict | None:
+    """(b) Per contest, the share of the six pairs of human groups the judge orders as their ranks do (top-10
+    over #200 over #1000 over median; a pair judged in both orders counts their mean), averaged over contests."""
+    right: dict[int, list[float]] = {}
+    for higher, lower in itertools.combinations(GROUPS, 2):
+        verdicts: dict[int, list[float]] = {}
+        for j in judgments:
+            if j["method"] == f"human_{higher}" and j["against"] == lower:
+                verdicts.setdefault(j["contest"], []).append(j["win"])
+        for contest, wins in verdicts.items():
+            right.setdefault(contest, []).append(float(np.mean(wins)))
+    if not right:
+        return None
+    rate, low, high = bootstrap_ci([[float(np.mean(v))] for v in right.values()], resamples, seed)
+    return {"share_right": rate, "ci_low": low, "ci_high": high, "contests": len(right),
+            "pairs": sum(map(len, right.values()))}
+
+
+def held_out_pairs(dataset_dir: str, limit: int, seed: int):
+    """(c) A seeded sample of `limit` held-out preference pairs, drawn as `humor-ray rm` draws its evaluation
+    pairs (the same --seed and --max_eval_examples give the same pairs); None without a pairs dataset."""
+    import pyarrow.dataset as pds
+
+    path = os.path.join(dataset_dir, "pairs", "eval")
+    if not os.path.isdir(path):
+        return None
+    table = pds.dataset(path, format="parquet").to_table(
+        columns=["contest", "prompt", "chosen", "rejected", "chosen_mean", "rejected_mean"])
+    if table.num_rows > limit:
+        table = table.take(np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False)))
+    return table.to_pandas()
+
+
+def held_out_accuracy(pairs, chosen_scores, rejected_scores) -> dict:
+    """(c) Pairwise accuracy on the held-out pairs: overall, by quartile of the vote margin (chosen minus
+    rejected mean rating), and on length-matched pairs; beside it, how often the longer caption is the chosen."""
+    right = np.asarray(chosen_scores) > np.asarray(rejected_scores)
+    margin = (pairs["chosen_mean"] - pairs["rejected_mean"]).to_numpy()
+    gap = (pairs["chosen"].map(words) - pairs["rejected"].map(words)).to_numpy()
+    edges = np.quantile(margin, [0, 0.25, 0.5, 0.75, 1])
+    bucket = np.clip(np.searchsorted(edges, margin, side="right") - 1, 0, 3)
+    by_margin = [{"margin_low": float(edges[b]), "margin_high": float(edges[b + 1]),
+                  "pairs": int((bucket == b).sum()), "accuracy": float(right[bucket == b].mean())}
+                 for b in range(4) if (bucket == b).any()]
+    matched = np.abs(gap) <= LENGTH_MATCHED_WORDS
+    return {"pairs": int(len(right)), "accuracy": float(right.mean()), "by_margin": by_margin,
+            "length_matched": {"max_words_apart": LENGTH_MATCHED_WORDS, "pairs": int(matched.sum()),
+                               "accuracy": float(right[matched].mean()) if matched.any() else None},
+            "longer_caption_accuracy": float(np.mean(np.where(gap == 0, 0.5, gap > 0)))}
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's on the ranks, ties sharing their mean rank."""
+    import pandas as pd
+
+    ranks = pd.DataFrame({"x": np.asarray(x, dtype=float), "y": np.asarray(y, dtype=float)}).rank()
+    if len(ranks) < 2 or ranks["x"].nunique() < 2 or ranks["y"].nunique() < 2:
+        return math.nan
+    return float(np.corrcoef(ranks["x"], ranks["y"])[0, 1])
+
+
+def length_correlation(human) -> dict:
+    """(d) Spearman's rank correlation with caption length (words), over the human reference captions, of the
+    judge's reward and of the human mean rating."""
+    length = human["caption"].map(words)
+    return {"captions": int(len(human)), "reward_vs_words": spearman(human["reward"], length),
+            "human_mean_vs_words": spearman(human["mean"], length)}
+
+
 # ---------------------------------------------------------------- the reward-model judge
 
-def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
-    """One judgment per (method or reference group, human group, contest): mean rewards compared."""
-    from humor_ray.rl.reward import RewardModel, resolve_reward_model
-
+def rm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict], dict]:
+    """One judgment per (method or reference group, human group, contest): mean rewards compared; and the
+    reward model's part of the reliability block: (c) on seeded held-out pairs, (d) on the human captions."""
     context = read_context(cfg.dataset_dir, "eval")
-    spec = resolve_reward_model(cfg.reward_model)
-    pairs = []  # (kind, name, contest, captions)
+    sets = []  # (kind, name, contest, captions)
     for (method, contest), rows in generations.groupby(["method", "contest"]):
-        pairs.append(("method", method, int(contest), rows.sort_values("sample")["caption"].tolist()))
-    for (group, contest), rows in references.groupby(["group", "contest"]):
-        pairs.append(("human", group, int(contest), rows["caption"].tolist()))
-    pairs = [p for p in pairs if p[2] in context]
-    flat_prompts = [context[c][0] for _, _, c, caps in pairs for _ in caps]
-    flat_captions = [cap for _, _, _, caps in pairs for cap in caps]
-    log.info(f"scoring {len(flat_captions):,} captions with the reward model")
-    if cfg.use_gpu:
-        scores = _score_on_gpu(cfg, spec, flat_prompts, flat_captions)
-    else:
-        scores = RewardModel(spec, cfg.reward_max_length).score(flat_prompts, flat_captions, progress=True)
+        sets.append(("method", method, int(contest), rows.sort_values("sample")["caption"].tolist()))
+    human = references[references["contest"].astype(int).isin(context)].sort_values(["group", "contest", "rank"])
+    for (group, contest), rows in human.groupby(["group", "contest"], sort=False):
+        sets.append(("human", group, int(contest), rows["caption"].tolist()))  # in `human`'s row order
+    sets = [s for s in sets if s[2] in context]
+    pairs = held_out_pairs(cfg.dataset_dir, HELD_OUT_PAIRS, cfg.seed)
+    prompts = [context[c][0] for _, _, c, caps in sets for _ in caps]
+    captions = [cap for _, _, _, caps in sets for cap in caps]
+    if pairs is not None:  # chosen, then rejected, after the groups' captions
+        prompts += list(pairs["prompt"]) * 2
+        captions += list(pairs["chosen"]) + list(pairs["rejected"])
+    log.info(f"scoring {len(captions):,} captions with the reward model")
+    scores = np.asarray(_reward_scores(cfg, prompts, captions), dtype=float)
     means, start = {}, 0
-    for kind, name, contest, caps in pairs:
+    for kind, name, contest, caps in sets:
         means[(kind, name, contest)] = float(np.mean(scores[start:start + len(caps)]))
         start += len(caps)
+    extra = {"length_correlation": length_correlation(human.assign(reward=_human_scores(sets, scores)))}
+    if pairs is not None:
+        extra["rm_held_out"] = held_out_accuracy(pairs, scores[start:start + len(pairs)],
+                                                 scores[start + len(pairs):])
+    return _mean_judgments(means), extra
+
+
+def _human_scores(sets: list[tuple], scores: np.ndarray) -> np.ndarray:
+    """The human captions' rewards, in the order their sets were listed."""
+    out, start = [], 0
+    for kind, _, _, caps in sets:
+        if kind == "human":
+            out.append(scores[start:start + len(caps)])
+        start += len(caps)
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def _mean_judgments(means: dict[tuple[str, str, int], float]) -> list[dict]:
+    """Every method and human group against each other human group of its contest, by mean reward."""
     out = []
     for (kind, name, contest), value in means.items():
         for group in GROUPS:
@@ -174,6 +332,15 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> list[dict]:
                         "against": group, "order": "-", "win": float(value > human),
                         "score": value, "against_score": human})
     return out
+
+
+def _reward_scores(cfg: JudgeConfig, prompts: list[str], captions: list[str]) -> list[float]:
+    from humor_ray.rl.reward import RewardModel, resolve_reward_model
+
+    spec = resolve_reward_model(cfg.reward_model)
+    if cfg.use_gpu:
+        return _score_on_gpu(cfg, spec, prompts, captions)
+    return RewardModel(spec, cfg.reward_max_length).score(prompts, captions, progress=True)
 
 
 def _score_on_gpu(cfg: JudgeConfig, spec: str, prompts: list[str], captions: list[str]) -> list[float]:
@@ -282,16 +449,17 @@ def llm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict]
 
 def _comparisons(generations, references, context: dict) -> list[tuple]:
     """Every comparison, (name, group, contest, its captions, the human group's captions): each method against
-    each human group, and the reference comparisons (human top10 vs rank1000) that fit the threshold and
-    measure the judge's reliability."""
+    each human group, and each human group against each lower-ranked one (the reliability checks; human
+    top10 vs rank1000 also fits the threshold)."""
     humans = {(g, int(c)): rows["caption"].tolist() for (g, c), rows in references.groupby(["group", "contest"])}
     methods = {(m, int(c)): rows.sort_values("sample")["caption"].tolist()
                for (m, c), rows in generations.groupby(["method", "contest"])}
     contests = sorted({c for _, c in humans} & set(context))
     comparisons = [(m, g, c, caps, humans[(g, c)]) for (m, c), caps in methods.items() for g in GROUPS
                    if (g, c) in humans and c in context]
-    comparisons += [("human_top10", "rank1000", c, humans[("top10", c)], humans[("rank1000", c)])
-                    for c in contests if ("top10", c) in humans and ("rank1000", c) in humans]
+    comparisons += [(f"human_{higher}", lower, c, humans[(higher, c)], humans[(lower, c)])
+                    for c in contests for higher, lower in itertools.combinations(GROUPS, 2)
+                    if (higher, c) in humans and (lower, c) in humans]
     return comparisons
 
 
@@ -320,7 +488,7 @@ def _overall_judgments(cfg: JudgeConfig, client, context: dict, comparisons: lis
     if cfg.dry_run:
         return [], client.dry_run(requests)
     p_a = [prob_a(a) for a in client.complete_many(requests)]
-    reference = [p for i, comparison in enumerate(comparisons) if comparison[0] == "human_top10"
+    reference = [p for i, comparison in enumerate(comparisons) if comparison[:2] == ("human_top10", "rank1000")
                  for p in (p_a[2 * i], p_a[2 * i + 1])]
     threshold = float(np.median(reference)) if reference else 0.5
     return (_verdicts(comparisons, p_a, threshold, tie_to_b=True),
@@ -354,6 +522,8 @@ def _best_pick_judgments(cfg: JudgeConfig, client, context: dict, comparisons: l
 # ---------------------------------------------------------------- driver
 
 def win_rates(judgments, resamples: int, seed: int) -> list[dict]:
+    """Per method (or human group) and human group: the raw win rate and, where the judgments carry their
+    `length_diff`, the length-controlled one, each with its 95% interval over contests."""
     import pandas as pd
 
     table = pd.DataFrame(judgments)
@@ -361,9 +531,45 @@ def win_rates(judgments, resamples: int, seed: int) -> list[dict]:
     for (method, group), part in table.groupby(["method", "against"]):
         wins = [g["win"].tolist() for _, g in part.groupby("contest")]
         rate, low, high = bootstrap_ci(wins, resamples, seed)
-        rows.append({"method": method, "against": group, "win_rate": rate, "ci_low": low, "ci_high": high,
-                     "contests": len(wins), "judgments": int(len(part))})
+        row = {"method": method, "against": group, "win_rate": rate, "ci_low": low, "ci_high": high,
+               "contests": len(wins), "judgments": int(len(part))}
+        if "length_diff" in part:
+            known = part[part["length_diff"].notna()]
+            lc, lc_low, lc_high = lc_win_rate(known["contest"], known["win"], known["length_diff"], resamples, seed)
+            row.update(lc_win_rate=lc, lc_ci_low=lc_low, lc_ci_high=lc_high,
+                       length_diff=float(known["length_diff"].mean()) if len(known) else math.nan)
+        rows.append(row)
     return rows
+
+
+def reliability_block(rates: list[dict], judgments: list[dict], rm_part: dict, resamples: int, seed: int) -> dict:
+    """winrates.json's `reliability`: (a)'s row at the top (its fields as before), then (a)-(d) by name, and
+    `includes_chance`: whether (a) or (b) is missing or its interval reaches down to chance (50%)."""
+    top = next((r for r in rates if r["method"] == "human_top10" and r["against"] == "rank1000"), None)
+    order = group_order(judgments, resamples, seed)
+    block = {**(top or {}), "top10_vs_rank1000": top, "group_order": order,
+             "rm_held_out": rm_part.get("rm_held_out"), "length_correlation": rm_part.get("length_correlation")}
+    block["includes_chance"] = (top is None or order is None or not top["ci_low"] > CHANCE
+                                or not order["ci_low"] > CHANCE)
+    return block
+
+
+def reliability_warning(reliability: dict | None) -> str | None:
+    """The words shown above a table whose judge does not clear chance (None when it does)."""
+    if reliability and not reliability.get("includes_chance", True):
+        return None
+    top = (reliability or {}).get("top10_vs_rank1000")
+    order = (reliability or {}).get("group_order")
+    measured = []
+    if top:
+        measured.append(f"it picks human top-10 over #1000-1009 in {_percent(top)} of its judgments")
+    if order:
+        measured.append(f"it orders the four human groups as their ranks do in {_percent(order, 'share_right')} "
+                        "of group pairs")
+    evidence = "; ".join(measured) if measured else "no contest had the human groups to check it on"
+    return (f"This judge cannot rank these methods: its reliability does not clear chance (50%) ({evidence}). "
+            "The win rates below are not a ranking; a judge that tells good human captions from worse ones "
+            "is needed before any method can be said to beat another.")
 
 
 def run(cfg: JudgeConfig) -> dict:
@@ -379,39 +585,95 @@ def run(cfg: JudgeConfig) -> dict:
     if missing:
         log.warning(f"{len(missing)} generated contests have no human references and are skipped: {missing[:10]}")
     if cfg.judge == "rm":
-        judgments, stats = rm_judgments(cfg, generations, references), {}
+        (judgments, rm_part), stats = rm_judgments(cfg, generations, references), {}
     else:
-        judgments, stats = llm_judgments(cfg, generations, references)
+        (judgments, stats), rm_part = llm_judgments(cfg, generations, references), {}
         if cfg.dry_run:
             print(json.dumps(stats, indent=1))
             return stats
+    add_length_diffs(judgments, mean_lengths(generations, references))
     os.makedirs(cfg.output_dir, exist_ok=True)
     pd.DataFrame(judgments).to_parquet(os.path.join(cfg.output_dir, "judgments.parquet"))
     rates = win_rates(judgments, cfg.bootstrap, cfg.seed)
-    reliability = next((r for r in rates if r["method"] == "human_top10" and r["against"] == "rank1000"), None)
+    judged = {j["contest"] for j in judgments}
     summary = {"judge": cfg.judge if cfg.judge == "rm" else f"{cfg.model} ({cfg.protocol})",
                "win_rates": [r for r in rates if not r["method"].startswith("human_")],
-               "reliability": reliability, "references": [r for r in rates if r["method"].startswith("human_")],
+               "reliability": reliability_block(rates, judgments, rm_part, cfg.bootstrap, cfg.seed),
+               "references": [r for r in rates if r["method"].startswith("human_")],
+               "lengths": caption_lengths(generations[generations["contest"].isin(judged)],
+                                          references[references["contest"].isin(judged)]),
                "stats": stats}
-    Path(cfg.output_dir, "winrates.json").write_text(json.dumps(summary, indent=1))
+    Path(cfg.output_dir, "winrates.json").write_text(json.dumps(summary, indent=1, default=_json_number))
     print(format_table(summary))  # the command's result, on standard output
     return summary
 
 
+def caption_lengths(generations, references) -> dict[str, float]:
+    """Mean caption length in words of each method and each human group (human_<group>), over the contests judged."""
+    out = {m: float(rows["caption"].map(words).mean()) for m, rows in generations.groupby("method")}
+    out.update({f"human_{g}": float(rows["caption"].map(words).mean()) for g, rows in references.groupby("group")})
+    return out
+
+
+def _json_number(value):
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def _cell(r: dict | None, key: str = "win_rate", low: str = "ci_low", high: str = "ci_high") -> str:
+    if not r or r.get(key) is None or math.isnan(r[key]):
+        return "-"
+    return f"{100 * r[key]:5.1f} [{100 * r[low]:4.1f},{100 * r[high]:5.1f}]"
+
+
+def _percent(r: dict, key: str = "win_rate") -> str:
+    return f"{100 * r[key]:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+
+
 def format_table(summary: dict) -> str:
+    """The win rates, raw and length-controlled, with mean caption lengths and the judge's reliability; a
+    judge that does not clear chance is said so first, and its table is not called a ranking."""
+    import textwrap
+
     rates = {(r["method"], r["against"]): r for r in summary["win_rates"]}
-    methods = sorted({m for m, _ in rates})
-    lines = [f"win rate vs human captions ({summary['judge']}), 95% CI",
-             f"{'method':<14}" + "".join(f"{g:>22}" for g in GROUPS)]
-    for method in methods:
-        cells = []
-        for group in GROUPS:
-            r = rates.get((method, group))
-            cell = f"{100 * r['win_rate']:5.1f} [{100 * r['ci_low']:4.1f},{100 * r['ci_high']:5.1f}]" if r else "-"
-            cells.append(cell)
-        lines.append(f"{method:<14}" + "".join(f"{c:>22}" for c in cells))
-    if summary.get("reliability"):
-        r = summary["reliability"]
-        lines.append(f"judge reliability: human top-10 beats #1000-1009 in {100 * r['win_rate']:.1f}% "
-                     f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] of {r['judgments']} judgments")
-    return "\n".join(lines)
+    lengths = summary.get("lengths", {})
+    warning = reliability_warning(summary.get("reliability"))
+    lines = textwrap.wrap(f"WARNING: {warning}", 110) + [""] if warning else []
+    for title, keys in (("win rate", ("win_rate", "ci_low", "ci_high")),
+                        ("length-controlled win rate", ("lc_win_rate", "lc_ci_low", "lc_ci_high"))):
+        lines += [f"{title} vs human captions ({summary['judge']}), 95% CI"
+                  + (" (not a ranking)" if warning else ""),
+                  f"{'method':<14}{'words':>6}" + "".join(f"{g:>22}" for g in GROUPS)]
+        for method in sorted({m for m, _ in rates}):
+            words_cell = f"{lengths[method]:6.1f}" if method in lengths else f"{'-':>6}"
+            lines.append(f"{method:<14}{words_cell}" + "".join(f"{_cell(rates.get((method, g)), *keys):>22}"
+                                                             for g in GROUPS))
+    humans = ", ".join(f"{g} {lengths[f'human_{g}']:.1f}" for g in GROUPS if f"human_{g}" in lengths)
+    if humans:
+        lines.append(f"human groups, mean words per caption: {humans}")
+    return "\n".join(lines + reliability_lines(summary.get("reliability")))
+
+
+def reliability_lines(reliability: dict | None) -> list[str]:
+    """The reliability block, (a)-(d), in words."""
+    reliability = reliability or {}
+    top, order = reliability.get("top10_vs_rank1000"), reliability.get("group_order")
+    held, length = reliability.get("rm_held_out"), reliability.get("length_correlation")
+    lines = ["judge reliability (chance: 50%):"]
+    lines.append(f"  (a) human top-10 beats #1000-1009 in {_percent(top)} of {top['judgments']} judgments "
+                 f"({top['contests']} contests)" if top else "  (a) human top-10 vs #1000-1009: not measured")
+    lines.append(f"  (b) the four human groups ordered as their ranks in {_percent(order, 'share_right')} of "
+                 f"group pairs ({order['contests']} contests)" if order else "  (b) human group order: not measured")
+    if held:
+        buckets = ", ".join(f"{b['margin_low']:.2f}-{b['margin_high']:.2f}: {b['accuracy']:.3f}"
+                            for b in held["by_margin"])
+        matched = held["length_matched"]
+        matched_text = f"{matched['accuracy']:.3f}" if matched["accuracy"] is not None else "-"
+        lines += [f"  (c) reward model on {held['pairs']:,} held-out pairs: accuracy {held['accuracy']:.3f} (the "
+                  f"longer caption: {held['longer_caption_accuracy']:.3f}); length-matched (<= "
+                  f"{matched['max_words_apart']} words apart, {matched['pairs']:,} pairs): {matched_text}",
+                  f"      by vote margin (mean rating, quartiles): {buckets}"]
+    if length:
+        lines.append(f"  (d) Spearman with caption length over {length['captions']:,} human captions: reward "
+                     f"{length['reward_vs_words']:+.3f}, human mean rating {length['human_mean_vs_words']:+.3f}")
+    return lines

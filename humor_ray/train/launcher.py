@@ -75,6 +75,13 @@ class Stage:
     # cfg -> a folder of training rows the stage wrote itself (DPO's pairs from a pool of captions), read
     # instead of the dataset's training split; None: the dataset's.
     train_dir: Callable[[Any], str | None] | None = None
+    # (cfg, training split path) -> (column, values): train only on the rows whose column holds one of the
+    # values, or None for every row. Applied as the split is read, before its rows are shared among the
+    # workers (rm's --contest_fold).
+    train_filter: Callable[[Any, str], tuple[str, list] | None] | None = None
+
+    def train_rows(self, cfg, path: str) -> tuple[str, list] | None:
+        return self.train_filter(cfg, path) if self.train_filter else None
 
 
 @dataclasses.dataclass
@@ -183,13 +190,15 @@ def read_directly(path: str) -> bool:
 
 
 def direct_part(path: str, columns: list[str], rank: int, world: int, limit: int | None = None,
-                caption_columns: tuple[str, ...] = (), seed: int = 0):
-    """This worker's part of a small split read straight from Parquet: every `world`-th row of one seeded
-    permutation, from `rank` on (the workers' parts are disjoint), at most `limit` of them."""
+                caption_columns: tuple[str, ...] = (), seed: int = 0, keep: tuple[str, list] | None = None):
+    """This worker's part of a small split read straight from Parquet: of the rows `keep` keeps ((column,
+    values); None: all), every `world`-th row of one seeded permutation, from `rank` on (the workers' parts
+    are disjoint), at most `limit` of them."""
     import numpy as np
     import pyarrow.dataset as pds
 
-    table = pds.dataset(path, format="parquet").to_table(columns=columns)
+    row_filter = pds.field(keep[0]).isin(keep[1]) if keep else None
+    table = pds.dataset(path, format="parquet").to_table(columns=columns, filter=row_filter)
     rows = np.random.default_rng(seed).permutation(table.num_rows)[rank::world][:limit]
     return as_dataset(table.take(rows), columns, caption_columns) if len(rows) else None
 
@@ -342,7 +351,8 @@ def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext, dire
     columns = list(stage.columns)
     path = split_path(cfg, stage, "train")
     if direct_read:  # the driver passed no Ray Data dataset
-        train = direct_part(path, columns, worker.rank, worker.world, needed, stage.caption_columns, cfg.seed)
+        train = direct_part(path, columns, worker.rank, worker.world, needed, stage.caption_columns, cfg.seed,
+                            stage.train_rows(cfg, path))
     else:
         train = shard_dataset(ray.train.get_dataset_shard("train"), columns, needed, stage.caption_columns,
                               seed=cfg.seed + worker.rank)
@@ -644,10 +654,16 @@ def stream_split(cfg: TrainConfig, stage: Stage, keep_train_row: Callable[[dict]
     """The training split as a Ray Data dataset, for Ray Train to shard across the workers; `keep_train_row`
     filters it before it is split, so every worker gets as many rows."""
     import ray.data
+    from ray.data.expressions import col
 
     # Same seed, same rows in the same order (block order is shuffled, then kept).
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = ray.data.read_parquet(split_path(cfg, stage, "train")).select_columns(list(stage.columns))
+    path = split_path(cfg, stage, "train")
+    train = ray.data.read_parquet(path)
+    keep = stage.train_rows(cfg, path)
+    if keep:
+        train = train.filter(expr=col(keep[0]).is_in(keep[1]))
+    train = train.select_columns(list(stage.columns))
     if keep_train_row is not None:
         train = train.filter(keep_train_row)
     return train.randomize_block_order(seed=cfg.seed)

@@ -103,9 +103,16 @@ def test_reward_model_judge_win_rates_and_report_in_a_browser(tmp_path, datasets
     assert {m for m, _ in rates} == {"tiny", "sft", "gpt4o"}
     for r in rates.values():
         assert 0.0 <= r["ci_low"] <= r["win_rate"] <= r["ci_high"] <= 1.0
+        assert 0.0 <= r["lc_ci_low"] <= r["lc_win_rate"] <= r["lc_ci_high"] <= 1.0
     # The released files cover the six evaluation contests built here; ours the first three.
     assert rates[("sft", "top10")]["contests"] == 6 and rates[("tiny", "top10")]["contests"] == 3
-    assert summary["reliability"]["contests"] == 6
+    reliability = summary["reliability"]
+    assert reliability["contests"] == 6 and reliability["top10_vs_rank1000"]["contests"] == 6
+    assert reliability["group_order"]["contests"] == 6 and reliability["group_order"]["pairs"] == 36
+    assert reliability["length_correlation"]["captions"] == 6 * 4 * 10
+    assert reliability["rm_held_out"] is None  # no pairs dataset in this build
+    assert set(summary["lengths"]) == {"tiny", "sft", "gpt4o"} | {f"human_{g}" for g in benchmark.GROUPS}
+    assert json.loads((judged / "winrates.json").read_text())["reliability"] == reliability
 
     site = tmp_path / "site"
     page = report.run(report.ReportConfig(judge_dir=str(judged), generations=[str(out), str(released)],
@@ -118,6 +125,9 @@ def test_reward_model_judge_win_rates_and_report_in_a_browser(tmp_path, datasets
         view = browser.new_page()
         view.goto(f"file://{page}")
         assert view.locator("#leaderboard tr").count() == 1 + 3
+        # A judge that does not clear chance is said so in words above the table.
+        assert view.locator("#judge-warning").count() == int(reliability["includes_chance"])
+        assert view.locator("#reliability li").count() >= 3
         images = view.locator("img")
         assert images.count() >= 4  # two plots, two cartoons
         for i in range(images.count()):
@@ -149,8 +159,9 @@ def test_llm_judge_over_http_asks_both_orders_calibrates_and_caches(tmp_path, da
     ours = judgments[judgments["method"] == "tiny"]
     assert len(ours) == 2 * 4 * 2 and set(ours["order"]) == {"AB", "BA"}
     assert 0.0 <= summary["stats"]["threshold"] <= 1.0
-    # 2 contests x (4 groups + the reliability pair) x 2 orders.
-    assert dry["to_send"] == 20
-    assert summary["stats"]["sent"] == 20 and again["stats"]["sent"] == 0 and again["stats"]["cache_hits"] == 20
-    assert json.loads((judged / "winrates.json").read_text())["reliability"]["judgments"] == 4
+    # 2 contests x (4 groups + the 6 pairs of human groups, for the reliability checks) x 2 orders.
+    assert dry["to_send"] == 40
+    assert summary["stats"]["sent"] == 40 and again["stats"]["sent"] == 0 and again["stats"]["cache_hits"] == 40
+    reliability = json.loads((judged / "winrates.json").read_text())["reliability"]
+    assert reliability["judgments"] == 4 and reliability["group_order"]["pairs"] == 2 * 6
     assert picked["stats"]["sent"] > 0 and {r["against"] for r in picked["win_rates"]} == set(benchmark.GROUPS)

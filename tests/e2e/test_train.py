@@ -71,6 +71,52 @@ def test_reward_model_reports_pairwise_accuracy(tmp_path, datasets_dir):
     assert model.config.num_labels == 1
 
 
+def test_a_fold_reward_model_trains_only_on_its_folds_contests(tmp_path, datasets_dir, monkeypatch):
+    """--contest_fold K/N: the workers hold rows of the fold's contests alone, and metrics.json says which
+    contests and the accuracy on the held-out pairs (the same pairs whatever the fold)."""
+    import shutil
+
+    import pandas as pd
+
+    from humor_ray.data.folds import contest_fold
+    from humor_ray.models import registry
+
+    # A training split of two contests: the module's own, and the held-out one's pairs copied in beside it.
+    data = tmp_path / "datasets"
+    shutil.copytree(datasets_dir, data)
+    for part in (data / "pairs" / "eval").glob("*.parquet"):
+        shutil.copyfile(part, data / "pairs" / "train" / f"extra-{part.name}")
+    pairs = pd.read_parquet(data / "pairs" / "train")
+    ours, other = sorted(set(pairs["contest"]))
+    folds = next(n for n in range(2, 20) if contest_fold(ours, n) != contest_fold(other, n))
+    record = tmp_path / "rows"
+    monkeypatch.setenv("HUMOR_RAY_RECORD_TRAIN_ROWS", str(record))
+    out = tmp_path / "rm"
+    rm.run(rm.Config(output_dir=str(out), dataset_dir=str(data), model_name="minilm", learning_rate=5e-5,
+                     contest_fold=f"{contest_fold(ours, folds)}/{folds}", **{**SMALL, "max_steps": 2}))
+    tokenizer = registry.load_tokenizer("minilm")
+
+    def inputs(contest):
+        rows = pairs[pairs["contest"] == contest]
+        encoded = encode(tokenizer, list(rows["prompt"]), list(rows["chosen"]), SMALL["max_length"])
+        return {tuple(ids) for ids in encoded}
+
+    held = [tuple(json.loads(line)["chosen_ids"]) for line in (record / "rank0-rows.jsonl").read_text().splitlines()]
+    assert held and set(held) <= inputs(ours) and not set(held) & inputs(other)
+    metrics = metrics_of(out)
+    assert metrics["train_contests"] == [ours] and metrics["contest_fold"] == f"{contest_fold(ours, folds)}/{folds}"
+    assert metrics["held_out"] == {"accuracy": metrics["eval"]["eval_accuracy"], "split": "eval",
+                                   "pairs": SMALL["max_eval_examples"], "seed": 2024}
+    assert 0.0 <= metrics["held_out"]["accuracy"] <= 1.0
+    # A split too large for the workers to read themselves streams through Ray Data, filtered the same way.
+    from humor_ray.train.launcher import stream_split
+
+    config = rm.Config(output_dir=str(out), dataset_dir=str(data), contest_fold=metrics["contest_fold"])
+    streamed = stream_split(config, rm.STAGE).to_pandas()
+    assert len(streamed) == (pairs["contest"] == ours).sum()
+    assert set(streamed["prompt"]) == set(pairs[pairs["contest"] == ours]["prompt"])
+
+
 def test_reward_input_keeps_the_caption_and_the_end_of_a_long_prompt():
     from humor_ray.models import registry
 

@@ -17,6 +17,8 @@ def load(spec: Path):
     module_name, config_name = STAGES[key]
     config_cls = getattr(importlib.import_module(module_name), config_name)
     required = ["--output", "/tmp/out"] if stage == "data" else ["--output_dir", "/tmp/out", "--dataset_dir", "/tmp/ds"]
+    if stage == "study":  # a pipeline of stages, whose own specs are loaded here too
+        required = []
     if stage == "ppo":  # the reward model is a run's output, named on the command line
         required += ["--reward_model", "/runs/rm"]
     return parse_config(config_cls, ["--config", str(spec), *required], f"humor-ray {stage}")

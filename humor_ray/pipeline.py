@@ -1,0 +1,157 @@
+"""What `humor-ray demo` and `humor-ray study` share: finding the data, building the datasets, choosing the
+evaluation contests, and running a stage as its command line would (logged, so it can be rerun alone), skipping
+one whose output an earlier run completed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+
+from humor_ray.config import parse_config
+from humor_ray.log import get_logger
+
+log = get_logger("pipeline")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "humor_ray" / "data"
+
+
+def locate_data(data: str | None, mirror: str | None) -> Path:
+    """The data folder (`data`, else $HUMOR_RAY_DATA), downloading the public data into the cache when neither
+    is given."""
+    from humor_ray.data import fetch
+
+    given = data or os.environ.get("HUMOR_RAY_DATA")
+    if given:
+        if not (Path(given) / "summaries").is_dir():
+            raise fetch.FetchError(f"{given} has no summaries/ folder: point HUMOR_RAY_DATA at the contest data")
+        return Path(given)
+    if not (DEFAULT_CACHE / "summaries").is_dir():
+        log.info(f"HUMOR_RAY_DATA is not set: downloading the public data into {DEFAULT_CACHE}")
+        fetch.run(fetch.FetchConfig(output=str(DEFAULT_CACHE), mirror=mirror))
+    return DEFAULT_CACHE
+
+
+def build_datasets(data: Path, datasets: Path) -> dict:
+    """`humor-ray data build --config jobs/data.yaml` of `data` into `datasets`; returns the build's report."""
+    from humor_ray.data import build
+
+    log.info(f"data build from {data} -> {datasets}")
+    # Inputs unchecked: what the download lacks is dropped just below.
+    build_cfg = parse_config(build.BuildConfig, ["--config", "jobs/data.yaml", "--output", str(datasets)],
+                             "humor-ray data build", check_inputs=False)
+    # The upstream download has no paper split or Humor-in-AI descriptions: use what is there.
+    build_cfg.descriptions = [d for d in build_cfg.descriptions if Path(d).is_file()]
+    if build_cfg.splits and not Path(build_cfg.splits).is_file():
+        log.info(f"no split file at {build_cfg.splits}: contests are split by hash")
+        build_cfg.splits = None
+    report = build.run(build_cfg)
+    log.info(f"datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}")
+    return report
+
+
+def eval_contests(datasets: Path, released: Path | None, count: int | None, seed: int | None = None) -> list[int]:
+    """Evaluation contests with a cartoon and human references, preferring those every one of the paper's
+    released generations covers (so that ours and theirs are judged on the same cartoons): all of them when
+    `count` is None, else `count` of them, the first ones or, with `seed`, a seeded sample."""
+    import numpy as np
+    import pandas as pd
+
+    from humor_ray.data.generations import read_generations
+
+    prompts = pd.read_parquet(datasets / "prompts" / "eval", columns=["contest", "image"])
+    with_image = {int(c) for c, image in zip(prompts["contest"], prompts["image"]) if isinstance(image, str) and image}
+    referenced = set(pd.read_parquet(datasets / "references" / "eval", columns=["contest"])["contest"].astype(int))
+    contests = sorted(with_image & referenced)
+    covered = set()
+    if released is not None and released.is_dir():
+        theirs = read_generations([str(released)])
+        covered = set.intersection(*(set(rows["contest"]) for _, rows in theirs.groupby("method")))
+    ordered = [c for c in contests if c in covered] + [c for c in contests if c not in covered]
+    if count is None or count >= len(ordered):
+        return sorted(ordered)
+    if seed is None:
+        return ordered[:count]
+    # From the covered contests first, as above, then the rest.
+    rng = np.random.default_rng(seed)
+    first = [c for c in ordered if c in covered]
+    picked = list(rng.choice(first, min(count, len(first)), replace=False)) if first else []
+    rest = [c for c in ordered if c not in covered]
+    if len(picked) < count:
+        picked += list(rng.choice(rest, count - len(picked), replace=False))
+    return sorted(int(c) for c in picked)
+
+
+def run_stage(number: int | str, command: str, spec: str | None, args: list[str]):
+    """One stage (`command`, a `humor-ray` subcommand) as its command line would run it: logged, so it can be
+    rerun alone, with the job spec `jobs/<spec>` and the flags `args`; returns the stage's result."""
+    from humor_ray.cli import STAGES
+
+    module_name, config_name, *function = STAGES[tuple(command.split())]
+    module = importlib.import_module(module_name)
+    argv = (["--config", f"jobs/{spec}"] if spec else []) + args
+    log.info(f"stage {number}: humor-ray {command} {' '.join(argv)}")
+    return getattr(module, function[0] if function else "run")(
+        parse_config(getattr(module, config_name), argv, f"humor-ray {command}"))
+
+
+# ---------------------------------------------------------------- stages that resume
+
+@dataclasses.dataclass
+class Stage:
+    """A stage of a pipeline: a `humor-ray` subcommand with its job spec and flags, writing `output`."""
+    name: str
+    command: str
+    output: Path
+    args: list[str]
+    spec: str | None = None
+
+    def check(self) -> None:
+        """Its flags and spec parse (paths unchecked: earlier stages write them), before anything runs."""
+        from humor_ray.cli import STAGES
+
+        module_name, config_name, *_ = STAGES[tuple(self.command.split())]
+        config_class = getattr(importlib.import_module(module_name), config_name)
+        argv = (["--config", f"jobs/{self.spec}"] if self.spec else []) + self.args
+        parse_config(config_class, argv, f"humor-ray {self.command}", check_inputs=False)
+
+
+def complete(command: str, output: Path) -> bool:
+    """Whether `output` holds what a finished `command` writes: a training run's metrics.json naming its exported
+    model (written last, after the final model is in place), the judge's winrates.json (written last), or the
+    completion marker of a folder written aside (data build, generate, bon, report)."""
+    from humor_ray.data.outputs import MARKER
+
+    if command in ("sft", "rm", "dpo", "llava", "ppo"):
+        try:
+            model = json.loads((output / "metrics.json").read_text())["model"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return (output / model).is_dir()
+    if command == "judge":
+        try:
+            return "win_rates" in json.loads((output / "winrates.json").read_text())
+        except (OSError, ValueError):
+            return False
+    return (output / MARKER).is_file()
+
+
+def run_stages(stages: list[Stage], first_number: int = 1) -> dict[str, str]:
+    """Each stage in order, skipping those whose output is complete, each logged with its command; an output
+    left incomplete by an interrupted run is run again (training continues from its latest checkpoint).
+    Returns each stage's outcome: `skipped` or `ran`."""
+    outcome = {}
+    for number, stage in enumerate(stages, start=first_number):
+        if complete(stage.command, stage.output):
+            log.info(f"stage {number} {stage.name}: complete in {stage.output}, skipped (delete it to run it again)")
+            outcome[stage.name] = "skipped"
+            continue
+        if stage.output.exists():
+            log.info(f"stage {number} {stage.name}: {stage.output} is incomplete (an interrupted run): running it "
+                     "again" + (", from its latest checkpoint" if stage.command in ("sft", "rm", "dpo", "ppo") else ""))
+        run_stage(f"{number} {stage.name}", stage.command, stage.spec, stage.args)
+        if not complete(stage.command, stage.output):
+            raise RuntimeError(f"stage {number} {stage.name} ended without a complete output in {stage.output}")
+        outcome[stage.name] = "ran"
+    return outcome

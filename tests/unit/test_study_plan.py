@@ -1,0 +1,98 @@
+"""`humor-ray study`'s stages, from its job specs, before anything runs (no Ray, no model)."""
+
+from pathlib import Path
+
+import pytest
+
+from humor_ray import pipeline, study
+from humor_ray.config import UserError, parse_config
+
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
+
+
+def stages_of(spec: str, *flags: str, tmp_path: Path):
+    cfg = parse_config(study.StudyConfig, ["--config", str(JOBS / spec), "--output", str(tmp_path), *flags],
+                       "humor-ray study")
+    return cfg, study.plan(cfg, tmp_path / "datasets", [501, 502], tmp_path / "released")
+
+
+def args_of(stage: pipeline.Stage) -> dict[str, list[str]]:
+    """A stage's flags, each with the values that follow it."""
+    options, name = {}, None
+    for arg in stage.args:
+        if arg.startswith("--"):
+            name = arg
+            options[name] = []
+        else:
+            options[name].append(arg)
+    return options
+
+
+@pytest.mark.parametrize("spec, sizes", [("study-smollm2.yaml", ("smollm2", "minilm")),
+                                         ("study-7b.yaml", ("7b", "7b"))])
+def test_the_cpu_and_gpu_studies_run_the_same_stages_with_their_sizes_specs(spec, sizes, tmp_path):
+    cfg, stages = stages_of(spec, tmp_path=tmp_path)
+    for stage in stages:  # every stage's spec and flags parse as its command would read them
+        stage.check()
+    by_name = {s.name: s for s in stages}
+    names = study.method_names(cfg)
+    assert list(by_name) == ["sft", "sft_simple", "rm_a", "rm_b", "dpo", "ppo", *(f"generate {names[m]}" for m in (
+        "zs", "sft", "dpo", "ppo")), f"bon {names['zs_BoN']}", "judge (reward model B)", "reward A", "report"]
+    policy, reward = sizes
+    assert all(policy in by_name[n].spec for n in ("sft", "sft_simple", "dpo", "ppo"))
+    assert all(reward in by_name[n].spec for n in ("rm_a", "rm_b"))
+    runs = tmp_path / "runs"
+    # Two reward models on disjoint halves of the training contests: A for the policies, B the judge.
+    assert args_of(by_name["rm_a"])["--contest_fold"] == ["1/2"]
+    assert args_of(by_name["rm_b"])["--contest_fold"] == ["2/2"]
+    assert args_of(by_name["ppo"])["--reward_model"] == [str(runs / "rm_a")]
+    assert args_of(by_name[f"bon {names['zs_BoN']}"])["--reward_model"] == [str(runs / "rm_a")]
+    assert args_of(by_name["judge (reward model B)"])["--reward_model"] == [str(runs / "rm_b")]
+    assert args_of(by_name["reward A"])["--reward_model"] == [str(runs / "rm_a")]
+    # DPO and PPO start from the simple-prompt SFT and read its prompt; the long SFT and zero-shot the long one.
+    assert args_of(by_name["dpo"])["--model_checkpoint_name"] == [str(runs / "sft_simple" / "final")]
+    assert "--simple_prompt" in args_of(by_name["ppo"])
+    assert "--simple_prompt" not in args_of(by_name[f"generate {names['sft']}"])
+    assert "--simple_prompt" in args_of(by_name[f"generate {names['dpo']}"])
+    # The paper's released generations are judged beside ours, on the same contests.
+    judged = args_of(by_name["judge (reward model B)"])
+    assert str(tmp_path / "released") in judged["--generations"] and judged["--contests"] == ["501", "502"]
+    assert ("--use_gpu" in judged) == (policy == "7b")
+
+
+def test_budgets_shorten_every_training_stage(tmp_path):
+    cfg, stages = stages_of("study-smollm2.yaml", "--train_steps", "6", "--rm_steps", "4", "--ppo_steps", "2",
+                            "--estimator", "grpo", tmp_path=tmp_path)
+    by_name = {s.name: args_of(s) for s in stages}
+    assert by_name["sft"]["--max_steps"] == ["6"] and by_name["dpo"]["--save_steps"] == ["3"]
+    assert by_name["rm_b"]["--max_steps"] == ["4"] and by_name["ppo"]["--max_steps"] == ["2"]
+    assert by_name["ppo"]["--estimator"] == ["grpo"] and study.method_names(cfg)["ppo"] == "smollm2_grpo"
+    # Without budgets a stage runs its spec's own steps.
+    _, stages = stages_of("study-7b.yaml", tmp_path=tmp_path)
+    assert all("--max_steps" not in args_of(s) for s in stages)
+
+
+def test_a_policy_without_specs_is_refused_before_anything_runs():
+    with pytest.raises(UserError, match="--policy llama: choose from"):
+        parse_config(study.StudyConfig, ["--policy", "llama"], "humor-ray study")
+
+
+def test_a_complete_stage_is_told_apart_from_an_interrupted_one(tmp_path):
+    run = tmp_path / "sft"
+    assert not pipeline.complete("sft", run)
+    (run / ".final.partial").mkdir(parents=True)  # interrupted while exporting
+    assert not pipeline.complete("sft", run)
+    (run / "final").mkdir()
+    (run / "metrics.json").write_text('{"model": "final"}')
+    assert pipeline.complete("sft", run)
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    (judge / "judgments.parquet").write_bytes(b"")
+    assert not pipeline.complete("judge", judge)
+    (judge / "winrates.json").write_text('{"win_rates": []}')
+    assert pipeline.complete("judge", judge)
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    assert not pipeline.complete("generate", captions)
+    (captions / "_COMPLETE").write_text("{}")
+    assert pipeline.complete("generate", captions)
