@@ -75,8 +75,9 @@ class StudyConfig(Options):
                                           "unset: each job spec's", minimum=1)
     rm_steps: int | None = field(None, "optimizer steps of each reward model; unset: the job spec's", minimum=1)
     ppo_steps: int | None = field(None, "PPO steps; unset: the job spec's", minimum=1)
-    eval_examples: int | None = field(None, "held-out examples each training stage evaluates on; unset: each job "
-                                            "spec's", minimum=1)
+    eval_examples: int | None = field(None, "held-out examples each training stage evaluates on, and the held-out "
+                                            "pairs the judges score the reward models on; unset: each job spec's "
+                                            "(the judges: 2000)", minimum=1)
     estimator: str | None = field(None, "the RL stage: gae (PPO), grpo or rloo; unset: the job spec's",
                                   choices=tuple(ESTIMATOR_METHODS))
     eval_contests: int | None = field(None, "evaluation contests, a seeded sample; unset: every held-out contest with "
@@ -158,7 +159,9 @@ def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path |
         "--output_dir", str(captions / "zs_BoN")]))
     generations = [str(captions / name) for name in names] + ([str(released)] if released else [])
     judged = [*data, "--contests", *map(str, contests), "--generations", *generations, "--judge", "rm",
-              "--reward_max_length", reward_length, "--seed", str(cfg.seed), *(["--use_gpu"] if cfg.use_gpu else [])]
+              "--reward_max_length", reward_length, "--seed", str(cfg.seed), *(["--use_gpu"] if cfg.use_gpu else []),
+              # The reward models' held-out accuracy in the reliability block, on as many pairs as they evaluated.
+              *(["--reliability_pairs", str(cfg.eval_examples)] if cfg.eval_examples else [])]
     stages += [
         # Reward model B judges; A's scores of the same captions are the reward each method was tuned for.
         stage("judge (reward model B)", "judge", out / "judge", [

@@ -45,7 +45,6 @@ from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger
 
 GROUPS = ("top10", "rank200", "rank1000", "median")  # best first: the order reliability (b) expects
-HELD_OUT_PAIRS = 2000  # reliability (c): the seeded held-out pairs, as `humor-ray rm` evaluates with jobs/rm-minilm
 LENGTH_MATCHED_WORDS = 2  # reliability (c): a pair whose captions differ by at most this many words
 CHANCE = 0.5
 JUDGES = ("rm", "llm")
@@ -66,6 +65,10 @@ class JudgeConfig(Options):
     reward_max_length: int = field(512, "for --judge rm: tokens of prompt + caption the reward model reads (as "
                                         "trained)", minimum=1)
     use_gpu: bool = field(False, "for --judge rm: score on a GPU of the Ray cluster")
+    reliability_pairs: int = field(2000, "for --judge rm: seeded held-out preference pairs the reward model's "
+                                         "accuracy is measured on for the reliability block, drawn as `humor-ray rm` "
+                                         "draws its --max_eval_examples (jobs/rm-minilm.yaml: 2000); 0: none",
+                                   minimum=0)
     base_url: str | None = field(None, "for --judge llm: the endpoint, e.g. https://api.openai.com/v1 or "
                                        "http://127.0.0.1:8000/v1")
     model: str | None = field(None, "for --judge llm: the judge model")
@@ -291,7 +294,7 @@ def rm_judgments(cfg: JudgeConfig, generations, references) -> tuple[list[dict],
     for (group, contest), rows in human.groupby(["group", "contest"], sort=False):
         sets.append(("human", group, int(contest), rows["caption"].tolist()))  # in `human`'s row order
     sets = [s for s in sets if s[2] in context]
-    pairs = held_out_pairs(cfg.dataset_dir, HELD_OUT_PAIRS, cfg.seed)
+    pairs = held_out_pairs(cfg.dataset_dir, cfg.reliability_pairs, cfg.seed) if cfg.reliability_pairs else None
     prompts = [context[c][0] for _, _, c, caps in sets for _ in caps]
     captions = [cap for _, _, _, caps in sets for cap in caps]
     if pairs is not None:  # chosen, then rejected, after the groups' captions
