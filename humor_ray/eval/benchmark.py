@@ -233,16 +233,13 @@ def group_order(judgments: list[dict], resamples: int, seed: int) -> dict | None
 def held_out_pairs(dataset_dir: str, limit: int, seed: int):
     """(c) A seeded sample of `limit` held-out preference pairs, drawn as `humor-ray rm` draws its evaluation
     pairs (the same --seed and --max_eval_examples give the same pairs); None without a pairs dataset."""
-    import pyarrow.dataset as pds
+    from humor_ray.train.launcher import seeded_sample
 
     path = os.path.join(dataset_dir, "pairs", "eval")
     if not os.path.isdir(path):
         return None
-    table = pds.dataset(path, format="parquet").to_table(
-        columns=["contest", "prompt", "chosen", "rejected", "chosen_mean", "rejected_mean"])
-    if table.num_rows > limit:
-        table = table.take(np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False)))
-    return table.to_pandas()
+    columns = ["contest", "prompt", "chosen", "rejected", "chosen_mean", "rejected_mean"]
+    return seeded_sample(path, columns, limit, seed).to_pandas()
 
 
 def held_out_accuracy(pairs, chosen_scores, rejected_scores) -> dict:

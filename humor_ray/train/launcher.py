@@ -203,17 +203,22 @@ def direct_part(path: str, columns: list[str], rank: int, world: int, limit: int
     return as_dataset(table.take(rows), columns, caption_columns) if len(rows) else None
 
 
-def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_columns: tuple[str, ...] = ()):
-    """The held-out examples every worker evaluates on: `limit` rows drawn at random (seeded) across
-    all evaluation contests. Small by construction, so each worker reads it directly (local or s3://)."""
+def seeded_sample(path: str, columns: list[str], limit: int, seed: int):
+    """`limit` rows of the Parquet split at `path` drawn at random (seeded), in their order in the split: the
+    held-out examples a training stage evaluates on, and the pairs the judge measures a reward model on."""
     import numpy as np
     import pyarrow.dataset as pds
 
     table = pds.dataset(path, format="parquet").to_table(columns=columns)
     if table.num_rows > limit:
-        rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
-        table = table.take(rows)
-    return as_dataset(table, columns, caption_columns)
+        table = table.take(np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False)))
+    return table
+
+
+def eval_dataset(path: str, columns: list[str], limit: int, seed: int, caption_columns: tuple[str, ...] = ()):
+    """The held-out examples every worker evaluates on: `limit` rows drawn at random (seeded) across
+    all evaluation contests. Small by construction, so each worker reads it directly (local or s3://)."""
+    return as_dataset(seeded_sample(path, columns, limit, seed), columns, caption_columns)
 
 
 class ProgressBoard:
