@@ -34,7 +34,8 @@ class Config(TrainConfig):
                                      "(default: the data's images/)", existing=True)
     mm_projector_lr: float = field(2e-5, "learning rate of the multimodal projector", exclusive_minimum=0)
     train_vision_tower: bool = field(False, "train the vision tower too (frozen by default)")
-    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass (less memory)")
+    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass: less memory, about a "
+                                                "third more compute")
     lr_scheduler_type: str = field("cosine", "learning-rate schedule (cosine, linear, constant, ...)")
     warmup_ratio: float = field(0.03, "share of the steps spent warming the learning rate up", minimum=0,
                                 maximum=1)
@@ -193,7 +194,7 @@ def make_trainer(cfg: Config, train, evaluation, scratch: str):
         raise TrainError(f"no training row has a readable image under {cfg.images}")
     args = hf_args(cfg, SFTConfig, scratch, max_length=cfg.max_length, completion_only_loss=True,
                    remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
-                   gradient_checkpointing=cfg.gradient_checkpointing, lr_scheduler_type=cfg.lr_scheduler_type,
+                   lr_scheduler_type=cfg.lr_scheduler_type,
                    warmup_steps=cfg.warmup_ratio)  # a float below 1: a share of max_steps
     model, processor = load_model(cfg)
     if evaluation is not None:
