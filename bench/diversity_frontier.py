@@ -1,24 +1,28 @@
-"""Win rate against diversity for best-of-N: `top` (plain best-of-N, the baseline) beside `mmr` at several
-diversity weights L, on the evaluation contests, with one reward model selecting and another judging.
+"""Win rate against diversity: plain best-of-N (`top`, the baseline) beside best-of-N by maximal marginal
+relevance (`mmr`) at several diversity weights L, and optionally GRPO with and without a diversity term and DPO
+on diverse pairs against DPO on the data's pairs; one reward model selects or trains, another judges.
 
-    python bench/diversity_frontier.py --dataset_dir out/datasets --policy runs/sft-smollm2/final \\
-        --select_rm runs/rm-fold1 --judge_rm runs/rm-fold2 --output_dir bench-out/frontier \\
-        [--max_contests 91] [--candidates 50] [--n 10] [--weights 0.25 0.5 0.75 0.9] [--engine vllm] \\
-        [--grpo_steps 0]
+    python bench/diversity_frontier.py --dataset_dir out/datasets --policy runs/sft_simple/final --simple_prompt \\
+        --select_rm runs/rm_a --judge_rm runs/rm_b --output_dir bench-out/frontier \\
+        [--contests 515 516 ... | --max_contests 30] [--pool DIR] [--candidates 50] [--n 10] \\
+        [--weights 0.25 0.5 0.75 0.9] [--grpo_steps K] [--dpo_steps K --dpo_from MODEL [--dpo_data_run DIR]]
 
-One `humor-ray bon` run draws --candidates captions per contest from --policy and scores them with
---select_rm (its candidates.parquet); every setting then keeps --n of the same candidates, so the settings
-differ only in how they pick. Per setting: the selecting reward model's mean over the kept captions,
-embedding diversity (the paper's: all-mpnet-base-v2, every ordered pair with each caption beside itself),
-EAD (the paper's words, V = 32,000), and --judge_rm's win rates against the four human groups with 95%
-bootstrap intervals over contests (`humor-ray judge --judge rm`'s functions). The human top-10's diversity is
-printed beside them. The goal line names the settings with embedding diversity >= --goal_diversity whose win
-rate against every human group is no lower than top's.
+Best-of-N: one `humor-ray bon` run draws --candidates captions per contest from --policy and scores them with
+--select_rm (its candidates.parquet; --pool reuses an earlier bon output instead, the study's `captions/zs_BoN`
+for one); every setting then keeps --n of the same candidates, so the settings differ only in how they pick.
+GRPO (--grpo_steps K): K steps from --policy against --select_rm without a diversity term and with
+--grpo_diversity_weight in each of --grpo_forms, each policy then writing --n captions per contest.
+DPO (--dpo_steps K): a pool of sampled captions on --dpo_pool_contests training contests (`bon --split train`)
+from --dpo_from, scored by --select_rm; DPO from --dpo_from on its diverse pairs (`dpo --pairs diverse`) and on
+the data's pairs (or --dpo_data_run, such a run made already, the study's `runs/dpo`), each writing --n captions.
 
---grpo_steps K > 0 adds GRPO from --policy against --select_rm for K steps, without a diversity term and with
---grpo_diversity_weight in each of --grpo_forms (additive, multiplicative), each policy then writing --n
-captions per contest (plain `generate`), judged the same way. Shrink the run with --max_contests and
---candidates; --reuse keeps earlier outputs in --output_dir.
+Every setting is a generation folder under --output_dir, judged by the commands a user runs: `humor-ray judge
+--judge rm` with --judge_rm (raw and length-controlled win rates against the four human groups, 95% bootstrap
+intervals over contests, the judge's reliability) and with --select_rm (the reward each setting optimised), and
+`humor-ray report`, whose page plots win rate against embedding diversity (the frontier) and whose table this
+prints: embedding diversity (all-mpnet-base-v2, the paper's), EAD, mean words, the selecting reward. The goal
+line names the settings with embedding diversity >= --goal_diversity whose length-controlled win rate against
+every human group is no lower than top's. --reuse keeps the outputs already in --output_dir.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pandas as pd
 
-from humor_ray.eval import benchmark
-from humor_ray.eval.diversity import embed, method_diversity
-from humor_ray.infer import generate
+from humor_ray import pipeline
+from humor_ray.data.outputs import MARKER
+from humor_ray.eval import table
+from humor_ray.eval.benchmark import GROUPS
+from humor_ray.eval.diversity import embed
 from humor_ray.infer.selection import pick_rows
 
 
@@ -45,147 +51,214 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_dir", required=True, help="a `humor-ray data build` output (prompts, references)")
     parser.add_argument("--policy", required=True, help="the caption policy (a training output, or a preset)")
+    parser.add_argument("--simple_prompt", action="store_true", help="the policy reads the simple prompt (an SFT "
+                                                                     "on it, as the study's sft_simple)")
     parser.add_argument("--select_rm", required=True, help="the reward model that scores the candidates")
     parser.add_argument("--judge_rm", required=True, help="the reward model that judges against the humans")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_contests", type=int, default=None, help="only the first this many eval contests")
+    parser.add_argument("--contests", type=int, nargs="+", default=[], help="the evaluation contests (the study's)")
+    parser.add_argument("--max_contests", type=int, default=None, help="only the first this many of them")
+    parser.add_argument("--pool", default=None, help="an earlier `humor-ray bon` output to select from")
     parser.add_argument("--candidates", type=int, default=50, help="candidates per contest")
     parser.add_argument("--n", type=int, default=10, help="captions kept per contest")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9], help="mmr's L values")
     parser.add_argument("--select_embedding", default="minilm", help="mmr's embeddings: minilm or mpnet")
-    parser.add_argument("--measure_embedding", default="mpnet", help="embedding diversity's model (the paper's)")
     parser.add_argument("--engine", default="vllm", help="vllm or hf")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--reward_max_length", type=int, default=512)
-    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--reward_max_length", type=int, default=128)
     parser.add_argument("--goal_diversity", type=float, default=0.70)
     parser.add_argument("--grpo_steps", type=int, default=0, help="GRPO steps per policy (0: no GRPO rows)")
     parser.add_argument("--grpo_diversity_weight", type=float, default=0.5)
     parser.add_argument("--grpo_forms", nargs="+", default=["additive", "multiplicative"],
                         help="the diversity term's forms to train with (one GRPO run each)")
-    parser.add_argument("--reuse", action="store_true", help="keep the pool and GRPO runs already in --output_dir")
+    parser.add_argument("--grpo_config", default="ppo-smollm2.yaml", help="the RL job spec under jobs/")
+    parser.add_argument("--dpo_steps", type=int, default=0, help="DPO steps per run (0: no DPO rows)")
+    parser.add_argument("--dpo_from", default=None, help="the policy DPO starts from and samples the pool with "
+                                                         "(default: --policy)")
+    parser.add_argument("--dpo_config", default="dpo-smollm2.yaml", help="the DPO job spec under jobs/")
+    parser.add_argument("--dpo_pool_contests", type=int, default=40, help="training contests in the DPO pool")
+    parser.add_argument("--dpo_pool_candidates", type=int, default=16, help="sampled captions per pool contest")
+    parser.add_argument("--dpo_data_run", default=None, help="a DPO run on the data's pairs with the same start "
+                                                             "and steps, instead of training one")
+    parser.add_argument("--reuse", action="store_true", help="keep the outputs already in --output_dir")
     args = parser.parse_args(argv)
     if args.candidates < args.n:
         parser.error("--candidates must be at least --n")
+    args.dpo_from = args.dpo_from or args.policy
     return args
 
 
-def candidate_pool(args) -> pd.DataFrame:
-    """The scored candidates of one `bon` run (`top`, the baseline), made unless --reuse finds them."""
-    out = Path(args.output_dir) / "pool"
-    if not (args.reuse and (out / "candidates.parquet").is_file()):
-        factor = -(-args.candidates // args.n)  # bon draws factor x n: at least --candidates
-        generate.run_bon(generate.BonConfig(
-            dataset_dir=args.dataset_dir, output_dir=str(out), model_name=args.policy, method="top", n=args.n,
-            candidates_factor=factor, max_contests=args.max_contests, engine=args.engine,
-            max_new_tokens=args.max_new_tokens, reward_model=args.select_rm,
-            reward_max_length=args.reward_max_length, overwrite=True))
-    pool = pd.read_parquet(out / "candidates.parquet").sort_values(["contest", "sample"], ignore_index=True)
-    # Exactly --candidates per contest (bon draws a multiple of --n).
-    return pool[pool.groupby("contest").cumcount() < args.candidates].reset_index(drop=True)
+class Runner:
+    """The `humor-ray` commands of the bench, each logged as it runs (pipeline.run_stage); with --reuse, one
+    whose output is complete is skipped."""
+
+    def __init__(self, args):
+        self.args, self.out = args, Path(args.output_dir)
+        self.contests = [*(["--contests", *map(str, args.contests)] if args.contests else []),
+                         *(["--max_contests", str(args.max_contests)] if args.max_contests else [])]
+        self.prompt = ["--simple_prompt"] if args.simple_prompt else []
+        self.decoding = ["--engine", args.engine, "--max_new_tokens", str(args.max_new_tokens)]
+
+    def __call__(self, command: str, output: Path, args: list[str], spec: str | None = None) -> Path:
+        if not (self.args.reuse and pipeline.complete(command, output)):
+            pipeline.run_stage(output.name, command, spec, [*args, "--output_dir", str(output)])
+        return output
+
+    def generate(self, name: str, model: str, prompt: list[str]) -> Path:
+        return self("generate", self.out / name, [
+            "--dataset_dir", self.args.dataset_dir, "--model_name", model, "--method", name, "--n", str(self.args.n),
+            *prompt, *self.contests, *self.decoding, "--overwrite"])
 
 
-def selections(args, pool: pd.DataFrame) -> pd.DataFrame:
-    """The kept captions of every setting, in the long layout (contest, method, sample, caption, reward)."""
+def candidate_pool(args, run: Runner) -> pd.DataFrame:
+    """The scored candidates of one `bon` run (the baseline `top` picks from them), exactly --candidates per
+    contest (bon draws a multiple of --n)."""
+    if args.pool:
+        pool_dir = Path(args.pool)
+    else:
+        factor = -(-args.candidates // args.n)
+        pool_dir = run("bon", run.out / "pool", [
+            "--dataset_dir", args.dataset_dir, "--model_name", args.policy, "--method", "pool", "--n", str(args.n),
+            "--candidates_factor", str(factor), "--reward_model", args.select_rm, "--reward_max_length",
+            str(args.reward_max_length), *run.prompt, *run.contests, *run.decoding, "--overwrite"])
+    pool = pd.read_parquet(pool_dir / "candidates.parquet").sort_values(["contest", "sample"], ignore_index=True)
+    if args.contests:
+        pool = pool[pool["contest"].isin(args.contests)]
+    if args.max_contests:
+        pool = pool[pool["contest"].isin(sorted(pool["contest"].unique())[:args.max_contests])]
+    pool = pool[pool.groupby("contest").cumcount() < args.candidates].reset_index(drop=True)
+    short = pool.groupby("contest").size().lt(args.candidates)
+    if short.any():
+        raise SystemExit(f"{pool_dir}: fewer than {args.candidates} candidates in contests {list(short[short].index)}")
+    return pool
+
+
+def write_selections(args, pool: pd.DataFrame, out: Path) -> list[Path]:
+    """The kept captions of `top` and of `mmr` at each weight, each a generation folder (captions.parquet)."""
     vectors = embed(pool["caption"].tolist(), model=args.select_embedding).numpy()
-    settings = [("top", "top", 0.0)] + [(f"mmr_L{w:g}", "mmr", w) for w in args.weights]
-    frames = []
-    for name, select, weight in settings:
+    folders = []
+    for name, select, weight in [("top", "top", 0.0)] + [(f"mmr_L{w:g}", "mmr", w) for w in args.weights]:
         rows = pick_rows(pool["contest"].to_numpy(), pool["sample"].to_numpy(), pool["reward"].to_numpy(),
                          args.n, select, weight, vectors)
         kept = pool.loc[rows, ["contest", "caption", "reward"]].copy()
         kept["sample"] = kept.groupby("contest").cumcount()
-        frames.append(kept.assign(method=name))
-    return pd.concat(frames, ignore_index=True)
+        folder = out / "selections" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        kept.assign(method=name)[["contest", "method", "sample", "caption", "reward"]].to_parquet(
+            folder / "captions.parquet", index=False)
+        (folder / MARKER).touch()
+        folders.append(folder)
+    return folders
 
 
-def grpo_captions(args) -> pd.DataFrame:
-    """--grpo_steps of GRPO without and with the diversity term, then --n captions per contest from each."""
-    from humor_ray.rl import ppo
-    from humor_ray.train.export import final_model
-
-    frames = []
+def grpo_runs(args, run: Runner) -> list[Path]:
+    """GRPO from --policy without the diversity term and with it in each form, then --n captions from each."""
     strength = args.grpo_diversity_weight
-    runs = [("grpo_W0", 0.0, "additive")] + [(f"grpo_{form[:4]}_W{strength:g}", strength, form)
-                                             for form in args.grpo_forms]
-    for name, weight, form in runs:
-        run_dir, captions_dir = Path(args.output_dir) / name, Path(args.output_dir) / f"{name}_captions"
-        if not (args.reuse and (run_dir / "final").exists()):
-            ppo.run(ppo.Config(output_dir=str(run_dir), dataset_dir=args.dataset_dir, model_name=args.policy,
-                               reward_model=args.select_rm, estimator="grpo", diversity_weight=weight,
-                               diversity_form=form,
-                               max_steps=args.grpo_steps, save_steps=args.grpo_steps, engine=args.engine,
-                               max_new_tokens=args.max_new_tokens, report_to=["none"]))
-        if not (args.reuse and (captions_dir / "captions.parquet").is_file()):
-            generate.run(generate.GenerateConfig(
-                dataset_dir=args.dataset_dir, output_dir=str(captions_dir), model_name=final_model(str(run_dir)),
-                method=name, n=args.n, max_contests=args.max_contests, engine=args.engine,
-                max_new_tokens=args.max_new_tokens, overwrite=True))
-        frames.append(pd.read_parquet(captions_dir / "captions.parquet").assign(method=name))
-    return pd.concat(frames, ignore_index=True)
+    folders = []
+    for name, weight, form in [("grpo_W0", 0.0, "additive")] + [
+            (f"grpo_{form[:4]}_W{strength:g}", strength, form) for form in args.grpo_forms]:
+        trained = run("ppo", run.out / "runs" / name, [
+            "--dataset_dir", args.dataset_dir, "--model_name", args.policy, *run.prompt, "--reward_model",
+            args.select_rm, "--estimator", "grpo", "--diversity_weight", str(weight), "--diversity_form", form,
+            "--max_steps", str(args.grpo_steps), "--save_steps", str(args.grpo_steps), "--engine", args.engine,
+            "--report_to", "none"], args.grpo_config)
+        folders.append(run.generate(name, str(trained / "final"), run.prompt))
+    return folders
 
 
-def judged(args, table: pd.DataFrame, references: pd.DataFrame) -> dict:
-    """(method, human group) -> win rate with its interval, by --judge_rm."""
-    cfg = benchmark.JudgeConfig(dataset_dir=args.dataset_dir, generations=["(in memory)"],
-                                output_dir=str(Path(args.output_dir) / "judge"), judge="rm",
-                                reward_model=args.judge_rm, reward_max_length=args.reward_max_length,
-                                bootstrap=args.bootstrap)
-    rates = benchmark.win_rates(benchmark.rm_judgments(cfg, table, references), args.bootstrap, cfg.seed)
-    return {(r["method"], r["against"]): r for r in rates}
+def dpo_runs(args, run: Runner) -> list[Path]:
+    """DPO on diverse pairs from a scored pool of the training split, and on the data's pairs; --n captions
+    from each (the simple prompt: the DPO specs train on it)."""
+    steps = ["--max_steps", str(args.dpo_steps), "--eval_steps", str(args.dpo_steps), "--save_steps",
+             str(args.dpo_steps)]
+    pool = run("bon", run.out / "dpo_pool", [
+        "--dataset_dir", args.dataset_dir, "--split", "train", "--max_contests", str(args.dpo_pool_contests),
+        "--model_name", args.dpo_from, "--simple_prompt", "--method", "dpo_pool", "--n", "1",
+        "--candidates_factor", str(args.dpo_pool_candidates), "--reward_model", args.select_rm,
+        "--reward_max_length", str(args.reward_max_length), *run.decoding, "--overwrite"])
+    common = ["--dataset_dir", args.dataset_dir, "--model_checkpoint_name", args.dpo_from, *steps]
+    diverse = run("dpo", run.out / "runs" / "dpo_diverse", [*common, "--pairs", "diverse", "--pairs_from", str(pool)],
+                  args.dpo_config)
+    data = Path(args.dpo_data_run) if args.dpo_data_run else run("dpo", run.out / "runs" / "dpo_data", common,
+                                                                  args.dpo_config)
+    return [run.generate("dpo_diverse", str(diverse / "final"), ["--simple_prompt"]),
+            run.generate("dpo_data", str(data / "final"), ["--simple_prompt"])]
 
 
-def report(args, table: pd.DataFrame, references: pd.DataFrame, seconds: float) -> dict:
-    humans = references[references["group"] == "top10"].assign(method="human_top10")
-    diversity = method_diversity(pd.concat([table, humans[["contest", "method", "caption"]]], ignore_index=True),
-                                 model=args.measure_embedding, ead_kind="paper")
-    rates = judged(args, table, references)
-    methods = list(dict.fromkeys(table["method"]))
-    rows = []
-    for method in methods + ["human_top10"]:
-        kept = table[table["method"] == method]
-        row = {"method": method, "select_reward": float(kept["reward"].mean()) if "reward" in kept and len(kept)
-               else float("nan"), "embedding": diversity[method]["embedding"], "ead": diversity[method]["ead"]}
-        for group in benchmark.GROUPS:
-            r = rates.get((method, group))
-            row[group] = [r["win_rate"], r["ci_low"], r["ci_high"]] if r else None
-        rows.append(row)
-    print_table(args, rows, seconds)
-    return {"settings": vars(args), "rows": rows, "seconds": seconds}
+def judge_and_report(args, run: Runner, folders: list[Path]) -> tuple[dict, list[dict]]:
+    """Both judges and the report over every setting; the judge's summary and the report's table rows."""
+    generations = [str(f) for f in folders]
+    judged = ["--dataset_dir", args.dataset_dir, "--generations", *generations, "--judge", "rm",
+              "--reward_max_length", str(args.reward_max_length), *run.contests]
+    judge = run("judge", run.out / "judge", [*judged, "--reward_model", args.judge_rm])
+    selected = run("judge", run.out / "select_reward", [*judged, "--reward_model", args.select_rm])
+    report = run("report", run.out / "report", [
+        "--dataset_dir", args.dataset_dir, "--judge_dir", str(judge), "--reward_dir", str(selected),
+        "--generations", *generations, "--title", "humor_ray: the diversity frontier", "--overwrite"])
+    summary = json.loads((judge / "winrates.json").read_text())
+    diversity = json.loads((report / "diversity.json").read_text())
+    captions = pd.concat([pd.read_parquet(Path(f) / "captions.parquet", columns=["contest", "method", "caption"])
+                          for f in generations], ignore_index=True)
+    captions = captions[captions["contest"].isin(set(pd.read_parquet(judge / "judgments.parquet")["contest"]))]
+    lengths = {m: rows["caption"].str.split().str.len().tolist() for m, rows in captions.groupby("method")}
+    rewards = table.mean_rewards(pd.read_parquet(selected / "judgments.parquet", columns=["method", "contest",
+                                                                                          "score"]))
+    names = set(lengths) | {"human_top10"}
+    rows = [r for r in table.method_rows(summary, {m: diversity[m] for m in names if m in diversity},
+                                         lengths, rewards, ranked=False) if r["name"] in names]
+    for row in rows:  # the human group's mean words, from the judge (the captions above are the settings')
+        row["words"] = row["words"] if row["words"] is not None else summary.get("lengths", {}).get(row["name"])
+    return summary, rows
 
 
-def print_table(args, rows: list[dict], seconds: float) -> None:
-    print(f"\nbest-of-N diversity frontier: {args.candidates} candidates, {args.n} kept per contest, "
-          f"selected by {args.select_rm}, judged by {args.judge_rm}; {seconds:.0f} s")
-    print(f"{'method':<14}{'sel. reward':>12}{'emb. div.':>10}{'EAD':>8}"
-          + "".join(f"{g:>20}" for g in benchmark.GROUPS))
-    for row in rows:
-        cells = "".join(f"{100 * r[0]:6.1f} [{100 * r[1]:4.1f},{100 * r[2]:5.1f}]" if r else f"{'-':>20}"
-                        for r in (row[g] for g in benchmark.GROUPS))
-        print(f"{row['method']:<14}{row['select_reward']:>12.3f}{row['embedding']:>10.3f}{row['ead']:>8.3f}{cells}")
-    base = next(r for r in rows if r["method"] == "top")
-    met = [r["method"] for r in rows if r["method"] not in ("top", "human_top10")
-           and r["embedding"] >= args.goal_diversity and all(r[g] and base[g] and r[g][0] >= base[g][0]
-                                                             for g in benchmark.GROUPS)]
-    print(f"goal (embedding diversity >= {args.goal_diversity}, win rates no lower than top's): "
+def print_table(args, summary: dict, rows: list[dict], seconds: float) -> list[str]:
+    def cell(value) -> str:
+        return f"{value[0]:5.1f} [{value[1]:4.1f},{value[2]:5.1f}]" if value else f"{'-':>18}"
+
+    print(f"\ndiversity frontier: selected by {args.select_rm}, judged by {args.judge_rm}; {seconds:.0f} s")
+    reliability = summary.get("reliability", {}).get("top10_vs_rank1000")
+    if reliability:
+        print(f"judge: picks human top-10 over #1000-1009 in {100 * reliability['win_rate']:.1f}% "
+              f"[{100 * reliability['ci_low']:.1f}, {100 * reliability['ci_high']:.1f}] of its judgments")
+    print(f"{'setting':<16}{'emb.div':>8}{'EAD':>7}{'words':>7}{'sel.rew':>8}  "
+          + "".join(f"{'LC vs ' + g:>20}" for g in GROUPS) + "".join(f"{'raw vs ' + g:>20}" for g in GROUPS))
+    for r in rows:
+        numbers = "".join(f"{v:>{w}.{d}f}" if v is not None else f"{'-':>{w}}" for v, w, d in
+                          ((r["embedding"], 8, 3), (r["ead"], 7, 3), (r["words"], 7, 1), (r["reward"], 8, 3)))
+        print(f"{r['name']:<16}{numbers}  " + "".join(f"{cell(r['lc'].get(g)):>20}" for g in GROUPS)
+              + "".join(f"{cell(r['raw'].get(g)):>20}" for g in GROUPS))
+    base = next(r for r in rows if r["name"] == "top")
+    met = [r["name"] for r in rows if not r["human"] and r["name"] != "top" and r["embedding"] is not None
+           and r["embedding"] >= args.goal_diversity
+           and all(r["lc"].get(g) and base["lc"].get(g) and r["lc"][g][0] >= base["lc"][g][0] for g in GROUPS)]
+    print(f"goal (embedding diversity >= {args.goal_diversity}, length-controlled win rates no lower than top's): "
           f"{', '.join(met) if met else 'not met'}")
+    return met
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    pool = candidate_pool(args)
-    table = selections(args, pool)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Runner(args)
+    pool = candidate_pool(args, run)
+    if not args.contests:  # every later step on the pool's contests
+        args.contests, args.max_contests = sorted(int(c) for c in pool["contest"].unique()), None
+        run = Runner(args)
+    folders = write_selections(args, pool, out)
     if args.grpo_steps:
-        table = pd.concat([table, grpo_captions(args)], ignore_index=True)
-    references = benchmark.read_references(args.dataset_dir)
-    references = references[references["contest"].isin(set(pool["contest"]))]
-    result = report(args, table[["contest", "method", "sample", "caption"]
-                                + (["reward"] if "reward" in table else [])], references,
-                    time.perf_counter() - started)
-    Path(args.output_dir, "frontier.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"results in {Path(args.output_dir) / 'frontier.json'}", file=sys.stderr)
+        folders += grpo_runs(args, run)
+    if args.dpo_steps:
+        folders += dpo_runs(args, run)
+    summary, rows = judge_and_report(args, run, folders)
+    seconds = time.perf_counter() - started
+    met = print_table(args, summary, rows, seconds)
+    result = {"settings": vars(args), "rows": rows, "goal_met_by": met, "seconds": seconds,
+              "report": str(out / "report" / "report.html")}
+    (out / "frontier.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"results in {out / 'frontier.json'}, the frontier plot in {out / 'report' / 'report.html'}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

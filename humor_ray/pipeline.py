@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 
 from humor_ray.config import parse_config
@@ -137,21 +138,24 @@ def complete(command: str, output: Path) -> bool:
     return (output / MARKER).is_file()
 
 
-def run_stages(stages: list[Stage], first_number: int = 1) -> dict[str, str]:
-    """Each stage in order, skipping those whose output is complete, each logged with its command; an output
-    left incomplete by an interrupted run is run again (training continues from its latest checkpoint).
-    Returns each stage's outcome: `skipped` or `ran`."""
+def run_stages(stages: list[Stage], first_number: int = 1) -> dict[str, dict]:
+    """Each stage in order, skipping those whose output is complete, each logged with its command and, once done,
+    its wall time; an output left incomplete by an interrupted run is run again (training continues from its
+    latest checkpoint). Returns each stage's outcome (`skipped` or `ran`) and seconds."""
     outcome = {}
     for number, stage in enumerate(stages, start=first_number):
         if complete(stage.command, stage.output):
             log.info(f"stage {number} {stage.name}: complete in {stage.output}, skipped (delete it to run it again)")
-            outcome[stage.name] = "skipped"
+            outcome[stage.name] = {"outcome": "skipped", "seconds": 0.0}
             continue
         if stage.output.exists():
             log.info(f"stage {number} {stage.name}: {stage.output} is incomplete (an interrupted run): running it "
                      "again" + (", from its latest checkpoint" if stage.command in ("sft", "rm", "dpo", "ppo") else ""))
+        started = time.perf_counter()
         run_stage(f"{number} {stage.name}", stage.command, stage.spec, stage.args)
         if not complete(stage.command, stage.output):
             raise RuntimeError(f"stage {number} {stage.name} ended without a complete output in {stage.output}")
-        outcome[stage.name] = "ran"
+        seconds = time.perf_counter() - started
+        log.info(f"stage {number} {stage.name}: done in {seconds / 60:.1f} min")
+        outcome[stage.name] = {"outcome": "ran", "seconds": round(seconds, 1)}
     return outcome

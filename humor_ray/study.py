@@ -203,9 +203,14 @@ def run(cfg: StudyConfig) -> dict:
     for stage in stages:  # a spec or flag that cannot work stops the study here, not hours in
         stage.check()
     outcome = pipeline.run_stages(stages, first_number=2)
-    skipped = [name for name, how in outcome.items() if how == "skipped"]
+    skipped = [name for name, how in outcome.items() if how["outcome"] == "skipped"]
     if skipped:
         log.info(f"resumed: {len(skipped)} of {len(stages)} stages were complete and skipped ({', '.join(skipped)})")
+    ran = {name: how["seconds"] for name, how in outcome.items() if how["outcome"] == "ran"}
+    if ran:
+        log.info("wall time of the stages this run ran (min): "
+                 + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in ran.items())
+                 + f"; {sum(ran.values()) / 60:.1f} in all")
     summary = {"contests": contests, "stages": outcome, "report": str(out / "report" / "report.html"),
                "winrates": json.loads((out / "judge" / "winrates.json").read_text())}
     log.info(f"report: {(out / 'report' / 'report.html').resolve()}")

@@ -21,7 +21,7 @@ def test_study_trains_and_judges_every_method_then_resumes_where_it_stopped(tmp_
             "--candidates_factor", "2"]
     assert main(argv) == 0
     first = capfd.readouterr().err
-    assert "skipped" not in first
+    assert "skipped" not in first and "wall time of the stages this run ran (min): sft " in first
 
     winrates = json.loads((out / "judge" / "winrates.json").read_text())
     judged = {r["method"] for r in winrates["win_rates"]}
