@@ -127,9 +127,12 @@ def candidate_pool(args, run: Runner) -> pd.DataFrame:
     if args.max_contests:
         pool = pool[pool["contest"].isin(sorted(pool["contest"].unique())[:args.max_contests])]
     pool = pool[pool.groupby("contest").cumcount() < args.candidates].reset_index(drop=True)
+    # bon drops empty captions: a contest short of --candidates is left out, so every setting picks from as many.
     short = pool.groupby("contest").size().lt(args.candidates)
     if short.any():
-        raise SystemExit(f"{pool_dir}: fewer than {args.candidates} candidates in contests {list(short[short].index)}")
+        print(f"{pool_dir}: fewer than {args.candidates} candidates in contests {list(short[short].index)}: left out",
+              file=sys.stderr)
+        pool = pool[~pool["contest"].isin(short[short].index)].reset_index(drop=True)
     return pool
 
 
