@@ -94,10 +94,15 @@ class Runner:
 
     def __init__(self, args):
         self.args, self.out = args, Path(args.output_dir)
-        self.contests = [*(["--contests", *map(str, args.contests)] if args.contests else []),
-                         *(["--max_contests", str(args.max_contests)] if args.max_contests else [])]
         self.prompt = ["--simple_prompt"] if args.simple_prompt else []
         self.decoding = ["--engine", args.engine, "--max_new_tokens", str(args.max_new_tokens)]
+
+    @property
+    def contests(self) -> list[str]:
+        """The contest flags of the generation and judge commands (main narrows them to the pool's contests)."""
+        args = self.args
+        return [*(["--contests", *map(str, args.contests)] if args.contests else []),
+                *(["--max_contests", str(args.max_contests)] if args.max_contests else [])]
 
     def __call__(self, command: str, output: Path, args: list[str], spec: str | None = None) -> Path:
         if not (self.args.reuse and pipeline.complete(command, output)):
@@ -200,17 +205,15 @@ def judge_and_report(args, run: Runner, folders: list[Path]) -> tuple[dict, list
         "--generations", *generations, "--title", "humor_ray: the diversity frontier", "--overwrite"])
     summary = json.loads((judge / "winrates.json").read_text())
     diversity = json.loads((report / "diversity.json").read_text())
-    captions = pd.concat([pd.read_parquet(Path(f) / "captions.parquet", columns=["contest", "method", "caption"])
-                          for f in generations], ignore_index=True)
-    captions = captions[captions["contest"].isin(set(pd.read_parquet(judge / "judgments.parquet")["contest"]))]
-    lengths = {m: rows["caption"].str.split().str.len().tolist() for m, rows in captions.groupby("method")}
     rewards = table.mean_rewards(pd.read_parquet(selected / "judgments.parquet", columns=["method", "contest",
                                                                                           "score"]))
-    names = set(lengths) | {"human_top10"}
-    rows = [r for r in table.method_rows(summary, {m: diversity[m] for m in names if m in diversity},
-                                         lengths, rewards, ranked=False) if r["name"] in names]
-    for row in rows:  # the human group's mean words, from the judge (the captions above are the settings')
-        row["words"] = row["words"] if row["words"] is not None else summary.get("lengths", {}).get(row["name"])
+    # The settings and human top-10, with the judge's mean words per caption (over the contests it judged).
+    words = summary["lengths"]
+    names = {m for m in words if not m.startswith("human_")} | {"human_top10"}
+    rows = [r for r in table.method_rows(summary, {m: diversity[m] for m in names if m in diversity}, {}, rewards,
+                                         ranked=False) if r["name"] in names]
+    for row in rows:
+        row["words"] = words.get(row["name"])
     return summary, rows
 
 
@@ -246,9 +249,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = Runner(args)
     pool = candidate_pool(args, run)
-    if not args.contests:  # every later step on the pool's contests
-        args.contests, args.max_contests = sorted(int(c) for c in pool["contest"].unique()), None
-        run = Runner(args)
+    # Every later step on the pool's contests: --contests / --max_contests applied, those short of candidates out.
+    args.contests, args.max_contests = sorted(int(c) for c in pool["contest"].unique()), None
     folders = write_selections(args, pool, out)
     if args.grpo_steps:
         folders += grpo_runs(args, run)
