@@ -152,11 +152,13 @@ def ppo_plan(cfg) -> Plan:
 
 
 def inference_plan(stage: str, use_gpu: bool, num_engines: int = 0, reward: bool = False,
-                   engine_gpu_memory: float = ENGINE_GPU_MEMORY) -> Plan:
+                   engine_gpu_memory: float = ENGINE_GPU_MEMORY, engine_cpus: int = 1) -> Plan:
     """generate (engines), bon (engines, then the reward model in the same streaming pipeline: both at once)
-    and judge --judge rm (the reward model): a whole GPU each with --use_gpu."""
+    and judge --judge rm (the reward model): a whole GPU each with --use_gpu. An engine on the CPU computes
+    with as many threads as it has CPUs (Ray sets OMP_NUM_THREADS from them)."""
     gpus = 1.0 if use_gpu else 0.0
-    engines = (Role("engine", num_engines, 1, gpus, engine_memory(gpus, engine_gpu_memory)),) if num_engines else ()
+    engines = ((Role("engine", num_engines, engine_cpus, gpus, engine_memory(gpus, engine_gpu_memory)),)
+               if num_engines else ())
     return Plan(stage, "whole" if use_gpu else "cpu", engines + ((Role("reward", 1, 1, gpus),) if reward else ()))
 
 

@@ -56,8 +56,12 @@ class GenerateConfig(EngineGpuOptions, DecodingOptions):
     contests: list[int] = field([], "only these contests (before --max_contests)", minimum=1)
     engine: str = field("vllm", "the generation engine", choices=ENGINES)
     num_engines: int = field(1, "engine actors (one per GPU with --use_gpu)", minimum=1)
+    cpus_per_engine: int | None = field(None, "CPUs of each engine actor, and so its compute threads (default: on a "
+                                              "local cluster without --use_gpu, this machine's cores shared among "
+                                              "the engines; else 1)", minimum=1)
     use_gpu: bool = field(False, "one GPU per engine (bon: and one for the reward model)")
-    batch_size: int = field(4, "contests per engine call", minimum=1)
+    batch_size: int = field(8, "contests per engine call (on a CPU, 8 make about 15% more captions a second than 4)",
+                            minimum=1)
     max_new_tokens: int = field(64, "tokens per generation at most", minimum=1)
     max_attempts: int = field(3, "draws per caption before an empty one is reported", minimum=1)
     seed: int = field(2024, "sampling seed", minimum=0)
@@ -232,7 +236,7 @@ def _generate(cfg: GenerateConfig, per_contest: int):
     started = time.perf_counter()
     rows = ray.data.from_arrow(prompts).repartition(max(1, prompts.num_rows // cfg.batch_size)).map_batches(
         CaptionWriter, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_engines),
-        num_gpus=engine.gpus,
+        num_cpus=engine.cpus, num_gpus=engine.gpus,
         fn_constructor_kwargs={"engine": cfg.engine, "model_dir": model_dir, "n": per_contest,
                                "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed,
                                "figures": figures(cfg), "images": cfg.images if vision else None,
@@ -245,7 +249,24 @@ def placement_plan(cfg: GenerateConfig):
     """The engines (and for bon the reward model) and their GPUs (humor_ray.placement)."""
     bon = isinstance(cfg, BonConfig)
     return inference_plan("bon" if bon else "generate", cfg.use_gpu, cfg.num_engines, reward=bon,
-                          engine_gpu_memory=cfg.engine_gpu_memory)
+                          engine_gpu_memory=cfg.engine_gpu_memory, engine_cpus=engine_cpus(cfg))
+
+
+def engine_cpus(cfg: GenerateConfig) -> int:
+    """--cpus_per_engine, else on a local cluster without GPUs the machine's cores shared among the engines (an
+    engine given one CPU computes on one thread and leaves the other cores idle), within the cluster's logical
+    CPUs less bon's reward model. Ray must be initialised."""
+    import ray
+
+    from humor_ray.cluster import local_cores
+
+    if cfg.cpus_per_engine:
+        return cfg.cpus_per_engine
+    cores = local_cores()
+    if not cores or cfg.use_gpu:
+        return 1
+    free = int(ray.cluster_resources().get("CPU", 1)) - isinstance(cfg, BonConfig)
+    return max(1, min(cores, free) // cfg.num_engines)
 
 
 def figures(cfg: GenerateConfig) -> StageMetrics:
