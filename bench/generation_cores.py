@@ -38,7 +38,7 @@ def main() -> None:
     init_ray()
     default = generate.GenerateConfig(dataset_dir=args.datasets, output_dir="unused")
     sides = {"1 CPU, 4 a call": {"cpus_per_engine": 1, "batch_size": 4},
-             f"{generate.engine_cpus(default)} CPUs, {default.batch_size} a call": {}}
+             f"{generate.placement_plan(default).role('engine').cpus} CPUs, {default.batch_size} a call": {}}
     rates: dict[str, list[float]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):

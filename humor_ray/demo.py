@@ -133,7 +133,9 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     if released.is_dir():  # the paper's own generations, judged beside ours
         generations.append(str(released))
     judge = (["--judge", "llm", "--base_url", cfg.judge_base_url, "--model", cfg.judge_model or "gpt-4o"]
-             if cfg.judge_base_url else ["--judge", "rm", "--reward_model", reward, "--reward_max_length", "128"])
+             if cfg.judge_base_url else ["--judge", "rm", "--reward_model", reward, "--reward_max_length", "128",
+                                         # as many held-out pairs as the reward model evaluated on (2,000: 80 s)
+                                         "--reliability_pairs", "300"])
     pipeline.run_stage(9, "judge", None, [
         *common, *subset, "--generations", *generations, *judge, "--output_dir", str(out / "judge")])
     return pipeline.run_stage(10, "report", None, [

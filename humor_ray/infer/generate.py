@@ -247,17 +247,18 @@ def _generate(cfg: GenerateConfig, per_contest: int):
 
 def placement_plan(cfg: GenerateConfig):
     """The engines (and for bon the reward model) and their GPUs (humor_ray.placement)."""
-    bon = isinstance(cfg, BonConfig)
-    return inference_plan("bon" if bon else "generate", cfg.use_gpu, cfg.num_engines, reward=bon,
-                          engine_gpu_memory=cfg.engine_gpu_memory, engine_cpus=engine_cpus(cfg))
-
-
-def engine_cpus(cfg: GenerateConfig) -> int:
-    """--cpus_per_engine, else on a local cluster without GPUs the machine's cores shared among the engines (an
-    engine given one CPU computes on one thread and leaves the other cores idle), within the cluster's logical
-    CPUs less bon's reward model. Ray must be initialised."""
     import ray
 
+    bon = isinstance(cfg, BonConfig)
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else None
+    return inference_plan("bon" if bon else "generate", cfg.use_gpu, cfg.num_engines, reward=bon,
+                          engine_gpu_memory=cfg.engine_gpu_memory, engine_cpus=engine_cpus(cfg, cluster_cpus))
+
+
+def engine_cpus(cfg: GenerateConfig, cluster_cpus: int | None) -> int:
+    """--cpus_per_engine, else on a local cluster without GPUs the machine's cores shared among the engines (an
+    engine given one CPU computes on one thread and leaves the other cores idle), within the cluster's logical
+    CPUs (when known) less bon's reward model's one."""
     from humor_ray.cluster import local_cores
 
     if cfg.cpus_per_engine:
@@ -265,8 +266,8 @@ def engine_cpus(cfg: GenerateConfig) -> int:
     cores = local_cores()
     if not cores or cfg.use_gpu:
         return 1
-    free = int(ray.cluster_resources().get("CPU", 1)) - isinstance(cfg, BonConfig)
-    return max(1, min(cores, free) // cfg.num_engines)
+    usable = cores if cluster_cpus is None else min(cores, cluster_cpus - isinstance(cfg, BonConfig))
+    return max(1, usable // cfg.num_engines)
 
 
 def figures(cfg: GenerateConfig) -> StageMetrics:

@@ -89,6 +89,33 @@ def test_generation_engines_take_the_option():
     assert (cpu.mode, cpu.role("engine").gpus, cpu.role("engine").memory) == ("cpu", 0.0, 0.0)
 
 
+@pytest.mark.parametrize("cores, cluster_cpus, args, expected", [
+    (2, 4, [], 2),  # a laptop: the local cluster advertises 4 logical CPUs on 2 cores
+    (2, 4, ["--num_engines", "2"], 1),
+    (8, 8, [], 8),
+    (8, None, [], 8),  # before Ray starts
+    (2, 4, ["--cpus_per_engine", "3"], 3),
+    (2, 4, ["--use_gpu"], 1),
+])
+def test_a_local_cpu_engine_gets_the_machines_cores(monkeypatch, cores, cluster_cpus, args, expected):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    cfg = parse_config(generate.GenerateConfig, ["--dataset_dir", "/d", "--output_dir", "/o", *args],
+                       "humor-ray generate")
+    assert generate.engine_cpus(cfg, cluster_cpus) == expected
+
+
+def test_best_of_n_leaves_its_reward_model_a_cpu_and_a_cluster_engine_gets_one(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    bon = parse_config(generate.BonConfig, ["--dataset_dir", "/d", "--output_dir", "/o", "--reward_model", "/rm"],
+                       "humor-ray bon")
+    assert generate.engine_cpus(bon, 8) == 7
+    assert placement.inference_plan("bon", False, 1, reward=True, engine_cpus=7).role("engine").cpus == 7
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster sizes itself: one CPU an engine
+    assert generate.engine_cpus(bon, 64) == 1
+
+
 def test_colocated_trainer_workers_each_hold_a_whole_gpu_with_their_roles_cpus():
     plan = placement.ppo_plan(ppo_config("--placement", "colocate", "--num_engines", "6", "--colocate_fractions", "0.2",
                                          "0.1", "0.4"))
