@@ -70,6 +70,10 @@ def run(cfg: DemoConfig) -> dict:
     return report
 
 
+# Held-out pairs of the demo's reward model: its evaluation, and the judge's check of it.
+RM_HELD_OUT_PAIRS = 300
+
+
 def train(cfg: DemoConfig, datasets: Path) -> dict:
     """SFT -> reward model -> DPO from the SFT -> LLaVA SFT, each a short run of its laptop job spec."""
     runs = Path(cfg.output) / "runs"
@@ -82,7 +86,7 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
     size = POLICY_SPECS[cfg.policy]
     stages = [
         ("sft", f"sft-{size}.yaml", []),
-        ("rm", "rm-minilm.yaml", ["--max_eval_examples", "300"]),
+        ("rm", "rm-minilm.yaml", ["--max_eval_examples", str(RM_HELD_OUT_PAIRS)]),
         ("dpo", f"dpo-{size}.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
         ("llava", f"llava-{size}.yaml", []),
     ]
@@ -134,8 +138,8 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
         generations.append(str(released))
     judge = (["--judge", "llm", "--base_url", cfg.judge_base_url, "--model", cfg.judge_model or "gpt-4o"]
              if cfg.judge_base_url else ["--judge", "rm", "--reward_model", reward, "--reward_max_length", "128",
-                                         # as many held-out pairs as the reward model evaluated on (2,000: 80 s)
-                                         "--reliability_pairs", "300"])
+                                         # the pairs the reward model evaluated on (2,000 cost 80 s)
+                                         "--reliability_pairs", str(RM_HELD_OUT_PAIRS)])
     pipeline.run_stage(9, "judge", None, [
         *common, *subset, "--generations", *generations, *judge, "--output_dir", str(out / "judge")])
     return pipeline.run_stage(10, "report", None, [
