@@ -75,9 +75,11 @@ class StudyConfig(Options):
                                           "unset: each job spec's", minimum=1)
     rm_steps: int | None = field(None, "optimizer steps of each reward model; unset: the job spec's", minimum=1)
     ppo_steps: int | None = field(None, "PPO steps; unset: the job spec's", minimum=1)
-    eval_examples: int | None = field(None, "held-out examples each training stage evaluates on, and the held-out "
-                                            "pairs the judges score the reward models on; unset: each job spec's "
-                                            "(the judges: 2000)", minimum=1)
+    eval_examples: int | None = field(None, "held-out examples each policy training stage (SFT, DPO) evaluates on; "
+                                            "unset: each job spec's", minimum=1)
+    rm_eval_pairs: int | None = field(None, "held-out pairs each reward model evaluates on, in training and in the "
+                                            "judges' reliability block; unset: the job spec's (the judges: 2000)",
+                                      minimum=1)
     estimator: str | None = field(None, "the RL stage: gae (PPO), grpo or rloo; unset: the job spec's",
                                   choices=tuple(ESTIMATOR_METHODS))
     eval_contests: int | None = field(None, "evaluation contests, a seeded sample; unset: every held-out contest with "
@@ -122,7 +124,7 @@ def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path |
     reward_length = str(load_yaml(profile.rm).get("max_length", 512))
     names = method_names(cfg)
     trained = _training_budget(cfg.train_steps, cfg.eval_examples)
-    rewarded = _training_budget(cfg.rm_steps, cfg.eval_examples)
+    rewarded = _training_budget(cfg.rm_steps, cfg.rm_eval_pairs)
     stage = pipeline.Stage
     stages = [
         stage("sft", "sft", runs / "sft", [*data, *trained, *(profile.long_prompt or ()),
@@ -161,7 +163,7 @@ def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path |
     judged = [*data, "--contests", *map(str, contests), "--generations", *generations, "--judge", "rm",
               "--reward_max_length", reward_length, "--seed", str(cfg.seed), *(["--use_gpu"] if cfg.use_gpu else []),
               # The reward models' held-out accuracy in the reliability block, on as many pairs as they evaluated.
-              *(["--reliability_pairs", str(cfg.eval_examples)] if cfg.eval_examples else [])]
+              *(["--reliability_pairs", str(cfg.rm_eval_pairs)] if cfg.rm_eval_pairs else [])]
     stages += [
         # Reward model B judges; A's scores of the same captions are the reward each method was tuned for.
         stage("judge (reward model B)", "judge", out / "judge", [

@@ -17,8 +17,8 @@ STAGES = 14  # after the data build: 2 SFTs, 2 reward models, DPO, PPO, 4 genera
 def test_study_trains_and_judges_every_method_then_resumes_where_it_stopped(tmp_path, datasets_dir, ray_local, capfd):
     out = tmp_path / "study"
     argv = ["study", "--policy", "tiny", "--datasets", str(datasets_dir), "--output", str(out), "--train_steps", "1",
-            "--rm_steps", "1", "--ppo_steps", "1", "--eval_examples", "8", "--eval_contests", "2", "--captions", "2",
-            "--candidates_factor", "2"]
+            "--rm_steps", "1", "--ppo_steps", "1", "--eval_examples", "8", "--rm_eval_pairs", "8",
+            "--eval_contests", "2", "--captions", "2", "--candidates_factor", "2"]
     assert main(argv) == 0
     first = capfd.readouterr().err
     assert "skipped" not in first and "wall time of the stages this run ran (min): sft " in first

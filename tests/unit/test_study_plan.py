@@ -72,6 +72,21 @@ def test_budgets_shorten_every_training_stage(tmp_path):
     assert all("--max_steps" not in args_of(s) for s in stages)
 
 
+def test_policies_and_reward_models_evaluate_on_their_own_held_out_counts(tmp_path):
+    _, stages = stages_of("study-smollm2.yaml", "--eval_examples", "50", "--rm_eval_pairs", "300", tmp_path=tmp_path)
+    by_name = {s.name: args_of(s) for s in stages}
+    assert all(by_name[n]["--max_eval_examples"] == ["50"] for n in ("sft", "sft_simple", "dpo"))
+    assert all(by_name[n]["--max_eval_examples"] == ["300"] for n in ("rm_a", "rm_b"))
+    # The judges score each reward model on the pairs it evaluated on.
+    assert by_name["judge (reward model B)"]["--reliability_pairs"] == by_name["reward A"]["--reliability_pairs"] == [
+        "300"]
+    # The CPU study's spec shortens the policies' evaluations, never the reward models' 2,000 pairs.
+    _, stages = stages_of("study-smollm2.yaml", tmp_path=tmp_path)
+    by_name = {s.name: args_of(s) for s in stages}
+    assert by_name["dpo"]["--max_eval_examples"] == ["100"] and "--max_eval_examples" not in by_name["rm_a"]
+    assert "--reliability_pairs" not in by_name["judge (reward model B)"]
+
+
 def test_a_policy_without_specs_is_refused_before_anything_runs():
     with pytest.raises(UserError, match="--policy llama: choose from"):
         parse_config(study.StudyConfig, ["--policy", "llama"], "humor-ray study")
