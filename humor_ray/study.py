@@ -116,13 +116,14 @@ def method_names(cfg: StudyConfig) -> dict[str, str]:
 
 def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path | None) -> list[pipeline.Stage]:
     """Every stage after the data build, in order, as the commands it runs."""
+    return training_stages(cfg, datasets) + evaluation_stages(cfg, datasets, contests, released)
+
+
+def training_stages(cfg: StudyConfig, datasets: Path) -> list[pipeline.Stage]:
+    """Both SFTs, both reward models, DPO and PPO, each shortened to the study's budgets."""
     profile = PROFILES[cfg.policy]
-    out = Path(cfg.output)
-    runs, captions = out / "runs", out / "captions"
+    runs = Path(cfg.output) / "runs"
     data = ["--dataset_dir", str(datasets)]
-    base = load_yaml(profile.sft)["model_name"]  # the zero-shot policy: what SFT starts from
-    reward_length = str(load_yaml(profile.rm).get("max_length", 512))
-    names = method_names(cfg)
     trained = _training_budget(cfg.train_steps, cfg.eval_examples)
     rewarded = _training_budget(cfg.rm_steps, cfg.rm_eval_pairs)
     stage = pipeline.Stage
@@ -145,6 +146,20 @@ def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path |
         *data, *rl_budget, *(["--estimator", cfg.estimator] if cfg.estimator else []), "--simple_prompt",
         "--model_name", str(runs / "sft_simple" / "final"), "--reward_model", str(runs / "rm_a"),
         "--output_dir", str(runs / "ppo")], profile.ppo))
+    return stages
+
+
+def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path | None
+                      ) -> list[pipeline.Stage]:
+    """Each method's captions on the evaluation contests, both judges' scores of them, and the report."""
+    profile = PROFILES[cfg.policy]
+    out = Path(cfg.output)
+    runs, captions = out / "runs", out / "captions"
+    data = ["--dataset_dir", str(datasets)]
+    base = load_yaml(profile.sft)["model_name"]  # the zero-shot policy: what SFT starts from
+    reward_length = str(load_yaml(profile.rm).get("max_length", 512))
+    names = method_names(cfg)
+    stage = pipeline.Stage
     sample = [*data, "--contests", *map(str, contests), "--n", str(cfg.captions), "--seed", str(cfg.seed),
               *(["--use_gpu"] if cfg.use_gpu else [])]
     # Each policy reads the prompt it was trained on: the long one zero-shot and after the long SFT.
@@ -152,6 +167,7 @@ def plan(cfg: StudyConfig, datasets: Path, contests: list[int], released: Path |
     policies = {"zs": (base, long), "sft": (str(runs / "sft" / "final"), long),
                 "dpo": (str(runs / "dpo" / "final"), ["--simple_prompt"]),
                 "ppo": (str(runs / "ppo" / "final"), ["--simple_prompt"])}
+    stages = []
     for name, (model, prompt) in policies.items():
         stages.append(stage(f"generate {names[name]}", "generate", captions / name, [
             *sample, *prompt, "--model_name", model, "--method", names[name], "--output_dir", str(captions / name)]))
