@@ -78,7 +78,7 @@ class StudyConfig(Options):
     eval_examples: int | None = field(None, "held-out examples each policy training stage (SFT, DPO) evaluates on; "
                                             "unset: each job spec's", minimum=1)
     rm_eval_pairs: int | None = field(None, "held-out pairs each reward model evaluates on, in training and in the "
-                                            "judges' reliability block; unset: the job spec's (the judges: 2000)",
+                                            "judges' reliability block; unset: the reward model job spec's",
                                       minimum=1)
     estimator: str | None = field(None, "the RL stage: gae (PPO), grpo or rloo; unset: the job spec's",
                                   choices=tuple(ESTIMATOR_METHODS))
@@ -157,7 +157,10 @@ def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], rel
     runs, captions = out / "runs", out / "captions"
     data = ["--dataset_dir", str(datasets)]
     base = load_yaml(profile.sft)["model_name"]  # the zero-shot policy: what SFT starts from
-    reward_length = str(load_yaml(profile.rm).get("max_length", 512))
+    reward_spec = load_yaml(profile.rm)
+    reward_length = str(reward_spec.get("max_length", 512))
+    # The reward models' held-out accuracy in the reliability block, on the pairs they evaluated on.
+    reward_pairs = cfg.rm_eval_pairs or reward_spec.get("max_eval_examples")
     names = method_names(cfg)
     stage = pipeline.Stage
     sample = [*data, "--contests", *map(str, contests), "--n", str(cfg.captions), "--seed", str(cfg.seed),
@@ -178,8 +181,7 @@ def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], rel
     generations = [str(captions / name) for name in names] + ([str(released)] if released else [])
     judged = [*data, "--contests", *map(str, contests), "--generations", *generations, "--judge", "rm",
               "--reward_max_length", reward_length, "--seed", str(cfg.seed), *(["--use_gpu"] if cfg.use_gpu else []),
-              # The reward models' held-out accuracy in the reliability block, on as many pairs as they evaluated.
-              *(["--reliability_pairs", str(cfg.rm_eval_pairs)] if cfg.rm_eval_pairs else [])]
+              *(["--reliability_pairs", str(reward_pairs)] if reward_pairs else [])]
     stages += [
         # Reward model B judges; A's scores of the same captions are the reward each method was tuned for.
         stage("judge (reward model B)", "judge", out / "judge", [

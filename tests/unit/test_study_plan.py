@@ -80,11 +80,15 @@ def test_policies_and_reward_models_evaluate_on_their_own_held_out_counts(tmp_pa
     # The judges score each reward model on the pairs it evaluated on.
     assert by_name["judge (reward model B)"]["--reliability_pairs"] == by_name["reward A"]["--reliability_pairs"] == [
         "300"]
-    # The CPU study's spec shortens the policies' evaluations, never the reward models' 2,000 pairs.
+    # The CPU study's spec shortens the policies' evaluations, never the reward models' 2,000 pairs; without
+    # --rm_eval_pairs the judges score the pairs of each size's reward model spec.
     _, stages = stages_of("study-smollm2.yaml", tmp_path=tmp_path)
     by_name = {s.name: args_of(s) for s in stages}
     assert by_name["dpo"]["--max_eval_examples"] == ["100"] and "--max_eval_examples" not in by_name["rm_a"]
-    assert "--reliability_pairs" not in by_name["judge (reward model B)"]
+    assert by_name["judge (reward model B)"]["--reliability_pairs"] == ["2000"]  # jobs/rm-minilm.yaml
+    _, stages = stages_of("study-7b.yaml", tmp_path=tmp_path)
+    by_name = {s.name: args_of(s) for s in stages}
+    assert by_name["reward A"]["--reliability_pairs"] == ["4000"]  # jobs/rm-7b.yaml
 
 
 def test_a_policy_without_specs_is_refused_before_anything_runs():
