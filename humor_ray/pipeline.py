@@ -88,13 +88,18 @@ def run_stage(number: int | str, command: str, spec: str | None, args: list[str]
     """One stage (`command`, a `humor-ray` subcommand) as its command line would run it: logged, so it can be
     rerun alone, with the job spec `jobs/<spec>` and the flags `args`; returns the stage's result."""
     from humor_ray.cli import STAGES
+    from humor_ray.cluster import init_ray
 
     module_name, config_name, *function = STAGES[tuple(command.split())]
     module = importlib.import_module(module_name)
     argv = (["--config", f"jobs/{spec}"] if spec else []) + args
     log.info(f"stage {number}: humor-ray {command} {' '.join(argv)}")
-    return getattr(module, function[0] if function else "run")(
-        parse_config(getattr(module, config_name), argv, f"humor-ray {command}"))
+    cfg = parse_config(getattr(module, config_name), argv, f"humor-ray {command}")
+    # Every stage on one cluster, started with the dashboard whichever stage comes first: a later training
+    # stage needs it (Ray Train's controller asks the cluster's state through it), and a running cluster
+    # cannot gain one. The stage's own init_ray then finds this cluster.
+    init_ray(dashboard=True)
+    return getattr(module, function[0] if function else "run")(cfg)
 
 
 # ---------------------------------------------------------------- stages that resume

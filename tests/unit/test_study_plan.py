@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from humor_ray import pipeline, study
-from humor_ray.config import UserError, parse_config
+from humor_ray.config import ConfigError, UserError, parse_config
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -115,3 +115,20 @@ def test_a_complete_stage_is_told_apart_from_an_interrupted_one(tmp_path):
     assert not pipeline.complete("generate", captions)
     (captions / "_COMPLETE").write_text("{}")
     assert pipeline.complete("generate", captions)
+
+
+def test_a_stage_checks_its_flags_then_starts_one_cluster_with_the_dashboard(tmp_path, monkeypatch):
+    """run_stage starts Ray with the dashboard before whichever stage comes first (a later training stage needs
+    it, and a running cluster cannot gain one), and only after the stage's flags parse."""
+    import humor_ray.cluster
+    import humor_ray.data.build
+
+    calls = []
+    monkeypatch.setattr(humor_ray.cluster, "init_ray", lambda **kwargs: calls.append(("init_ray", kwargs)))
+    monkeypatch.setattr(humor_ray.data.build, "run", lambda cfg: calls.append(("build", cfg.output)))
+    with pytest.raises(ConfigError, match="--max_pairs_per_contest -1: must be >= 1"):  # no cluster
+        pipeline.run_stage(1, "data build", None, ["--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                                                   "--max_pairs_per_contest", "-1"])
+    assert calls == []
+    pipeline.run_stage(1, "data build", None, ["--input", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert calls == [("init_ray", {"dashboard": True}), ("build", str(tmp_path / "out"))]
