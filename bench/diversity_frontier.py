@@ -239,6 +239,12 @@ def print_table(args, summary: dict, rows: list[dict], seconds: float) -> list[s
            and all(r["lc"].get(g) and base["lc"].get(g) and r["lc"][g][0] >= base["lc"][g][0] for g in GROUPS)]
     print(f"goal (embedding diversity >= {args.goal_diversity}, length-controlled win rates no lower than top's): "
           f"{', '.join(met) if met else 'not met'}")
+    # What the goal line cannot tell: a judge at chance, or a baseline the judge already prefers to every group.
+    if reliability and reliability["ci_low"] <= 0.5:
+        print("the judge's top-10-over-#1000 interval includes chance: these win rates do not rank the settings")
+    if all(base["lc"].get(g) and base["lc"][g][0] >= 95 for g in GROUPS):
+        print("top's length-controlled win rates are near the ceiling (>= 95 against every group): the goal line "
+              "cannot separate the settings from it")
     return met
 
 
