@@ -99,8 +99,9 @@ class WorkerArgs:
     # (taken from $HUMOR_RAY_RECORD_TRAIN_ROWS by `launch`).
     record_rows: str | None = None
     marks: dict = dataclasses.field(default_factory=dict)  # the driver's wall-clock marks (see `outside_loop`)
-    # Whether the workers read the training split themselves (small, local, unfiltered) or get Ray Data shards.
+    # Whether the workers read the training split themselves (small, local) or get Ray Data shards.
     direct_read: bool = False
+    keep_train_row: Any = None  # with direct_read: which training rows to keep (launch's keep_train_row)
 
 
 def hf_args(cfg: TrainConfig, args_class, output_dir: str, **extra):
@@ -194,15 +195,19 @@ def read_directly(path: str) -> bool:
 
 
 def direct_part(path: str, columns: list[str], rank: int, world: int, limit: int | None = None,
-                caption_columns: tuple[str, ...] = (), seed: int = 0, keep: tuple[str, list] | None = None):
+                caption_columns: tuple[str, ...] = (), seed: int = 0, keep: tuple[str, list] | None = None,
+                keep_row: Callable[[dict], bool] | None = None):
     """This worker's part of a small split read straight from Parquet: of the rows `keep` keeps ((column,
-    values); None: all), every `world`-th row of one seeded permutation, from `rank` on (the workers' parts
-    are disjoint), at most `limit` of them."""
+    values); None: all) and `keep_row` keeps (a test on each row's dict), every `world`-th row of one seeded
+    permutation, from `rank` on (the workers' parts are disjoint), at most `limit` of them."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.dataset as pds
 
     row_filter = pds.field(keep[0]).isin(keep[1]) if keep else None
     table = pds.dataset(path, format="parquet").to_table(columns=columns, filter=row_filter)
+    if keep_row is not None:  # every worker filters the whole split alike, so their parts stay disjoint
+        table = table.filter(pa.array([bool(keep_row(row)) for row in table.to_pylist()], type=pa.bool_()))
     rows = np.random.default_rng(seed).permutation(table.num_rows)[rank::world][:limit]
     return as_dataset(table.take(rows), columns, caption_columns) if len(rows) else None
 
@@ -336,7 +341,7 @@ def _worker_loop(config: dict) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    train, evaluation = _worker_datasets(cfg, stage, worker, args.direct_read)
+    train, evaluation = _worker_datasets(cfg, stage, worker, args)
     marks["data_ready"] = time.time()
     trainer = _ready_trainer(cfg, stage, worker, args.board, train, evaluation)
     train_on_own_rows(trainer, worker, args.record_rows)
@@ -350,7 +355,7 @@ def _worker_loop(config: dict) -> None:
     _save_final_model(cfg, stage, worker, trainer, evaluation, marks)
 
 
-def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext, direct_read: bool):
+def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext, args: WorkerArgs):
     """(this worker's training rows, the held-out rows or None)."""
     import ray.train
 
@@ -359,9 +364,9 @@ def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext, dire
     needed = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     columns = list(stage.columns)
     path = split_path(cfg, stage, "train")
-    if direct_read:  # the driver passed no Ray Data dataset
+    if args.direct_read:  # the driver passed no Ray Data dataset
         train = direct_part(path, columns, worker.rank, worker.world, needed, stage.caption_columns, cfg.seed,
-                            stage.train_rows(cfg, path))
+                            stage.train_rows(cfg, path), args.keep_train_row)
     else:
         train = shard_dataset(ray.train.get_dataset_shard("train"), columns, needed, stage.caption_columns,
                               seed=cfg.seed + worker.rank)
@@ -636,7 +641,7 @@ def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool
     init_ray(dashboard=True)
     check_cluster(train_plan(stage.name, cfg))  # a cluster too small is one line, before anything loads
     marks["cluster_ready"] = time.time()
-    direct = keep_train_row is None and read_directly(split_path(cfg, stage, "train"))
+    direct = read_directly(split_path(cfg, stage, "train"))
     datasets = None if direct else {"train": stream_split(cfg, stage, keep_train_row)}
     metric, order = stage.best_metric if cfg.do_eval else (None, "max")
     # With evaluation the kept checkpoints are the best by the stage's metric (the newest is always kept
@@ -648,7 +653,7 @@ def launch(stage: Stage, cfg: TrainConfig, keep_train_row: Callable[[dict], bool
              f"{cfg.output_dir}")
     marks["fit"] = time.time()
     args = WorkerArgs(config=cfg, stage=stage, record_rows=os.environ.get("HUMOR_RAY_RECORD_TRAIN_ROWS"),
-                      marks=marks, direct_read=direct)
+                      marks=marks, direct_read=direct, keep_train_row=keep_train_row if direct else None)
     result = run_trainer(_worker_loop, args, stage.name, datasets=datasets, checkpoint_config=kept)
     summary = record_teardown(cfg.output_dir, marks["launch"])
     shown = {k: round(v, 4) for k, v in summary["eval"].items() if isinstance(v, (int, float))}
