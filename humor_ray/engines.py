@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import tempfile
 import time
 from typing import Any
@@ -192,7 +191,6 @@ class VLLMEngine(_Engine):
         self.takes_adapters = max_lora_rank > 0
         self.adapter = None  # the LoRARequest of the adapter the engine samples with (None: its weights alone)
         self.adapters_loaded = 0
-        self.adapter_root = tempfile.mkdtemp(prefix="humor_ray_adapters_") if self.takes_adapters else None
 
     def generate(self, prompts: list[str], n: int, decoding: Decoding,
                  expected_version: int | None = None, images: list | None = None) -> list[Sample]:
@@ -245,18 +243,19 @@ class VLLMEngine(_Engine):
             raise ValueError("this engine was started without LoRA (start_engines(max_lora_rank=...))")
         # A new id for every adapter: vLLM keeps an adapter it holds under an id, whatever the folder now holds.
         self.adapters_loaded += 1
-        folder = os.path.join(self.adapter_root, str(self.adapters_loaded))
-        weights.lora.save_pretrained(folder)
-        save_file(weights.tensors, os.path.join(folder, "adapter_model.safetensors"))
-        request = LoRARequest(f"policy-v{version}", self.adapters_loaded, folder)
-        self.llm.llm_engine.add_lora(request)  # loaded now, so a bad adapter fails the sync, not a rollout
+        # The folder is only the adapter's way in: vLLM holds it in memory from add_lora on (one adapter at
+        # a time, so its cache never evicts it and never reads the folder again).
+        with tempfile.TemporaryDirectory(prefix="humor_ray_adapter_") as folder:
+            weights.lora.save_pretrained(folder)
+            save_file(weights.tensors, os.path.join(folder, "adapter_model.safetensors"))
+            request = LoRARequest(f"policy-v{version}", self.adapters_loaded, folder)
+            self.llm.llm_engine.add_lora(request)  # loaded now, so a bad adapter fails the sync, not a rollout
         self._drop_adapter()
         self.adapter = request
 
     def _drop_adapter(self) -> None:
         if self.adapter is not None:
             self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
-            shutil.rmtree(self.adapter.lora_path, ignore_errors=True)
             self.adapter = None
 
 

@@ -66,6 +66,13 @@ def datasets_dir(request, tmp_path_factory, real_data, ray_local):
     return out
 
 
+def scratch_folders() -> set[Path]:
+    """The stages' temporary folders on this machine: a stage that ends must leave none behind."""
+    import tempfile
+
+    return set(Path(tempfile.gettempdir()).glob("humor_ray_*"))
+
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -40,7 +40,7 @@ from humor_ray.eval.diversity import EMBEDDING_MODELS
 from humor_ray.rl.algorithms import DIVERSITY_FORMS, ESTIMATORS
 from humor_ray.engines import ENGINES, DecodingOptions
 from humor_ray.rl.learners import deepspeed_loading, precision, unwrap
-from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run_trainer, start_worker
+from humor_ray.train.launcher import WorkerArgs, WorkerContext, lora_config, run_trainer, started_worker
 
 if TYPE_CHECKING:
     import torch
@@ -765,13 +765,13 @@ def _start_colocated(args: WorkerArgs, worker: WorkerContext) -> WorkerArgs:
 
 def _worker_loop(config: dict) -> None:
     args: WorkerArgs = config["args"]
-    context = start_worker(args.config, "ppo")
-    if not args.engines:  # colocated: the worker starts them
-        args = _start_colocated(args, context)
-    with deepspeed_loading(args.config):  # the models are built and trained in it; the final merge is not
-        worker = PPOWorker(args, context)
-        worker.train()
-    worker.finish()
+    with started_worker(args.config, "ppo") as context:
+        if not args.engines:  # colocated: the worker starts them
+            args = _start_colocated(args, context)
+        with deepspeed_loading(args.config):  # the models are built and trained in it; the final merge is not
+            worker = PPOWorker(args, context)
+            worker.train()
+        worker.finish()
 
 
 def _save_final(cfg: Config, policy, tokenizer, history: list[dict], resumed_from: str | None) -> None:

@@ -4,16 +4,18 @@ trainer workers).
 A TRL stage is a small module that declares a `Stage` (the dataset columns it reads, its export kind, the
 metric that ranks its checkpoints, how it builds its trainer) and a `Config` composed of `TrainConfig`.
 Everything else is here, once: Ray Train scaling, storage, checkpoints and automatic restarts
-(`run_trainer`); each worker's set-up (`start_worker`); streaming the Parquet datasets to the workers
+(`run_trainer`); each worker's set-up (`started_worker`); streaming the Parquet datasets to the workers
 through Ray Data shards; LoRA and DeepSpeed; resuming; the progress bar; the final Hugging Face export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -311,8 +313,11 @@ class WorkerContext:
     checkpoint: Any  # the ray.train.Checkpoint to resume from, or None
 
 
-def start_worker(cfg, name: str) -> WorkerContext:
-    """The preamble of every stage's worker loop: logging, torch threads, rank, device, checkpoint."""
+@contextlib.contextmanager
+def started_worker(cfg, name: str):
+    """The preamble of every stage's worker loop: logging, torch threads, rank, device, checkpoint. Its scratch
+    folder (the trainer's checkpoints, a restored one) goes when the loop ends, failed or not: what lasts is
+    reported to the run's storage or written to its output folder."""
     import ray.train
     import ray.train.torch
     import torch
@@ -323,15 +328,22 @@ def start_worker(cfg, name: str) -> WorkerContext:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    return WorkerContext(rank=rank, world=context.get_world_size(), device=device,
-                         scratch=tempfile.mkdtemp(prefix=f"humor_ray_{name}_"),
-                         log=get_logger(f"{name} worker {rank}"), checkpoint=ray.train.get_checkpoint())
+    scratch = tempfile.mkdtemp(prefix=f"humor_ray_{name}_")
+    try:
+        yield WorkerContext(rank=rank, world=context.get_world_size(), device=device, scratch=scratch,
+                            log=get_logger(f"{name} worker {rank}"), checkpoint=ray.train.get_checkpoint())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _worker_loop(config: dict) -> None:
     args: WorkerArgs = config["args"]
+    with started_worker(args.config, args.stage.name) as worker:
+        _train_on_worker(args, worker)
+
+
+def _train_on_worker(args: WorkerArgs, worker: WorkerContext) -> None:
     cfg, stage = args.config, args.stage
-    worker = start_worker(cfg, stage.name)
     marks = {**args.marks, "worker_ready": time.time()}
     # TensorBoard events next to the run's outputs, where `tensorboard --logdir` finds them.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))

@@ -12,6 +12,8 @@ import psutil
 import pytest
 import torch
 
+from conftest import scratch_folders
+
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
 from humor_ray.engines import VLLM_ENV, Decoding, EnginePool, PolicyWeights, Sample, first_line, start_engines
@@ -557,6 +559,7 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
 
     from humor_ray.train import rm
 
+    scratch_before = scratch_folders()
     reward_dir = tmp_path / "rm"
     rm.run(rm.Config(output_dir=str(reward_dir), dataset_dir=str(datasets_dir), model_name="minilm", max_steps=4,
                      per_device_train_batch_size=8, max_length=128, do_eval=False, save_steps=4, logging_steps=1,
@@ -581,6 +584,8 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
     # LoRA: the adapter and a merged model that from_pretrained (and vLLM) load.
     assert (out / "final" / "adapter_config.json").is_file()
     AutoModelForCausalLM.from_pretrained(final_model(str(out)))
+    # Neither the workers' checkpoints nor the adapters sent to the engines stay in the temporary folder.
+    assert scratch_folders() <= scratch_before
 
 
 # ZeRO-3 (sharded weights) is the demanding case; ZeRO-2 adds two minutes: opt-in with `-m slow`.

@@ -10,7 +10,7 @@ import psutil
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import registered_checkpoints
+from conftest import registered_checkpoints, scratch_folders
 
 from humor_ray.models.reward_inputs import encode
 from humor_ray.train import dpo, rm, sft
@@ -36,6 +36,7 @@ def test_sft_trains_checkpoints_exports_and_resumes_on_rerun(tmp_path, datasets_
     out = tmp_path / "sft"
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
                   lora_r=8, lora_alpha=16, **{**SMALL, "report_to": ["tensorboard"]})
+    scratch_before = scratch_folders()
     sft.run(sft.Config(**config))
     assert len(list((out / "ray" / "sft").glob("checkpoint_*/checkpoint"))) == 2
     first = metrics_of(out)
@@ -55,6 +56,8 @@ def test_sft_trains_checkpoints_exports_and_resumes_on_rerun(tmp_path, datasets_
     second = metrics_of(out)
     assert second["resumed_from"]
     assert steps_logged(second) == [1, 2, 3, 4, 5, 6]
+    # The workers' scratch (the trainer's checkpoints, the one restored to resume) went with them.
+    assert scratch_folders() <= scratch_before
 
 
 def test_reward_model_reports_pairwise_accuracy(tmp_path, datasets_dir):
