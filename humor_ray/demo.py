@@ -53,12 +53,7 @@ POLICY_SPECS = {"smollm2-135m": "smollm2", "tiny": "tiny"}
 
 
 def run(cfg: DemoConfig) -> dict:
-    from humor_ray.cluster import init_ray
-
     data = pipeline.locate_data(cfg.data, cfg.mirror)
-    # With the dashboard from the start: the training stages are watched there (and Ray Train asks the
-    # cluster's state through it); the data build alone would start Ray without it.
-    init_ray(dashboard=True)
     os.environ["HUMOR_RAY_DATA"] = str(data)
     datasets = Path(cfg.output) / "datasets"
     report = pipeline.build_datasets(data, datasets)

@@ -36,6 +36,7 @@ def locate_data(data: str | None, mirror: str | None) -> Path:
 
 def build_datasets(data: Path, datasets: Path) -> dict:
     """`humor-ray data build --config jobs/data.yaml` of `data` into `datasets`; returns the build's report."""
+    from humor_ray.cluster import init_ray
     from humor_ray.data import build
 
     log.info(f"data build from {data} -> {datasets}")
@@ -47,6 +48,7 @@ def build_datasets(data: Path, datasets: Path) -> dict:
     if build_cfg.splits and not Path(build_cfg.splits).is_file():
         log.info(f"no split file at {build_cfg.splits}: contests are split by hash")
         build_cfg.splits = None
+    init_ray(dashboard=True)  # the cluster the later stages run on (see run_stage)
     report = build.run(build_cfg)
     log.info(f"datasets: {datasets.resolve()}  report: {(datasets / 'report.json').resolve()}")
     return report

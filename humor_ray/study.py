@@ -196,7 +196,6 @@ def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], rel
 
 
 def run(cfg: StudyConfig) -> dict:
-    from humor_ray.cluster import init_ray
     from humor_ray.data.outputs import require_complete
 
     out = Path(cfg.output)
@@ -209,8 +208,6 @@ def run(cfg: StudyConfig) -> dict:
         datasets = out / "datasets"
     released = data_root() / "benchmarks" / "humor_in_ai_examples"
     released = released if released.is_dir() else None
-    # With the dashboard from the start: the training stages are watched there.
-    init_ray(dashboard=True)
     if data is not None:
         os.environ["HUMOR_RAY_DATA"] = str(data)
         if pipeline.complete("data build", datasets):

@@ -1,6 +1,3 @@
 """Models by name: presets built or converted locally (`tiny`, `smollm2-135m`, `minilm`), local
-directories and Hugging Face ids, resolved to a local directory and loaded as (model, tokenizer)."""
-
-from humor_ray.models.registry import ModelError, load_model, load_tokenizer, resolve
-
-__all__ = ["ModelError", "load_model", "load_tokenizer", "resolve"]
+directories and Hugging Face ids, resolved to a local directory and loaded as (model, tokenizer): see
+`registry`. Nothing is imported here: a stage that only reads its config must not pay for torch."""

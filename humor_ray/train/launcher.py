@@ -353,7 +353,7 @@ def _train_on_worker(args: WorkerArgs, worker: WorkerContext) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-    train, evaluation = _worker_datasets(cfg, stage, worker, args)
+    train, evaluation = _worker_datasets(args, worker)
     marks["data_ready"] = time.time()
     trainer = _ready_trainer(cfg, stage, worker, args.board, train, evaluation)
     train_on_own_rows(trainer, worker, args.record_rows)
@@ -367,10 +367,11 @@ def _train_on_worker(args: WorkerArgs, worker: WorkerContext) -> None:
     _save_final_model(cfg, stage, worker, trainer, evaluation, marks)
 
 
-def _worker_datasets(cfg: TrainConfig, stage: Stage, worker: WorkerContext, args: WorkerArgs):
+def _worker_datasets(args: WorkerArgs, worker: WorkerContext):
     """(this worker's training rows, the held-out rows or None)."""
     import ray.train
 
+    cfg, stage = args.config, args.stage
     # A run of N steps needs N * batch * accumulation examples per worker; tokenizing the rest of the
     # shard would only cost time.
     needed = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps

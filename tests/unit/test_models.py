@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from humor_ray.config import UserError
-from humor_ray.models import ModelError, load_model, load_tokenizer, resolve
+from humor_ray.models.registry import ModelError, load_model, load_tokenizer, resolve
 from humor_ray.models import registry
 
 pytestmark = pytest.mark.timeout(300)
