@@ -18,9 +18,9 @@ from train_overhead import config, run_options, steady_tokens_per_second
 
 
 def tokens_per_second(args, workers: int, threads: int) -> float:
-    out = tempfile.mkdtemp(prefix=f"ddp_{workers}x{threads}_")
-    sft.run(config(args, out, workers, threads))
-    history = json.loads(Path(out, "metrics.json").read_text())["log_history"]
+    with tempfile.TemporaryDirectory(prefix=f"ddp_{workers}x{threads}_") as out:
+        sft.run(config(args, out, workers, threads))
+        history = json.loads(Path(out, "metrics.json").read_text())["log_history"]
     return steady_tokens_per_second(history, args.warmup)  # tokens of all workers together
 
 

@@ -42,9 +42,9 @@ def config(args, model: str, output_dir: str) -> llava.Config:
 
 
 def train_on_ray(args, model: str) -> float:
-    out = tempfile.mkdtemp(prefix="bench_llava_ray_")
-    llava.run(config(args, model, out))
-    history = json.loads(Path(out, "metrics.json").read_text())["log_history"]
+    with tempfile.TemporaryDirectory(prefix="bench_llava_ray_") as out:
+        llava.run(config(args, model, out))
+        history = json.loads(Path(out, "metrics.json").read_text())["log_history"]
     return steady_samples_per_second(history, args.warmup, args.batch)
 
 
@@ -53,14 +53,14 @@ def train_plain(args, model: str) -> float:
     import torch
 
     torch.set_num_threads(args.threads)
-    out = tempfile.mkdtemp(prefix="bench_llava_plain_")
-    cfg = config(args, model, out)
-    table = pds.dataset(os.path.join(args.datasets, "llava_sft", "train"), format="parquet").to_table(
-        columns=list(llava.STAGE.columns))
-    count = cfg.max_steps * cfg.per_device_train_batch_size
-    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[:count]
-    trainer = llava.make_trainer(cfg, as_dataset(table.take(rows), list(llava.STAGE.columns)), None, out)
-    trainer.train()
+    with tempfile.TemporaryDirectory(prefix="bench_llava_plain_") as out:
+        cfg = config(args, model, out)
+        table = pds.dataset(os.path.join(args.datasets, "llava_sft", "train"), format="parquet").to_table(
+            columns=list(llava.STAGE.columns))
+        count = cfg.max_steps * cfg.per_device_train_batch_size
+        rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[:count]
+        trainer = llava.make_trainer(cfg, as_dataset(table.take(rows), list(llava.STAGE.columns)), None, out)
+        trainer.train()
     return steady_samples_per_second(trainer.state.log_history, args.warmup, args.batch)
 
 

@@ -51,12 +51,12 @@ def ppo_sync_share(args, model: str) -> dict:
     """A short PPO run with the vLLM engine: the median share of step time spent in weight sync."""
     from humor_ray.rl import ppo
 
-    out = tempfile.mkdtemp(prefix="bench_ppo_")
-    ppo.run(ppo.Config(output_dir=out, dataset_dir=args.datasets, reward_model="builtin:vowel_share",
-                       model_name=model, max_steps=args.ppo_steps, rollout_batch_size=8, samples_per_prompt=4,
-                       mini_batch_size=8, forward_batch_size=8, max_new_tokens=args.max_new_tokens,
-                       save_steps=args.ppo_steps, report_to=["none"], max_failures=0))
-    history = json.load(open(os.path.join(out, "metrics.json")))["history"][1:]  # step 1 warms up
+    with tempfile.TemporaryDirectory(prefix="bench_ppo_") as out:
+        ppo.run(ppo.Config(output_dir=out, dataset_dir=args.datasets, reward_model="builtin:vowel_share",
+                           model_name=model, max_steps=args.ppo_steps, rollout_batch_size=8, samples_per_prompt=4,
+                           mini_batch_size=8, forward_batch_size=8, max_new_tokens=args.max_new_tokens,
+                           save_steps=args.ppo_steps, report_to=["none"], max_failures=0))
+        history = json.loads(open(os.path.join(out, "metrics.json")).read())["history"][1:]  # step 1 warms up
     phases = ("generate", "score", "reference", "train", "sync")
     return {"step_s": statistics.median(m["time/step"] for m in history),
             **{p: statistics.median(m[f"time/{p}"] / m["time/step"] for m in history) for p in phases}}

@@ -71,21 +71,21 @@ def run_on_ray(args, env: dict | None = None) -> tuple[float, float, dict]:
     (the local cluster it starts, and its workers, inherit them)."""
     import ray
 
-    out = tempfile.mkdtemp(prefix="overhead_ray_")
     saved = {key: os.environ.get(key) for key in LOCAL_TRAIN_ENV}
     os.environ.update(env or {})
-    started = time.perf_counter()
-    try:
-        sft.run(config(args, out))
-    finally:
-        wall = time.perf_counter() - started
-        ray.shutdown()  # each run starts (or joins) its cluster itself, as a user's command does
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    summary = json.loads(Path(out, "metrics.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="overhead_ray_") as out:
+        started = time.perf_counter()
+        try:
+            sft.run(config(args, out))
+        finally:
+            wall = time.perf_counter() - started
+            ray.shutdown()  # each run starts (or joins) its cluster itself, as a user's command does
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        summary = json.loads(Path(out, "metrics.json").read_text())
     history = summary["log_history"]
     return (steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history),
             summary.get("timings", {}))
@@ -97,18 +97,18 @@ def run_plain(args) -> tuple[float, float]:
     import torch
 
     torch.set_num_threads(args.threads)
-    out = tempfile.mkdtemp(prefix="overhead_plain_")
-    cfg = config(args, out)
-    started = time.perf_counter()
-    table = pds.dataset(os.path.join(args.datasets, "sft_simple", "train"), format="parquet").to_table(
-        columns=list(sft.STAGE.columns))
-    count = cfg.max_steps * cfg.per_device_train_batch_size
-    rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[:count]
-    train = as_dataset(table.take(rows), list(sft.STAGE.columns), sft.STAGE.caption_columns)
-    trainer = sft.STAGE.make_trainer(cfg, train, None, out)
-    trainer.train()
-    trainer.save_model(os.path.join(out, "final"))
-    wall = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="overhead_plain_") as out:
+        cfg = config(args, out)
+        started = time.perf_counter()
+        table = pds.dataset(os.path.join(args.datasets, "sft_simple", "train"), format="parquet").to_table(
+            columns=list(sft.STAGE.columns))
+        count = cfg.max_steps * cfg.per_device_train_batch_size
+        rows = np.random.default_rng(cfg.seed).permutation(table.num_rows)[:count]
+        train = as_dataset(table.take(rows), list(sft.STAGE.columns), sft.STAGE.caption_columns)
+        trainer = sft.STAGE.make_trainer(cfg, train, None, out)
+        trainer.train()
+        trainer.save_model(os.path.join(out, "final"))
+        wall = time.perf_counter() - started
     history = trainer.state.log_history
     return (steady_tokens_per_second(history, args.warmup), wall - max(e.get("train_runtime", 0) for e in history),
             {})
