@@ -6,8 +6,9 @@ single-process TRL with the same model, trainer, data and steps, in the same run
 Steady-state tokens/s is measured between the log at step --warmup and the last step, from the
 trainer's own logs (tokens seen, time since training began), so start-up stays out of it; the time
 outside the training loop (start-up, data, the final save) is reported separately, and for Ray Train
-phase by phase, from the `timings` the run itself records in its metrics.json (the driver and rank 0).
-`--ray_defaults` adds a third side, the same Ray Train run with Ray Train's own settings instead of the ones a
+phase by phase, from the `timings` the run itself records in its metrics.json (the driver and rank 0):
+once starting its own local cluster, as a lone command does, and once joining one already running, as each
+stage of the demo or the study does. `--ray_defaults` adds a fourth side, the same Ray Train run with Ray Train's own settings instead of the ones a
 local cluster gets (`humor_ray.cluster.LOCAL_TRAIN_ENV`), to show what those settings save.
 DIR holds the datasets of `humor-ray data build` (sft_simple is used).
 """
@@ -66,14 +67,19 @@ def run_options(description: str) -> argparse.ArgumentParser:
 RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
 
 
-def run_on_ray(args, env: dict | None = None) -> tuple[float, float, dict]:
+def run_on_ray(args, env: dict | None = None, running: bool = False) -> tuple[float, float, dict]:
     """(steady tokens/s, seconds outside the loop, the run's own `timings`); `env`: settings for this run only
-    (the local cluster it starts, and its workers, inherit them)."""
+    (the local cluster it starts, and its workers, inherit them); `running`: the run joins a cluster started
+    before it (as a stage of the demo or the study does), not one it starts itself."""
     import ray
+
+    from humor_ray.cluster import init_ray
 
     saved = {key: os.environ.get(key) for key in LOCAL_TRAIN_ENV}
     os.environ.update(env or {})
     with tempfile.TemporaryDirectory(prefix="overhead_ray_") as out:
+        if running:
+            init_ray(dashboard=True)
         started = time.perf_counter()
         try:
             sft.run(config(args, out))
@@ -127,21 +133,22 @@ def print_phases(sides: dict[str, list[dict]]) -> None:
 
 def main() -> None:
     args = run_options(__doc__.splitlines()[0]).parse_args()
-    results = {"plain TRL (1 process)": [], "Ray Train (1 worker)": []}
+    results = {"plain TRL (1 process)": [], "Ray Train (1 worker)": [], "Ray Train, cluster running": []}
     if args.ray_defaults:
         results["Ray Train, Ray's defaults"] = []
     for _ in range(args.repeats):  # interleaved, so drift in the machine hits every side alike
         results["plain TRL (1 process)"].append(run_plain(args))
         results["Ray Train (1 worker)"].append(run_on_ray(args))
+        results["Ray Train, cluster running"].append(run_on_ray(args, running=True))
         if args.ray_defaults:
             results["Ray Train, Ray's defaults"].append(run_on_ray(args, RAY_TRAIN_DEFAULTS))
     print(f"\n{args.model}, {args.steps} steps x {args.batch} examples, {args.threads} threads, "
           f"median of {args.repeats}")
-    print(f"{'':28}{'steady tokens/s':>16}{'outside training (s)':>22}")
+    print(f"{'':30}{'steady tokens/s':>16}{'outside training (s)':>22}")
     medians = {}
     for name, runs in results.items():
         medians[name] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-        print(f"{name:28}{medians[name][0]:>16,.0f}{medians[name][1]:>22.1f}")
+        print(f"{name:30}{medians[name][0]:>16,.0f}{medians[name][1]:>22.1f}")
     plain, ray = medians["plain TRL (1 process)"], medians["Ray Train (1 worker)"]
     print(f"Ray Train / plain: tokens/s {ray[0] / plain[0]:.3f}; extra start-up and shutdown {ray[1] - plain[1]:.1f} s")
     print_phases({name: [r[2] for r in runs] for name, runs in results.items() if name.startswith("Ray Train")})
