@@ -8,8 +8,9 @@ trainer's own logs (tokens seen, time since training began), so start-up stays o
 outside the training loop (start-up, data, the final save) is reported separately, and for Ray Train
 phase by phase, from the `timings` the run itself records in its metrics.json (the driver and rank 0):
 once starting its own local cluster, as a lone command does, and once joining one already running, as each
-stage of the demo or the study does. `--ray_defaults` adds a fourth side, the same Ray Train run with Ray Train's own settings instead of the ones a
-local cluster gets (`humor_ray.cluster.LOCAL_TRAIN_ENV`), to show what those settings save.
+stage of the demo or the study does. `--ray_defaults` adds a fourth side, the same Ray Train run with Ray
+Train's own settings instead of the ones a local cluster gets (`humor_ray.cluster.LOCAL_TRAIN_ENV`), to show
+what those settings save.
 DIR holds the datasets of `humor-ray data build` (sft_simple is used).
 """
 
