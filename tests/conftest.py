@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -19,6 +20,15 @@ os.environ.update({
     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 })
+
+# `make test` runs the modules on two pytest-xdist workers. Each worker gets a temporary folder of its own,
+# set before anything starts Ray: its clusters' session folders, the record `ray start` leaves for a later
+# `ray.init()` (it would otherwise name the other worker's cluster), and the stages' scratch folders the tests
+# look for.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _worker_tmp = Path(tempfile.gettempdir()) / f"hr_tests_{os.environ['PYTEST_XDIST_WORKER']}"
+    _worker_tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(_worker_tmp)
 
 import pytest
 
@@ -68,9 +78,12 @@ def datasets_dir(request, tmp_path_factory, real_data, ray_local):
 
 def scratch_folders() -> set[Path]:
     """The stages' temporary folders on this machine: a stage that ends must leave none behind."""
-    import tempfile
-
     return set(Path(tempfile.gettempdir()).glob("humor_ray_*"))
+
+
+def ray_address_file() -> Path:
+    """Where `ray start` records its cluster for a later `ray.init()` (under Ray's temporary folder)."""
+    return Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -158,7 +171,7 @@ def head_node():
     yield types.SimpleNamespace(address=address, gcs_address=f"127.0.0.1:{gcs}", env=env, metrics_port=metrics)
     stop_cluster(head, gcs)
     # `ray start` records its cluster for later `ray.init()` calls; ours is gone.
-    current = Path("/tmp/ray/ray_current_cluster")
+    current = ray_address_file()
     if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
         current.unlink()
 
@@ -182,3 +195,17 @@ def s3_endpoint():
     yield f"127.0.0.1:{port}"
     server.terminate()
     server.wait(timeout=10)
+
+
+# The modules that take longest (`--durations` of full runs), collected first: pytest-xdist deals whole modules
+# out in the order they are collected (`--dist loadfile`), and a long one dealt last would keep one worker busy
+# long after the other ran out of work.
+LONGEST_FIRST = ("test_rl", "test_study", "test_train", "test_llava", "test_metrics", "test_eval", "test_multinode",
+                 "test_placement")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        return LONGEST_FIRST.index(item.path.stem) if item.path.stem in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the tests of a module keep their order

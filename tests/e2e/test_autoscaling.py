@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import RAY, free_port, stop_cluster
+from conftest import RAY, free_port, ray_address_file, stop_cluster
 
 pytestmark = pytest.mark.timeout(360)
 
@@ -113,7 +113,7 @@ def autoscaling_head(tmp_path):
             while processes_of(temp_dir) and time.time() < deadline:
                 time.sleep(1)
         assert not processes_of(temp_dir), f"processes of the test cluster still run: {processes_of(temp_dir)}"
-        current = Path("/tmp/ray/ray_current_cluster")
+        current = ray_address_file()
         if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
             current.unlink()
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -297,3 +297,28 @@ def test_combine_largest_and_dataset_subset(inputs, real_data, tmp_path, ray_loc
     assert set(report["datasets"]) == {"captions", "pairs"}
     written = {p.name for p in (tmp_path / "o").iterdir()} - {"quarantine"}
     assert written == {"captions", "pairs", "report.json", "_COMPLETE"}
+
+
+def test_stages_run_together_give_their_results_in_order_and_a_failure_waits_for_the_other(inputs, tmp_path,
+                                                                                          ray_local):
+    """`pipeline.run_together` (the demo's independent stages side by side): each stage's result in the order given;
+    one that fails is raised only once the other has finished, its output complete."""
+    from humor_ray import pipeline
+    from humor_ray.config import UserError
+    from humor_ray.data.outputs import MARKER
+
+    good, other, bad = tmp_path / "good", tmp_path / "other", tmp_path / "bad"
+    for folder, names in ((good, ["530_LilUCB.csv"]), (other, ["536_LilUCB.csv", "543_LilUCB.csv"]),
+                          (bad, ["902_garbage.parquet"])):
+        folder.mkdir()
+        for name in names:
+            shutil.copy(inputs / name, folder)
+
+    def stage(number, folder, output):
+        return number, "data build", None, ["--input", str(folder), "--output", str(tmp_path / output)]
+
+    reports = pipeline.run_together([stage(1, good, "one"), stage(2, other, "two")])
+    assert [report["contests"]["total"] for report in reports] == [1, 2]
+    with pytest.raises(UserError, match="nothing usable remains"):
+        pipeline.run_together([stage(3, bad, "three"), stage(4, good, "four")])
+    assert (tmp_path / "four" / MARKER).is_file() and not (tmp_path / "three").exists()

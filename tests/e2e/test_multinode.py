@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import free_port, registered_checkpoints
+from conftest import free_port, ray_address_file, registered_checkpoints
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -32,7 +32,7 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     # Cluster rewrites the file `ray.init()` reads to find a running cluster; put back what was there.
-    current = Path("/tmp/ray/ray_current_cluster")
+    current = ray_address_file()
     before = current.read_text() if current.exists() else None
     head = dict(num_cpus=1, gcs_server_port=free_port(), include_dashboard=True, dashboard_host="127.0.0.1",
                 dashboard_port=free_port(), dashboard_agent_listen_port=free_port(),

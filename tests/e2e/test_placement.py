@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, ray_address_file
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,7 +29,7 @@ def cluster():
     """A head without GPUs; each test gives it the GPU nodes of its shape (`shape`)."""
     from ray.cluster_utils import Cluster
 
-    current = Path("/tmp/ray/ray_current_cluster")  # Cluster rewrites it; put back what was there
+    current = ray_address_file()  # Cluster rewrites it; put back what was there
     before = current.read_text() if current.exists() else None
     head = dict(num_cpus=2, num_gpus=0, gcs_server_port=free_port(), include_dashboard=True,
                 dashboard_host="127.0.0.1", dashboard_port=free_port(), dashboard_agent_listen_port=free_port(),
