@@ -23,7 +23,10 @@ def chat(max_tokens: int = 2, **extra) -> dict:
     return {"model": "tiny", "messages": CHAT, "max_tokens": max_tokens, "temperature": 0, **extra}
 
 
-@pytest.mark.parametrize("header", [None, "Bearer", f"Bearer {WRONG_KEY}", f"Basic {SERVER_KEY}", SERVER_KEY])
+# Named ids: the key is drawn anew in each process (every pytest-xdist worker must collect the same ids) and
+# stays out of the test report.
+@pytest.mark.parametrize("header", [None, "Bearer", f"Bearer {WRONG_KEY}", f"Basic {SERVER_KEY}", SERVER_KEY],
+                         ids=["no-header", "scheme-alone", "wrong-key", "basic-scheme", "key-without-scheme"])
 @pytest.mark.parametrize("method, path", [("GET", "/models"), ("POST", "/chat/completions")])
 def test_without_the_key_openais_401(server, header, method, path):
     headers = {"Authorization": header} if header else {}
