@@ -38,6 +38,14 @@ from humor_ray.config import data_root
 os.environ.setdefault("HUMOR_RAY_DATA", str(data_root()))
 
 
+@pytest.fixture(autouse=True)
+def _ray_address_left_as_it_was():
+    """A test that leaves RAY_ADDRESS set sends every later command in its process to a cluster long gone."""
+    before = os.environ.get("RAY_ADDRESS")
+    yield
+    assert os.environ.get("RAY_ADDRESS") == before, "the test left RAY_ADDRESS changed"
+
+
 @pytest.fixture(scope="session")
 def real_data():
     root = data_root()

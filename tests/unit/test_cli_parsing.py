@@ -91,7 +91,10 @@ def test_help_lists_the_stages(capsys):
 def test_address_before_the_stage_names_the_cluster_to_join(capsys, monkeypatch):
     from humor_ray.cli import take_address
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Set, then deleted: monkeypatch then puts back the variable as it was (absent) after the test, whatever
+    # take_address left in it; a leftover address would send later tests' commands to a cluster long gone.
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    monkeypatch.delenv("RAY_ADDRESS")
     assert take_address(["--address", "10.0.0.1:6379", "sft", "--max_steps", "2"]) == ["sft", "--max_steps", "2"]
     assert os.environ["RAY_ADDRESS"] == "10.0.0.1:6379"
     assert take_address(["--address=auto", "rm"]) == ["rm"] and os.environ["RAY_ADDRESS"] == "auto"
