@@ -79,19 +79,19 @@ def train(cfg: DemoConfig, datasets: Path) -> dict:
              "--save_steps", str(steps), "--logging_steps", str(max(1, steps // 6)),
              "--gradient_accumulation_steps", "1", "--max_eval_examples", "16"]
     size = POLICY_SPECS[cfg.policy]
-
-    def stage(number: int, name: str, spec: str, extra: list[str]) -> tuple:
-        return number, name, spec, [*short, "--output_dir", str(runs / name), *extra]
-
-    # Two at a time, each pair independent: the SFT beside the reward model, then DPO (from the SFT) beside
-    # the LLaVA. Each worker takes half of the local cluster's CPUs.
-    pipeline.run_together([stage(2, "sft", f"sft-{size}.yaml", []),
-                           stage(3, "rm", "rm-minilm.yaml", ["--max_eval_examples", str(RM_HELD_OUT_PAIRS)])])
-    sft_model = ["--model_checkpoint_name", str(runs / "sft" / "final")]
-    pipeline.run_together([stage(4, "dpo", f"dpo-{size}.yaml", sft_model),
-                           stage(5, "llava", f"llava-{size}.yaml", [])])
-    results = {name: json.loads((runs / name / "metrics.json").read_text())["eval"]
-               for name in ("sft", "rm", "dpo", "llava")}
+    stages = [
+        ("sft", f"sft-{size}.yaml", []),
+        ("rm", "rm-minilm.yaml", ["--max_eval_examples", str(RM_HELD_OUT_PAIRS)]),
+        ("dpo", f"dpo-{size}.yaml", ["--model_checkpoint_name", str(runs / "sft" / "final")]),
+        ("llava", f"llava-{size}.yaml", []),
+    ]
+    # One after another: two training stages side by side took 30-45% longer than in turn here (each worker
+    # computes on every core, and two of them crowd each other out).
+    results = {}
+    for number, (name, spec, extra) in enumerate(stages, start=2):
+        out = runs / name
+        pipeline.run_stage(number, name, spec, [*short, "--output_dir", str(out), *extra])
+        results[name] = json.loads((out / "metrics.json").read_text())["eval"]
     log.info(f"sft held-out loss {results['sft'].get('eval_loss', float('nan')):.3f}; reward model held-out "
              f"pairwise accuracy {results['rm'].get('eval_accuracy', float('nan')):.3f}; dpo held-out reward accuracy "
              f"{results['dpo'].get('eval_rewards/accuracies', float('nan')):.3f}; llava held-out loss "
@@ -119,20 +119,21 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     subset = ["--contests", *map(str, pipeline.eval_contests(datasets, released, cfg.eval_contests))]
     # Named after the policy: the paper's released generations, judged beside ours, are sft, dpo, ...
     names = {name: f"{cfg.policy}_{name}" for name in ("sft", "dpo", "ppo", "llava_sft", "sft_BoN")}
-
+    # Generation side by side, each engine on one CPU: most of a short generation stage is its engine starting
+    # (imports, the model) on one core, which leaves the others to the other stages. At most three of the local
+    # cluster's four CPUs go to engines and reward models at once, one left for Ray Data's own tasks (with none
+    # left, every stage would wait on them).
     def generation(name: str, model: str, extra: list[str]) -> tuple:
-        # Two engines at a time, one core each: an engine's start (imports, the model) on one core leaves the
-        # other to the other engine, and the engines keep two of the cluster's CPUs free for Ray Data's tasks.
         return 7, "generate", None, [*common, *subset, *extra, "--model_name", model, "--method", names[name],
                                      "--output_dir", str(captions / name), "--cpus_per_engine", "1"]
 
-    pipeline.run_together([generation(name, str(runs / name / "final"), prompt) for name in ("sft", "dpo")])
+    pipeline.run_together([generation(name, str(runs / name / "final"), prompt) for name in ("sft", "dpo", "ppo")])
     # The LLaVA reads the cartoon itself; its vision tower is untrained at the start (README: Models).
-    pipeline.run_together([generation("ppo", str(runs / "ppo" / "final"), prompt),
-                           generation("llava_sft", str(runs / "llava" / "final"), [])])
-    pipeline.run_stage(8, "bon", None, [
-        *common, *subset, *prompt, "--model_name", sft_model, "--method", names["sft_BoN"], "--reward_model", reward,
-        "--reward_max_length", "128", "--output_dir", str(captions / "sft_BoN")])
+    pipeline.run_together([
+        generation("llava_sft", str(runs / "llava" / "final"), []),
+        (8, "bon", None, [*common, *subset, *prompt, "--model_name", sft_model, "--method", names["sft_BoN"],
+                          "--reward_model", reward, "--reward_max_length", "128", "--output_dir",
+                          str(captions / "sft_BoN"), "--cpus_per_engine", "1"])])
     generations = [str(captions / name) for name in names]
     if released.is_dir():  # the paper's own generations, judged beside ours
         generations.append(str(released))
