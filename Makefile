@@ -36,13 +36,8 @@ chromium:
 		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
 		{ echo "the report test needs Chromium: install the 'chromium' package (apt-get install chromium)"; exit 1; }
 
-# Two pytest-xdist workers, each taking whole modules (a module's fixtures, such as its datasets, are built once).
-# A serial run leaves the CPU idle over a third of its time, waiting on clusters, processes and servers to
-# start; the second worker fills it. `TEST_WORKERS=0` runs the suite in this process.
-TEST_WORKERS ?= 2
-
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -121,8 +121,8 @@ def evaluate(cfg: DemoConfig, datasets: Path) -> str:
     names = {name: f"{cfg.policy}_{name}" for name in ("sft", "dpo", "ppo", "llava_sft", "sft_BoN")}
     # Generation side by side, each engine on one CPU: most of a short generation stage is its engine starting
     # (imports, the model) on one core, which leaves the others to the other stages. At most three of the local
-    # cluster's four CPUs go to engines and reward models at once, one left for Ray Data's own tasks (with none
-    # left, every stage would wait on them).
+    # cluster's four CPUs go to engines and reward models at once: the fourth stays free for the tasks Ray Data
+    # runs beside them (splitting the prompts into batches).
     def generation(name: str, model: str, extra: list[str]) -> tuple:
         return 7, "generate", None, [*common, *subset, *extra, "--model_name", model, "--method", names[name],
                                      "--output_dir", str(captions / name), "--cpus_per_engine", "1"]

@@ -21,15 +21,6 @@ os.environ.update({
     "AWS_EC2_METADATA_DISABLED": "true",
 })
 
-# `make test` runs the modules on two pytest-xdist workers. Each worker gets a temporary folder of its own,
-# set before anything starts Ray: its clusters' session folders, the record `ray start` leaves for a later
-# `ray.init()` (it would otherwise name the other worker's cluster), and the stages' scratch folders the tests
-# look for.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _worker_tmp = Path(tempfile.gettempdir()) / f"hr_tests_{os.environ['PYTEST_XDIST_WORKER']}"
-    _worker_tmp.mkdir(exist_ok=True)
-    os.environ["TMPDIR"] = tempfile.tempdir = str(_worker_tmp)
-
 import pytest
 
 from humor_ray.config import data_root
@@ -203,17 +194,3 @@ def s3_endpoint():
     yield f"127.0.0.1:{port}"
     server.terminate()
     server.wait(timeout=10)
-
-
-# The modules that take longest (`--durations` of full runs), collected first: pytest-xdist deals whole modules
-# out in the order they are collected (`--dist loadfile`), and a long one dealt last would keep one worker busy
-# long after the other ran out of work.
-LONGEST_FIRST = ("test_rl", "test_study", "test_train", "test_llava", "test_metrics", "test_eval", "test_multinode",
-                 "test_placement")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        return LONGEST_FIRST.index(item.path.stem) if item.path.stem in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the tests of a module keep their order

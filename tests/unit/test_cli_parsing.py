@@ -91,7 +91,7 @@ def test_help_lists_the_stages(capsys):
 def test_address_before_the_stage_names_the_cluster_to_join(capsys, monkeypatch):
     from humor_ray.cli import take_address
 
-    # Set, then deleted: monkeypatch then puts back the variable as it was (absent) after the test, whatever
+    # Set, then deleted: monkeypatch then puts the variable back as it was (absent) after the test, whatever
     # take_address left in it; a leftover address would send later tests' commands to a cluster long gone.
     monkeypatch.setenv("RAY_ADDRESS", "")
     monkeypatch.delenv("RAY_ADDRESS")

@@ -23,8 +23,8 @@ def chat(max_tokens: int = 2, **extra) -> dict:
     return {"model": "tiny", "messages": CHAT, "max_tokens": max_tokens, "temperature": 0, **extra}
 
 
-# Named ids: the key is drawn anew in each process (every pytest-xdist worker must collect the same ids) and
-# stays out of the test report.
+# Named ids: the key stays out of the test report (and is drawn anew in each process, so ids holding it would
+# differ from run to run).
 @pytest.mark.parametrize("header", [None, "Bearer", f"Bearer {WRONG_KEY}", f"Basic {SERVER_KEY}", SERVER_KEY],
                          ids=["no-header", "scheme-alone", "wrong-key", "basic-scheme", "key-without-scheme"])
 @pytest.mark.parametrize("method, path", [("GET", "/models"), ("POST", "/chat/completions")])
