@@ -83,7 +83,7 @@ def measure_training(stage: str, cfg) -> int:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     transformers.set_seed(cfg.seed)
-    trainer = definition.make_trainer(cfg, train, None, tempfile.mkdtemp(prefix=f"gpu_check_{stage}_"))
+    trainer = definition.make_trainer(cfg, train, None, os.path.join(cfg.output_dir, "trainer_scratch"))
     trainer.train()
     peak = torch.cuda.max_memory_allocated()
     del trainer
@@ -170,13 +170,13 @@ def ppo_config(args, placement: str, output_dir: str):
                       **extra)
 
 
-def run_ppo(args, placement: str) -> dict:
+def run_ppo(args, placement: str, scratch: str) -> dict:
     import ray
     import torch
 
     from humor_ray.rl import ppo
 
-    out = tempfile.mkdtemp(prefix=f"gpu_check_ppo_{placement}_")
+    out = os.path.join(scratch, f"ppo_{placement}")
     cfg = ppo_config(args, placement, out)
     needed = plan.plan_stage("ppo", cfg, args.gpu_memory_gb, hints=False).gpus_needed
     if torch.cuda.device_count() < needed:
@@ -218,6 +218,13 @@ def main() -> int:
         parser.error("--datasets is needed on the GPU (the measured stages train on it)")
     if args.dry_run and not args.datasets:
         args.datasets = plan.PLACEHOLDERS["dataset_dir"]  # planned only: nothing reads it
+    # The measured runs' outputs, removed at the end (each stage's is a whole model).
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
+        return run_checks(args, scratch)
+
+
+def run_checks(args, scratch: str) -> int:
+    """Every check in turn, each reported as it ends; returns 1 if any failed."""
     results: dict = {"gpu_memory_gib": round(args.gpu_memory_gb, 1)}
     failed = []
 
@@ -232,7 +239,6 @@ def main() -> int:
             failed.append(name)
         print(f"{name} ({time.perf_counter() - began:.0f} s): {json.dumps(results[name])}", flush=True)
 
-    scratch = tempfile.mkdtemp(prefix="gpu_check_")
     for stage, model, options in TRAINING:
         def measured(stage=stage, model=model, options=options):
             cfg = stage_config(stage, model, options, args, os.path.join(scratch, stage))
@@ -253,7 +259,7 @@ def main() -> int:
         check("everything the GPU part calls exists", lambda: {"missing": missing, "ok": not missing})
     else:
         for placement in ("colocate", "separate"):
-            check(f"ppo {placement}", lambda p=placement: run_ppo(args, p))
+            check(f"ppo {placement}", lambda p=placement: run_ppo(args, p, scratch))
     print(json.dumps({"failed": failed, **results}, indent=1))
     return 1 if failed else 0
 
