@@ -81,8 +81,19 @@ def scratch_folders() -> set[Path]:
 
 
 def ray_address_file() -> Path:
-    """Where `ray start` records its cluster for a later `ray.init()` (under Ray's temporary folder)."""
-    return Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    """Where `ray start` records its cluster for a later `ray.init()`, as Ray itself finds it (under its temporary
+    folder: $RAY_TMPDIR, else $TMPDIR, else /tmp)."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def forget_cluster_record(gcs_port: int) -> None:
+    """Remove `ray start`'s record when it names our stopped cluster (GCS on `gcs_port`); a later `ray.init()`
+    would try to join it. A record of another cluster stays."""
+    current = ray_address_file()
+    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -169,10 +180,7 @@ def head_node():
         pytest.fail("the Ray head did not come up within 120 s")
     yield types.SimpleNamespace(address=address, gcs_address=f"127.0.0.1:{gcs}", env=env, metrics_port=metrics)
     stop_cluster(head, gcs)
-    # `ray start` records its cluster for later `ray.init()` calls; ours is gone.
-    current = ray_address_file()
-    if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
-        current.unlink()
+    forget_cluster_record(gcs)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import RAY, free_port, ray_address_file, stop_cluster
+from conftest import RAY, forget_cluster_record, free_port, stop_cluster
 
 pytestmark = pytest.mark.timeout(360)
 
@@ -113,9 +113,7 @@ def autoscaling_head(tmp_path):
             while processes_of(temp_dir) and time.time() < deadline:
                 time.sleep(1)
         assert not processes_of(temp_dir), f"processes of the test cluster still run: {processes_of(temp_dir)}"
-        current = ray_address_file()
-        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
-            current.unlink()
+        forget_cluster_record(gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

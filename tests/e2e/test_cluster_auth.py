@@ -21,7 +21,7 @@ import psutil
 import pytest
 import requests
 import yaml
-from conftest import RAY, free_port, ray_address_file, stop_cluster
+from conftest import RAY, forget_cluster_record, free_port, stop_cluster
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -180,6 +180,4 @@ def test_the_job_api_refuses_a_job_without_the_token_and_runs_one_with_it(defini
         if worker is not None:
             stop_cluster(worker, gcs)
         stop_cluster(head, gcs)
-        current = ray_address_file()  # `ray start` records its cluster; ours is gone
-        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
-            current.unlink()
+        forget_cluster_record(gcs)
