@@ -5,10 +5,12 @@ one whose output an earlier run completed."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from humor_ray.config import parse_config
@@ -109,10 +111,18 @@ def run_together(stages: list[tuple]) -> list:
     driver on the one cluster: Ray runs them side by side as far as its CPUs go. A short stage spends much of
     its time starting processes, importing libraries and loading models, on one core, which leaves the other
     cores to the other stage. Returns their results in order; a failure is raised once every stage has ended."""
+    return side_by_side([functools.partial(run_stage, *stage) for stage in stages])
+
+
+def side_by_side(calls: list[Callable]) -> list:
+    """Each call in a thread of its own (one call runs in this thread); their results in order. A failure is
+    raised once every call has ended, so no stage is left running unwatched."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(stages), thread_name_prefix="stage") as pool:
-        futures = [pool.submit(run_stage, *stage) for stage in stages]
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(len(calls), thread_name_prefix="stage") as pool:
+        futures = [pool.submit(call) for call in calls]
     return [future.result() for future in futures]
 
 
@@ -126,6 +136,8 @@ class Stage:
     output: Path
     args: list[str]
     spec: str | None = None
+    # Stages next to each other with the same label run side by side (`side_by_side`): none reads another's output.
+    together: str | None = None
 
     def check(self) -> None:
         """Its flags and spec parse (paths unchecked: earlier stages write them), before anything runs."""
@@ -158,23 +170,48 @@ def complete(command: str, output: Path) -> bool:
 
 
 def run_stages(stages: list[Stage], first_number: int = 1) -> dict[str, dict]:
-    """Each stage in order, skipping those whose output is complete, each logged with its command and, once done,
-    its wall time; an output left incomplete by an interrupted run is run again (training continues from its
-    latest checkpoint). Returns each stage's outcome (`skipped` or `ran`) and seconds."""
+    """Each stage in order (those labelled `together` side by side), skipping those whose output is complete, each
+    logged with its command and, once done, its wall time; an output left incomplete by an interrupted run is run
+    again (training continues from its latest checkpoint). Returns each stage's outcome (`skipped` or `ran`) and
+    seconds, in the stages' order."""
     outcome = {}
-    for number, stage in enumerate(stages, start=first_number):
-        if complete(stage.command, stage.output):
-            log.info(f"stage {number} {stage.name}: complete in {stage.output}, skipped (delete it to run it again)")
-            outcome[stage.name] = {"outcome": "skipped", "seconds": 0.0}
-            continue
-        if stage.output.exists():
-            log.info(f"stage {number} {stage.name}: {stage.output} is incomplete (an interrupted run): running it "
-                     "again" + (", from its latest checkpoint" if stage.command in ("sft", "rm", "dpo", "ppo") else ""))
-        started = time.perf_counter()
-        run_stage(f"{number} {stage.name}", stage.command, stage.spec, stage.args)
-        if not complete(stage.command, stage.output):
-            raise RuntimeError(f"stage {number} {stage.name} ended without a complete output in {stage.output}")
-        seconds = time.perf_counter() - started
-        log.info(f"stage {number} {stage.name}: done in {seconds / 60:.1f} min")
-        outcome[stage.name] = {"outcome": "ran", "seconds": round(seconds, 1)}
+    for wave in _waves(list(enumerate(stages, start=first_number))):
+        due = []
+        for number, stage in wave:
+            if complete(stage.command, stage.output):
+                log.info(f"stage {number} {stage.name}: complete in {stage.output}, skipped (delete it to run it "
+                         "again)")
+                continue
+            if stage.output.exists():
+                log.info(f"stage {number} {stage.name}: {stage.output} is incomplete (an interrupted run): running "
+                         "it again" + (", from its latest checkpoint" if stage.command in ("sft", "rm", "dpo", "ppo")
+                                       else ""))
+            due.append((number, stage))
+        seconds = dict(zip((stage.name for _, stage in due),
+                           side_by_side([functools.partial(_run_to_completion, *numbered) for numbered in due])))
+        for _, stage in wave:
+            ran = stage.name in seconds
+            outcome[stage.name] = {"outcome": "ran" if ran else "skipped", "seconds": seconds.get(stage.name, 0.0)}
     return outcome
+
+
+def _waves(numbered: list[tuple[int, Stage]]) -> list[list[tuple[int, Stage]]]:
+    """The numbered stages in runs of those next to each other with the same `together` label (alone if none)."""
+    waves = []
+    for number, stage in numbered:
+        if waves and stage.together is not None and waves[-1][-1][1].together == stage.together:
+            waves[-1].append((number, stage))
+        else:
+            waves.append([(number, stage)])
+    return waves
+
+
+def _run_to_completion(number: int, stage: Stage) -> float:
+    """Runs `stage` (number `number`); its wall time in seconds, once its output is complete."""
+    started = time.perf_counter()
+    run_stage(f"{number} {stage.name}", stage.command, stage.spec, stage.args)
+    if not complete(stage.command, stage.output):
+        raise RuntimeError(f"stage {number} {stage.name} ended without a complete output in {stage.output}")
+    seconds = time.perf_counter() - started
+    log.info(f"stage {number} {stage.name}: done in {seconds / 60:.1f} min")
+    return round(seconds, 1)

@@ -132,3 +132,50 @@ def test_a_stage_checks_its_flags_then_starts_one_cluster_with_the_dashboard(tmp
     assert calls == []
     pipeline.run_stage(1, "data build", None, ["--input", str(tmp_path), "--output", str(tmp_path / "out")])
     assert calls == [("init_ray", {"dashboard": True}), ("build", str(tmp_path / "out"))]
+
+
+def test_on_cpus_the_captions_and_the_judges_run_in_waves_and_on_gpus_one_at_a_time(tmp_path):
+    cfg, stages = stages_of("study-smollm2.yaml", tmp_path=tmp_path)
+    names = study.method_names(cfg)
+    waves = [[stage.name for _, stage in wave] for wave in pipeline._waves(list(enumerate(stages)))]
+    assert waves == [["sft"], ["sft_simple"], ["rm_a"], ["rm_b"], ["dpo"], ["ppo"],
+                     [f"generate {names[m]}" for m in ("zs", "sft", "dpo")],
+                     [f"generate {names['ppo']}"], [f"bon {names['zs_BoN']}"],
+                     ["judge (reward model B)", "reward A"], ["report"]]
+    # Side by side each engine has one CPU, so that three fit beside the Ray Data tasks; alone, every core.
+    cpus = {s.name: args_of(s).get("--cpus_per_engine") for s in stages if s.command in ("generate", "bon")}
+    assert cpus == {**{f"generate {names[m]}": ["1"] for m in ("zs", "sft", "dpo")},
+                    f"generate {names['ppo']}": None, f"bon {names['zs_BoN']}": None}
+    _, stages = stages_of("study-7b.yaml", tmp_path=tmp_path)
+    assert all(len(wave) == 1 for wave in pipeline._waves(list(enumerate(stages))))
+    assert not any("--cpus_per_engine" in args_of(s) for s in stages)
+
+
+def test_stages_of_a_wave_run_side_by_side_and_a_complete_one_is_skipped(tmp_path, monkeypatch):
+    """run_stages: the due stages of a wave each in a thread at once (each waits until every one has started), a
+    complete one skipped, the outcome in the stages' order."""
+    import threading
+
+    started = threading.Barrier(2, timeout=30)
+    ran = []
+
+    def run_stage(number, command, spec, args):
+        if command == "generate":
+            started.wait()  # both stages of the wave are running at once, or this times out
+        ran.append(number)
+        out = Path(args[-1])
+        out.mkdir()
+        (out / "_COMPLETE").write_text("{}")
+
+    monkeypatch.setattr(pipeline, "run_stage", run_stage)
+    stage = pipeline.Stage
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "_COMPLETE").write_text("{}")
+    stages = [stage("a", "generate", tmp_path / "a", [str(tmp_path / "a")], together="w"),
+              stage("done", "generate", tmp_path / "done", [str(tmp_path / "done")], together="w"),
+              stage("b", "generate", tmp_path / "b", [str(tmp_path / "b")], together="w"),
+              stage("report", "report", tmp_path / "report", [str(tmp_path / "report")])]
+    outcome = pipeline.run_stages(stages, first_number=2)
+    assert list(outcome) == ["a", "done", "b", "report"]
+    assert [outcome[name]["outcome"] for name in outcome] == ["ran", "skipped", "ran", "ran"]
+    assert sorted(ran[:2]) == ["2 a", "4 b"] and ran[2] == "5 report"
