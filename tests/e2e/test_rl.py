@@ -361,10 +361,11 @@ def test_ppo_raises_a_known_reward_and_the_controller_steers_the_kl_to_its_targe
 
 def test_grpo_with_a_diversity_term_logs_it_beside_the_reward(tmp_path, datasets_dir):
     """Two GRPO steps with --diversity_weight: each step's captions embedded by the reward actor, the additive
-    term (W x each caption's mean distance to its group) in the history and TensorBoard."""
+    term (W x each caption's mean distance to its group) in the history and TensorBoard. The HF engine: the term
+    is the reward actor's, whichever engine sampled (the metrics test runs the same on vLLM), and it starts sooner."""
     out, weight = tmp_path / "grpo_diverse", 0.5
     ppo.run(ppo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share",
-                       model_name="tiny", simple_prompt=True, estimator="grpo", samples_per_prompt=4,
+                       model_name="tiny", engine="hf", simple_prompt=True, estimator="grpo", samples_per_prompt=4,
                        rollout_batch_size=2, mini_batch_size=8, diversity_weight=weight, max_steps=2,
                        max_new_tokens=12, save_steps=2, report_to=["tensorboard"], max_failures=0))
     history = history_of(out)
