@@ -169,8 +169,8 @@ def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], rel
     # the Ray Data tasks beside them), then both judges side by side, as in the demo: a short stage is mostly its
     # engine or reward model starting on one core. PPO's captions and best-of-N (the longest stage: its candidates
     # on one core took half as long again as on two) keep every core. On GPUs each stage runs alone.
-    together = {} if cfg.use_gpu else {"zs": "captions", "sft": "captions", "dpo": "captions"}
-    one_cpu = [] if cfg.use_gpu else ["--cpus_per_engine", "1"]
+    def wave(label: str) -> str | None:
+        return None if cfg.use_gpu else label
 
     # Each policy reads the prompt it was trained on: the long one zero-shot and after the long SFT.
     long = [] if profile.long_prompt is not None else ["--simple_prompt"]
@@ -179,10 +179,11 @@ def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], rel
                 "ppo": (str(runs / "ppo" / "final"), ["--simple_prompt"])}
     stages = []
     for name, (model, prompt) in policies.items():
-        shared = one_cpu if name in together else []
+        together = wave("captions") if name in ("zs", "sft", "dpo") else None
+        one_cpu = ["--cpus_per_engine", "1"] if together else []
         stages.append(stage(f"generate {names[name]}", "generate", captions / name, [
-            *sample, *shared, *prompt, "--model_name", model, "--method", names[name],
-            "--output_dir", str(captions / name)], together=together.get(name)))
+            *sample, *one_cpu, *prompt, "--model_name", model, "--method", names[name],
+            "--output_dir", str(captions / name)], together=together))
     stages.append(stage(f"bon {names['zs_BoN']}", "bon", captions / "zs_BoN", [
         *sample, *long, "--model_name", base, "--method", names["zs_BoN"], "--reward_model", str(runs / "rm_a"),
         "--reward_max_length", reward_length, "--candidates_factor", str(cfg.candidates_factor),
@@ -195,10 +196,10 @@ def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], rel
         # Reward model B judges; A's scores of the same captions are the reward each method was tuned for.
         stage("judge (reward model B)", "judge", out / "judge", [
             *judged, "--reward_model", str(runs / "rm_b"), "--output_dir", str(out / "judge")],
-            together=None if cfg.use_gpu else "judges"),
+            together=wave("judges")),
         stage("reward A", "judge", out / "reward_a", [
             *judged, "--reward_model", str(runs / "rm_a"), "--output_dir", str(out / "reward_a")],
-            together=None if cfg.use_gpu else "judges"),
+            together=wave("judges")),
         stage("report", "report", out / "report", [
             *data, "--judge_dir", str(out / "judge"), "--reward_dir", str(out / "reward_a"), "--generations",
             *generations, "--title", f"humor_ray study: {cfg.policy}", "--output_dir", str(out / "report")]),
