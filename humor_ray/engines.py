@@ -268,11 +268,13 @@ class HFEngine(_Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+        from humor_ray.models.loading import from_pretrained
+
         self.device = "cuda" if torch.cuda.is_available() and gpu_memory > 0 else "cpu"
         auto = AutoModelForImageTextToText if self.processor is not None else AutoModelForCausalLM
         # bf16 on a GPU, as vLLM there and as the PPO trainer computes (`learners.precision`).
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = auto.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.model = from_pretrained(auto, model_dir, dtype=dtype).to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

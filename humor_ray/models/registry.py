@@ -37,6 +37,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 
 from humor_ray.config import UserError
 from humor_ray.models import builders
+from humor_ray.models.loading import MODEL_LOADING
 
 AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
@@ -169,6 +170,11 @@ def load_model(spec: str, kind: str = "causal_lm", cache_dir: str | os.PathLike 
     if spec in PRESETS and kind not in PRESETS[spec]:
         raise ModelError(f"{spec} loads as {' or '.join(PRESETS[spec])}, not as {kind}")
     path = resolve(spec, cache_dir)
+    with MODEL_LOADING:  # the load and the resize below both tie weights (models.loading says why)
+        return _load_resolved(path, kind, dtype, new_padding_token)
+
+
+def _load_resolved(path: str, kind: str, dtype: torch.dtype, new_padding_token: bool):
     if kind == "image_text":
         processor = load_processor(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
@@ -195,7 +201,9 @@ def _cached(root: Path, name: str, build: Callable[[Path], None]) -> Path:
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(root / f".{name}.lock"):
+    # MODEL_LOADING first: a build loads and ties models, and a preset built on another one (smollm2-llava)
+    # takes that one's file lock while it holds its own.
+    with MODEL_LOADING, FileLock(root / f".{name}.lock"):
         if final.is_dir():  # another process built it while we waited for the lock
             return final
         for stale in root.glob(f".{name}.tmp*"):  # left by a build that crashed

@@ -178,11 +178,13 @@ def load_single_view(model_dir: str, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from humor_ray.models.loading import from_pretrained
+
     processor = single_view_processor(AutoProcessor.from_pretrained(model_dir))
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     config = single_view_config(AutoConfig.from_pretrained(model_dir))
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, config=config, dtype=dtype or torch.float32)
+    model = from_pretrained(AutoModelForImageTextToText, model_dir, config=config, dtype=dtype or torch.float32)
     model.config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
 

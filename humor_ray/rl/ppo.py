@@ -240,27 +240,28 @@ def _build_models(cfg: Config, policy_dir: str, restored: str | None, critic: bo
     import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from humor_ray.models.loading import from_pretrained
     from humor_ray.rl import algorithms as alg
 
     dtype = precision.weights
     if restored and cfg.lora_r > 0:
         from peft import PeftModel
 
-        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype),
+        policy = PeftModel.from_pretrained(from_pretrained(AutoModelForCausalLM, policy_dir, dtype=dtype),
                                            os.path.join(restored, "policy"), is_trainable=True)
     elif restored:
-        policy = AutoModelForCausalLM.from_pretrained(os.path.join(restored, "policy"), dtype=dtype)
+        policy = from_pretrained(AutoModelForCausalLM, os.path.join(restored, "policy"), dtype=dtype)
     else:
-        policy = _lora(cfg, AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype), "CAUSAL_LM")
+        policy = _lora(cfg, from_pretrained(AutoModelForCausalLM, policy_dir, dtype=dtype), "CAUSAL_LM")
     reference = None
     if cfg.lora_r <= 0:
-        reference = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
+        reference = from_pretrained(AutoModelForCausalLM, policy_dir, dtype=dtype)
         reference = reference.eval().requires_grad_(False)
     value = None
     if critic:
         # The backbone alone: the checkpoint's language-model head is expected to go unused.
         transformers.logging.set_verbosity_error()
-        backbone = AutoModel.from_pretrained(policy_dir, dtype=dtype)
+        backbone = from_pretrained(AutoModel, policy_dir, dtype=dtype)
         transformers.logging.set_verbosity_warning()
         value = alg.ValueModel(_lora(cfg, backbone, "FEATURE_EXTRACTION"))
         if restored:

@@ -71,9 +71,11 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from humor_ray.models.loading import from_pretrained
+
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(spec)
-        self.model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=torch.float32)
+        self.model = from_pretrained(AutoModelForSequenceClassification, spec, dtype=torch.float32)
         self.model.to(self.device).eval()
 
     def pid(self) -> int:

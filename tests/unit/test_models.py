@@ -104,6 +104,36 @@ def test_concurrent_resolves_build_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny.lock", "tiny"]
 
 
+def test_loads_from_several_threads_leave_weight_tying_working(tiny_cache):
+    """transformers swaps PreTrainedModel.tie_weights for a no-op during each load and puts back what it found:
+    unguarded loads in threads (stages side by side in one driver) leave the no-op behind for the whole
+    process, and every tied model loaded after that (SmolLM2) keeps an untied, unloaded output layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+    from humor_ray.models.loading import from_pretrained
+
+    path = resolve("tiny", cache_dir=tiny_cache)
+    tie_weights = PreTrainedModel.tie_weights
+
+    def load_three_times():
+        for kind in ("causal_lm", "reward", "causal_lm"):
+            load_model(path, kind=kind, new_padding_token=True)
+        from_pretrained(AutoModelForCausalLM, path)
+
+    threads = [threading.Thread(target=load_three_times) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert PreTrainedModel.tie_weights is tie_weights
+        tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, tie_word_embeddings=True))
+        assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    finally:
+        PreTrainedModel.tie_weights = tie_weights  # a failure here must not untie the rest of the suite
+
+
 def test_a_failed_build_leaves_no_cache(tmp_path, monkeypatch):
     def crash(out):
         (out / "config.json").write_text("{}")
