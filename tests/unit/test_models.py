@@ -115,17 +115,21 @@ def test_loads_from_several_threads_leave_weight_tying_working(tiny_cache):
     path = resolve("tiny", cache_dir=tiny_cache)
     tie_weights = PreTrainedModel.tie_weights
 
-    def load_three_times():
+    finished = []  # a thread's exception would not reach this test: count the threads that loaded everything
+
+    def load_four_times():
         for kind in ("causal_lm", "reward", "causal_lm"):
             load_model(path, kind=kind, new_padding_token=True)
         from_pretrained(AutoModelForCausalLM, path)
+        finished.append(True)
 
-    threads = [threading.Thread(target=load_three_times) for _ in range(4)]
+    threads = [threading.Thread(target=load_four_times) for _ in range(4)]
     try:
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        assert len(finished) == len(threads)
         assert PreTrainedModel.tie_weights is tie_weights
         tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                             num_attention_heads=2, tie_word_embeddings=True))
