@@ -33,6 +33,27 @@ def test_the_length_controlled_win_rate_of_a_hand_computed_example():
     assert lc_win_rate(range(8), wins, [0.0] * 8, 50, 1)[0] == pytest.approx(5 / 8, abs=2e-3)
 
 
+def test_every_bootstrap_fit_reaches_the_optimum_of_its_own_weighted_likelihood():
+    """The fits of all resamples are solved together: each one's penalised score equations hold at its answer."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 3, 120)
+    y = (rng.random(120) < 1 / (1 + np.exp(-(0.4 + 0.3 * x)))).astype(float)
+    weights = benchmark._contest_weights(rng.integers(0, 30, 120), 200, 7)
+    intercepts = benchmark._logistic_intercepts(x, y, weights)
+    for row, intercept in zip(weights, intercepts):
+        # The slope that goes with this intercept: the root of the second score equation, by bisection.
+        def score(slope, b0=intercept, w=row):
+            p = 1 / (1 + np.exp(-(b0 + slope * x)))
+            return np.sum(w * (y - p) * x) - 1e-3 * slope
+        low, high = -10.0, 10.0
+        for _ in range(100):
+            low, high = ((low + high) / 2, high) if score((low + high) / 2) > 0 else (low, (low + high) / 2)
+        p = 1 / (1 + np.exp(-(intercept + low * x)))
+        assert np.sum(row * (y - p)) - 1e-3 * intercept == pytest.approx(0, abs=1e-6)
+
+
 def test_win_rates_carry_the_length_controlled_rate_beside_the_raw_one():
     judgments = [{"contest": c, "method": "m", "against": "top10", "win": float(w), "length_diff": d}
                  for c, (w, d) in enumerate(zip([1, 1, 1, 0] * 3 + [1, 0, 0, 0], [3.0] * 12 + [-3.0] * 4))]
