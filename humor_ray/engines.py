@@ -186,8 +186,8 @@ class VLLMEngine(_Engine):
         lora = {"enable_lora": True, "max_loras": 1, "max_lora_rank": vllm_lora_rank(max_lora_rank)} \
             if max_lora_rank > 0 else {}
         # vLLM collects garbage five times while it starts, each a pass over every object the imports made
-        # (torch, transformers, vLLM), which live as long as the process: frozen, the collector skips them,
-        # and the engine starts in 1.5 s instead of 3.4 (tiny, on one core).
+        # (torch, transformers, vLLM), which live as long as the process: frozen, the collector skips them
+        # (bench/engine_start.py: the engine's start 0.71x).
         gc.freeze()
         self.llm = LLM(model=model_dir, seed=seed, max_model_len=max_model_len, enforce_eager=not gpu,
                        dtype="bfloat16" if gpu else "float32", distributed_executor_backend="uni",

@@ -1,4 +1,5 @@
-"""One place that turns a model spec into a local Hugging Face directory and loads (model, tokenizer).
+"""One place that turns a model spec into a local Hugging Face directory and loads (model, tokenizer). What a
+spec may name is checked without torch or transformers in humor_ray.models.specs, which the command line uses.
 
 Specs:
 - a preset: `tiny` (a 2-layer Llama with a locally trained tokenizer, for tests), `smollm2-135m`
