@@ -24,6 +24,7 @@ from pathlib import Path
 
 from humor_ray import pipeline
 from humor_ray.config import ConfigError, Options, data_root, field, load_yaml
+from humor_ray.engines import ENGINES
 from humor_ray.log import get_logger
 
 log = get_logger("study")
@@ -87,6 +88,9 @@ class StudyConfig(Options):
     captions: int = field(10, "captions per method and contest", minimum=1)
     candidates_factor: int = field(5, "best-of-N: candidates per kept caption", minimum=1)
     use_gpu: bool = field(False, "generation, best-of-N and the judges on GPUs (the training specs say their own)")
+    engine: str | None = field(None, "what samples captions in generation, best-of-N and PPO's rollouts: vllm, or hf "
+                                     "(Hugging Face generate, slower per caption but quicker to start, and no vLLM "
+                                     "needed); unset: vllm, or the PPO spec's", choices=ENGINES)
     seed: int = field(2024, "seed of the evaluation contests' sample", minimum=0)
 
     def __post_init__(self):
@@ -104,6 +108,10 @@ def _training_budget(steps: int | None, eval_examples: int | None) -> list[str]:
     half = str(max(1, steps // 2))
     return ["--max_steps", str(steps), "--eval_steps", half, "--save_steps", half,
             "--logging_steps", str(max(1, steps // 10)), *evaluated]
+
+
+def _engine(cfg: StudyConfig) -> list[str]:
+    return ["--engine", cfg.engine] if cfg.engine else []
 
 
 def method_names(cfg: StudyConfig) -> dict[str, str]:
@@ -143,7 +151,7 @@ def training_stages(cfg: StudyConfig, datasets: Path) -> list[pipeline.Stage]:
     rl_budget = [] if cfg.ppo_steps is None else ["--max_steps", str(cfg.ppo_steps),
                                                   "--save_steps", str(max(1, cfg.ppo_steps // 4))]
     stages.append(stage("ppo", "ppo", runs / "ppo", [
-        *data, *rl_budget, *(["--estimator", cfg.estimator] if cfg.estimator else []), "--simple_prompt",
+        *data, *rl_budget, *(["--estimator", cfg.estimator] if cfg.estimator else []), *_engine(cfg), "--simple_prompt",
         "--model_name", str(runs / "sft_simple" / "final"), "--reward_model", str(runs / "rm_a"),
         "--output_dir", str(runs / "ppo")], profile.ppo))
     return stages
@@ -164,7 +172,7 @@ def evaluation_stages(cfg: StudyConfig, datasets: Path, contests: list[int], rel
     names = method_names(cfg)
     stage = pipeline.Stage
     sample = [*data, "--contests", *map(str, contests), "--n", str(cfg.captions), "--seed", str(cfg.seed),
-              *(["--use_gpu"] if cfg.use_gpu else [])]
+              *(["--use_gpu"] if cfg.use_gpu else []), *_engine(cfg)]
     # On CPUs, three policies' captions side by side, each engine on one CPU (the local cluster's fourth is left to
     # the Ray Data tasks beside them), then both judges side by side, as in the demo: a short stage is mostly its
     # engine or reward model starting on one core. PPO's captions and best-of-N (the longest stage: its candidates

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -127,24 +126,20 @@ def registered_checkpoints(fs, run_path: str) -> list[str]:
     return [result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]]
 
 
-def stop_cluster(head: subprocess.Popen, gcs_port: int, grace: float = 5.0) -> None:
-    """Stop a `ray start --block` head and every process of its cluster, and only those. Ray's graceful
-    stop takes about 30 s; after `grace` seconds what is left (its process group, and the processes that
-    name its GCS port) is killed."""
+def stop_cluster(head: subprocess.Popen, gcs_port: int) -> None:
+    """Stop a `ray start --block` node and every process of its cluster, and only those: its process group, and
+    the processes that name its GCS port. They are killed: Ray's graceful stop takes about 30 s, and nothing of a
+    test's cluster is needed after the test."""
     import psutil
 
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        for process in psutil.process_iter(["cmdline"]):
-            try:
-                same_group = os.getpgid(process.pid) == head.pid
-                if same_group or any(f":{gcs_port}" in part for part in process.info["cmdline"] or []):
-                    process.kill()
-            except (psutil.Error, ProcessLookupError):  # gone meanwhile
-                pass
-        head.wait(timeout=60)
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            same_group = os.getpgid(process.pid) == head.pid
+            if same_group or any(f":{gcs_port}" in part for part in process.info["cmdline"] or []):
+                process.kill()
+        except (psutil.Error, ProcessLookupError):  # gone meanwhile
+            pass
+    head.wait(timeout=60)
 
 
 @pytest.fixture

@@ -142,17 +142,24 @@ def test_data_build_job_scales_workers_up_and_down(autoscaling_head, real_data, 
     launched = worker_nodes(address)
     assert launched and first_up is not None, f"no worker node was launched for the job: {launched}"
 
-    deadline = time.time() + 120  # idle_timeout_minutes 0.2, and the autoscaler's own period
-    while "ALIVE" in worker_nodes(address).values():
-        assert time.time() < deadline, f"idle worker nodes were not removed: {worker_nodes(address)}"
-        time.sleep(2)
-    removed = time.time() - started - wall
-
-    # The same datasets as a build on a local Ray.
-    local = subprocess.run([sys.executable, "-m", "humor_ray", *build[1:], "--output", str(tmp_path / "local")],
-                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-                           capture_output=True, text=True, timeout=240)
-    assert local.returncode == 0, local.stderr
+    # The same datasets as a build on a local Ray, built while the idle nodes wait out their timeout.
+    local_log = tmp_path / "local-build.log"
+    with open(local_log, "w") as output:
+        local = subprocess.Popen([sys.executable, "-m", "humor_ray", *build[1:], "--output", str(tmp_path / "local")],
+                                 env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                                 stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120  # idle_timeout_minutes 0.2, and the autoscaler's own period
+        while "ALIVE" in worker_nodes(address).values():
+            assert time.time() < deadline, f"idle worker nodes were not removed: {worker_nodes(address)}"
+            time.sleep(2)
+        removed = time.time() - started - wall
+        local.wait(timeout=240)
+    finally:
+        if local.poll() is None:  # the test failed meanwhile: the build stops its own Ray on SIGTERM
+            local.terminate()
+            local.wait(timeout=60)
+    assert local.returncode == 0, local_log.read_text()
     files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.parquet"))
     assert files and files == sorted(p.relative_to(tmp_path / "on-cluster")
                                      for p in (tmp_path / "on-cluster").rglob("*.parquet"))

@@ -18,10 +18,14 @@ def test_study_trains_and_judges_every_method_then_resumes_where_it_stopped(tmp_
     out = tmp_path / "study"
     argv = ["study", "--policy", "tiny", "--datasets", str(datasets_dir), "--output", str(out), "--train_steps", "1",
             "--rm_steps", "1", "--ppo_steps", "1", "--eval_examples", "8", "--rm_eval_pairs", "8",
-            "--eval_contests", "2", "--captions", "2", "--candidates_factor", "2"]
+            "--eval_contests", "2", "--candidates_factor", "2", "--captions", "2", "--engine", "hf"]
     assert main(argv) == 0
     first = capfd.readouterr().err
     assert "skipped" not in first and "wall time of the stages this run ran (min): sft " in first
+    # Every stage that samples captions ran on the engine named once (vLLM's start is tested beside its engines).
+    sampling = [line for line in first.splitlines()
+                if any(f"humor-ray {command} " in line for command in ("generate", "bon", "ppo"))]
+    assert len(sampling) == 6 and all("--engine hf" in line for line in sampling), sampling
 
     winrates = json.loads((out / "judge" / "winrates.json").read_text())
     judged = {r["method"] for r in winrates["win_rates"]}

@@ -72,6 +72,20 @@ def test_budgets_shorten_every_training_stage(tmp_path):
     assert all("--max_steps" not in args_of(s) for s in stages)
 
 
+def test_one_engine_flag_reaches_every_stage_that_samples_captions(tmp_path):
+    cfg, stages = stages_of("study-smollm2.yaml", "--engine", "hf", tmp_path=tmp_path)
+    engines = {s.name: args_of(s).get("--engine") for s in stages}
+    names = study.method_names(cfg)
+    sampling = {"ppo", f"bon {names['zs_BoN']}", *(f"generate {names[m]}" for m in ("zs", "sft", "dpo", "ppo"))}
+    assert {name for name, engine in engines.items() if engine == ["hf"]} == sampling
+    assert {name for name, engine in engines.items() if engine is not None} == sampling
+    # Unset, each command's own default (vllm) or the PPO spec's engine.
+    _, stages = stages_of("study-smollm2.yaml", tmp_path=tmp_path)
+    assert not any("--engine" in args_of(s) for s in stages)
+    with pytest.raises(UserError, match="--engine"):
+        stages_of("study-smollm2.yaml", "--engine", "tgi", tmp_path=tmp_path)
+
+
 def test_policies_and_reward_models_evaluate_on_their_own_held_out_counts(tmp_path):
     _, stages = stages_of("study-smollm2.yaml", "--eval_examples", "50", "--rm_eval_pairs", "300", tmp_path=tmp_path)
     by_name = {s.name: args_of(s) for s in stages}
