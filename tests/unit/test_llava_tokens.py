@@ -3,6 +3,7 @@ the model's processor before training; rows that cannot fit are left out, a reci
 The paper's 7B recipe is checked with llava-v1.6-mistral's processor settings, built here from config."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -83,15 +84,19 @@ def image_tokens(processor, image):
 
 
 def test_the_7b_recipe_reads_each_cartoon_as_one_576_token_view_that_fits(llava_next_processor):
-    cartoons = {name: open_image(IMAGES, name) for name in sorted(os.listdir(IMAGES))}
-    # LLaVA-NeXT's own processor tiles the cartoons: most of them alone overflow 2,048 tokens.
-    native = {name: image_tokens(llava_next_processor, image) for name, image in cartoons.items()}
-    assert (min(native.values()), max(native.values())) == (1272, 2928)
-    assert sum(n > 2048 for n in native.values()) == 173 and len(native) == 186
     recipe = yaml.safe_load((JOBS / "llava-7b.yaml").read_text())
     assert recipe["image_aspect_ratio"] == "pad"
     padded = single_view_processor(llava_next_processor)
-    assert {image_tokens(padded, image) for image in cartoons.values()} == {576}
+    names = sorted(os.listdir(IMAGES))
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes and resizes outside the GIL: every core
+        cartoons = list(pool.map(lambda name: open_image(IMAGES, name), names))
+        native = dict(zip(names, pool.map(lambda image: image_tokens(llava_next_processor, image), cartoons)))
+        single_view = set(pool.map(lambda image: image_tokens(padded, image), cartoons))
+    # LLaVA-NeXT's own processor tiles the cartoons: most of them alone overflow 2,048 tokens.
+    assert (min(native.values()), max(native.values())) == (1272, 2928)
+    assert sum(n > 2048 for n in native.values()) == 173 and len(native) == 186
+    # The recipe's padded single view: 576 tokens for every cartoon.
+    assert single_view == {576}
     # Then a row fits, even with the widest cartoons and a long caption.
     widest = sorted(native, key=native.get)[-3:]
     table = rows(*((int(Path(name).stem), "Well, it was the last table by the window, " * 3) for name in widest))
