@@ -8,9 +8,10 @@ trainer's own logs (tokens seen, time since training began), so start-up stays o
 outside the training loop (start-up, data, the final save) is reported separately, and for Ray Train
 phase by phase, from the `timings` the run itself records in its metrics.json (the driver and rank 0):
 once starting its own local cluster, as a lone command does, and once joining one already running, as each
-stage of the demo or the study does. `--ray_defaults` adds a fourth side, the same Ray Train run with Ray
-Train's own settings instead of the ones a local cluster gets (`humor_ray.cluster.LOCAL_TRAIN_ENV`), to show
-what those settings save.
+stage of the demo or the study does. `--ray_defaults` adds a fourth side, the same Ray Train run as Ray Train
+comes: its own settings instead of the ones a local cluster gets (`humor_ray.cluster.LOCAL_TRAIN_ENV`), and every
+helper actor it starts for a run (`humor_ray.train.ray_trainer.StageTrainer` leaves two out), to show what those
+changes save.
 DIR holds the datasets of `humor-ray data build` (sft_simple is used).
 """
 
@@ -60,7 +61,8 @@ def run_options(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ray_defaults", action="store_true",
-                        help="also time the Ray Train run with Ray Train's defaults for LOCAL_TRAIN_ENV's settings")
+                        help="also time the Ray Train run as Ray Train comes: its defaults for LOCAL_TRAIN_ENV's "
+                             "settings, and every helper actor")
     return parser
 
 
@@ -68,16 +70,23 @@ def run_options(description: str) -> argparse.ArgumentParser:
 RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
 
 
-def run_on_ray(args, env: dict | None = None, running: bool = False) -> tuple[float, float, dict]:
+def run_on_ray(args, env: dict | None = None, running: bool = False, stock: bool = False
+               ) -> tuple[float, float, dict]:
     """(steady tokens/s, seconds outside the loop, the run's own `timings`); `env`: settings for this run only
     (the local cluster it starts, and its workers, inherit them); `running`: the run joins a cluster started
-    before it (as a stage of the demo or the study does), not one it starts itself."""
+    before it (as a stage of the demo or the study does), not one it starts itself; `stock`: with every helper
+    actor Ray Train starts (TorchTrainer's own callbacks)."""
     import ray
+    from ray.train.torch import TorchTrainer
 
     from humor_ray.cluster import init_ray
+    from humor_ray.train.ray_trainer import StageTrainer
 
     saved = {key: os.environ.get(key) for key in LOCAL_TRAIN_ENV}
     os.environ.update(env or {})
+    ours = StageTrainer._create_default_callbacks
+    if stock:
+        StageTrainer._create_default_callbacks = TorchTrainer._create_default_callbacks
     with tempfile.TemporaryDirectory(prefix="overhead_ray_") as out:
         if running:
             init_ray(dashboard=True)
@@ -87,6 +96,7 @@ def run_on_ray(args, env: dict | None = None, running: bool = False) -> tuple[fl
         finally:
             wall = time.perf_counter() - started
             ray.shutdown()  # each run starts (or joins) its cluster itself, as a user's command does
+            StageTrainer._create_default_callbacks = ours
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -142,7 +152,7 @@ def main() -> None:
         results["Ray Train (1 worker)"].append(run_on_ray(args))
         results["Ray Train, cluster running"].append(run_on_ray(args, running=True))
         if args.ray_defaults:
-            results["Ray Train, Ray's defaults"].append(run_on_ray(args, RAY_TRAIN_DEFAULTS))
+            results["Ray Train, Ray's defaults"].append(run_on_ray(args, RAY_TRAIN_DEFAULTS, stock=True))
     print(f"\n{args.model}, {args.steps} steps x {args.batch} examples, {args.threads} threads, "
           f"median of {args.repeats}")
     print(f"{'':30}{'steady tokens/s':>16}{'outside training (s)':>22}")

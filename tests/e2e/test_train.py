@@ -28,14 +28,21 @@ def metrics_of(out):
     return json.loads((out / "metrics.json").read_text())
 
 
-def dataset_managers() -> int:
-    """How many of Ray Train's DatasetManager actors the session's cluster has started, ended ones too."""
+def actors_started(class_name: str) -> int:
+    """How many actors of the class the session's cluster has started, ended ones too."""
     import ray
     from ray.util.state import list_actors
 
     found = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False,
-                        filters=[("class_name", "=", "DatasetManager")])
+                        filters=[("class_name", "=", class_name)])
     return len(found)
+
+
+def placement_groups_held() -> int:
+    """Placement groups of the session's cluster that still hold (or wait for) resources."""
+    import ray
+
+    return sum(group["state"] != "REMOVED" for group in ray.util.placement_group_table().values())
 
 
 def steps_logged(metrics, key="loss"):
@@ -47,10 +54,14 @@ def test_sft_trains_checkpoints_exports_and_resumes_on_rerun(tmp_path, datasets_
     config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
                   lora_r=8, lora_alpha=16, **{**SMALL, "report_to": ["tensorboard"]})
     scratch_before = scratch_folders()
-    managers_before = dataset_managers()
+    managers_before, cleaners_before = actors_started("DatasetManager"), actors_started("PlacementGroupCleaner")
+    groups_before = placement_groups_held()
     sft.run(sft.Config(**config))
-    # The workers read this small split themselves: the run started no Ray Data actor for it.
-    assert dataset_managers() == managers_before
+    # The workers read this small split themselves: the run started no Ray Data actor for it, nor Ray Train's
+    # placement-group cleaner (train/ray_trainer.py); the run removed its placement group itself.
+    assert actors_started("DatasetManager") == managers_before
+    assert actors_started("PlacementGroupCleaner") == cleaners_before
+    assert placement_groups_held() == groups_before
     assert len(list((out / "ray" / "sft").glob("checkpoint_*/checkpoint"))) == 2
     first = metrics_of(out)
     assert steps_logged(first) == [1, 2, 3, 4] and first["resumed_from"] is None
@@ -206,9 +217,9 @@ def test_each_worker_trains_on_each_of_its_rows_once_per_epoch(tmp_path, dataset
     monkeypatch.setenv("HUMOR_RAY_RECORD_TRAIN_ROWS", str(record))
     config = dict(output_dir=str(tmp_path / "sft"), dataset_dir=str(datasets_dir), model_name="tiny",
                   simple_prompt=True, num_workers=2, do_eval=False, **SMALL)
-    managers_before = dataset_managers()
+    managers_before = actors_started("DatasetManager")
     sft.run(sft.Config(**config))
-    assert dataset_managers() == managers_before + 1  # Ray Train's actor that splits the stream
+    assert actors_started("DatasetManager") == managers_before + 1  # Ray Train's actor that splits the stream
     held = {}
     for rank in (0, 1):
         rows = (record / f"rank{rank}-rows.jsonl").read_text().splitlines()
