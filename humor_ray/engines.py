@@ -34,7 +34,16 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Every process that runs vLLM: its engine core in-process, a small KV cache on CPU, and none of its
 # per-request and per-reload info lines, which would drown the run's own progress.
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+# A CPU engine runs eagerly (enforce_eager), yet vLLM wraps a few sampling helpers (the ranks of its log-probs
+# among them) in torch.compile: each engine process compiled them on its first request, 5 s from the compile
+# cache and 20 s more of C++ on a machine whose cache is empty. With dynamo off they run as plain PyTorch.
+CPU_EAGER_ENV = {"TORCHDYNAMO_DISABLE": "1"}
 log = get_logger("rollout")
+
+
+def vllm_env(gpu: bool) -> dict:
+    """The environment of an engine process: VLLM_ENV, and on CPUs no torch.compile (CPU_EAGER_ENV)."""
+    return {**VLLM_ENV, **({} if gpu else CPU_EAGER_ENV)}
 
 
 class StaleWeights(Exception):
@@ -380,7 +389,7 @@ def start_engines(kind: str, model_dir: str, count: int, *, num_cpus: float = 1,
 
     cls = engine_class(kind)
     options = dict(options or {})
-    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false", **VLLM_ENV,
+    env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus))), "TOKENIZERS_PARALLELISM": "false", **vllm_env(gpu_memory > 0),
            **options.pop("runtime_env", {}).get("env_vars", {})}
     actor = ray.remote(cls).options(**{"num_cpus": num_cpus, "num_gpus": num_gpus, **options}, max_restarts=-1,
                                     runtime_env={"env_vars": env})

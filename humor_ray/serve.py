@@ -61,7 +61,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from humor_ray.config import ConfigError, UserError, field
-from humor_ray.engines import Decoding
+from humor_ray.engines import CPU_EAGER_ENV, Decoding
 from humor_ray.eval.client import is_loopback
 from humor_ray.log import get_logger
 from humor_ray.models import registry
@@ -245,7 +245,7 @@ def llm_config(cfg: ServeConfig) -> LLMConfig:
         engine_kwargs=engine_kwargs, deployment_config=deployment,
         lora_config={"max_num_adapters_per_replica": max(1, len(adapters))} if adapters else None,
         server_cls=CaptionServer,
-        runtime_env={"env_vars": {**REPLICA_ENV, ADAPTERS_ENV: json.dumps(adapters)}})
+        runtime_env={"env_vars": {**REPLICA_ENV, **({} if gpu else CPU_EAGER_ENV), ADAPTERS_ENV: json.dumps(adapters)}})
 
 
 def build_app(args: dict | ServeConfig):

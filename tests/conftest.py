@@ -57,20 +57,44 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def datasets_dir(request, tmp_path_factory, real_data, ray_local):
-    """`humor-ray data build` of the real data a test module names in its `REAL_DATASETS`: `summaries` (a glob
-    under summaries/), `datasets` (which to write) and `images` (with the cartoons, default no); the paper's
-    splits and the Humor-in-AI descriptions always. Each module builds only what its tests read."""
+def build_datasets(out: Path, real_data: Path, summaries: str, datasets: list[str], images: bool = False) -> Path:
+    """`humor-ray data build` into `out` of the summaries matching `summaries` (a glob under summaries/), writing
+    `datasets`, with the paper's splits and the Humor-in-AI descriptions, and the cartoons with `images`."""
     from humor_ray.data import build
 
-    spec = request.module.REAL_DATASETS
-    out = tmp_path_factory.mktemp(f"{request.module.__name__}_datasets")
     build.run(build.BuildConfig(
-        input=str(real_data / "summaries" / spec["summaries"]), output=str(out),
+        input=str(real_data / "summaries" / summaries), output=str(out),
         splits=str(real_data / "benchmarks" / "humor_in_ai_splits.json"),
         descriptions=[str(real_data / "descriptions" / "humor_in_ai_prompt_descriptions.csv")],
-        images=str(real_data / "images") if spec.get("images") else None, datasets=spec["datasets"]))
+        images=str(real_data / "images") if images else None, datasets=datasets))
+    return out
+
+
+@pytest.fixture(scope="module")
+def datasets_dir(request, tmp_path_factory, real_data, ray_local):
+    """The datasets a test module names in its `REAL_DATASETS`: `summaries` (a glob under summaries/), `datasets`
+    (which to write) and `images` (with the cartoons, default no). Each module builds only what its tests read."""
+    spec = request.module.REAL_DATASETS
+    return build_datasets(tmp_path_factory.mktemp(f"{request.module.__name__}_datasets"), real_data,
+                          spec["summaries"], spec["datasets"], spec.get("images", False))
+
+
+# The reward model's run: a few steps on two contests' pairs, evaluated and checkpointed every second step.
+REWARD_MODEL_RUN = dict(model_name="minilm", learning_rate=5e-5, max_steps=4, eval_steps=2, save_steps=2,
+                        logging_steps=1, per_device_train_batch_size=4, max_eval_examples=16, max_length=256,
+                        max_failures=0, report_to=["none"])
+
+
+@pytest.fixture(scope="session")
+def reward_model_run(tmp_path_factory, real_data, ray_local) -> Path:
+    """The output folder of one `humor-ray rm` run (REWARD_MODEL_RUN), trained once for the session: test_train
+    checks the run itself, test_rl's PPO scores its captions with it."""
+    from humor_ray.train import rm
+
+    data = build_datasets(tmp_path_factory.mktemp("reward_model_datasets"), real_data, "53[06]_LilUCB.csv",
+                          ["pairs"])
+    out = tmp_path_factory.mktemp("reward_model") / "rm"
+    rm.run(rm.Config(output_dir=str(out), dataset_dir=str(data), **REWARD_MODEL_RUN))
     return out
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from humor_ray.config import ConfigError, UserError, data_root, field
 from humor_ray.data.generations import choose_contests
 from humor_ray.data.outputs import require_complete, written_aside
-from humor_ray.engines import ENGINES, VLLM_ENV, Decoding, DecodingOptions, clean_caption
+from humor_ray.engines import ENGINES, Decoding, DecodingOptions, clean_caption, vllm_env
 from humor_ray.eval.diversity import EMBEDDING_MODELS
 from humor_ray.infer.selection import SELECTIONS
 from humor_ray.log import get_logger
@@ -241,7 +241,7 @@ def _generate(cfg: GenerateConfig, per_contest: int):
                                "decoding": decoding, "max_attempts": cfg.max_attempts, "seed": cfg.seed,
                                "figures": figures(cfg), "images": cfg.images if vision else None,
                                "gpu_memory": engine.memory},
-        runtime_env={"env_vars": VLLM_ENV})
+        runtime_env={"env_vars": vllm_env(engine.memory > 0)})
     return prompts, rows, started
 
 

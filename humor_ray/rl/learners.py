@@ -172,10 +172,11 @@ def deepspeed_loading(cfg):
 
 def start_deepspeed(cfg):
     """DeepSpeed's process group and, under ZeRO-3, the config that must stay alive while models load."""
-    import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
+    from humor_ray.train.deepspeed_presets import start_process_group
+
+    start_process_group(cfg.use_gpu)
     if zero_stage(cfg) < 3:
         return None
     import torch.distributed as dist

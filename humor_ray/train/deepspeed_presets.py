@@ -30,6 +30,19 @@ def zero_optimization(preset: str, use_gpu: bool) -> dict:
     return zero
 
 
+def start_process_group(use_gpu: bool) -> None:
+    """DeepSpeed's process group: NCCL on GPUs, gloo on CPUs. On CPUs without DeepSpeed's shared-memory
+    all-reduce: that op is C++ that DeepSpeed compiles on its first use on a machine (40 s of both cores on two,
+    again whenever its compiler flags change) to speed up all-reduces a CPU run spends milliseconds in."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not use_gpu:
+        # deepspeed.comm builds the op only where this table (probed once per process) says it can.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
 def deepspeed_config(preset: str, use_gpu: bool) -> dict | str | None:
     """A DeepSpeed config for the HF Trainer ("auto" values are filled from the training args)."""
     if preset == "none":

@@ -29,7 +29,7 @@ from humor_ray.data.outputs import require_complete
 from humor_ray.log import get_logger, setup_logging
 from humor_ray.metrics import StageMetrics
 from humor_ray.placement import check_cluster, train_plan
-from humor_ray.train.deepspeed_presets import deepspeed_config, trainer_half_precision
+from humor_ray.train.deepspeed_presets import deepspeed_config, start_process_group, trainer_half_precision
 from humor_ray.train.export import PARTIAL, final_model, publish_final, rewrite_record, save_merged, start_final
 
 class TrainError(UserError):
@@ -349,10 +349,8 @@ def _train_on_worker(args: WorkerArgs, worker: WorkerContext) -> None:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     # TRL still calls the old gradient-checkpointing names; one warning per call floods the logs.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-    if cfg.deepspeed in ("zero3", "zero3_offload") and not cfg.use_gpu:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+    if cfg.deepspeed != "none" and not cfg.use_gpu:  # gloo, before the model loads (ZeRO-3 shards it as it loads)
+        start_process_group(use_gpu=False)
     train, evaluation = _worker_datasets(args, worker)
     marks["data_ready"] = time.time()
     trainer = _ready_trainer(cfg, stage, worker, args.board, train, evaluation)

@@ -1,8 +1,9 @@
-"""The stages' figures reach the Ray node's Prometheus endpoint: a real data build, a tiny SFT run and a
-few PPO steps submitted as Ray jobs, the node's metrics scraped over HTTP while they run."""
+"""The stages' figures reach the Ray node's Prometheus endpoint: a real data build, a tiny SFT run, a
+few PPO steps and a generation, submitted as one Ray job, the node's metrics scraped over HTTP while they run."""
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-# Four jobs: about 130-170 s on an idle 2-core machine, and twice that beside another CPU-heavy process.
+# Four stages: about 130-170 s on an idle 2-core machine, and twice that beside another CPU-heavy process.
 pytestmark = pytest.mark.timeout(600)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ def submit_and_watch(head_node, command: list[str], complete) -> dict:
     watcher.start()
     try:
         for _ in range(20):  # the dashboard answers before the node's job agent is up
-            submitted = subprocess.run(command, env=head_node.env, capture_output=True, text=True, timeout=240)
+            submitted = subprocess.run(command, env=head_node.env, capture_output=True, text=True, timeout=540)
             log = submitted.stdout + submitted.stderr
             if "No available agent to submit job" not in log:
                 break
@@ -72,41 +73,58 @@ def submit_and_watch(head_node, command: list[str], complete) -> dict:
 
 
 def test_data_build_sft_and_ppo_export_their_figures_to_the_node_metrics_endpoint(head_node, real_data, tmp_path):
+    """One job runs the four stages in turn, each a `humor-ray` command as a user would chain them (one job
+    instead of four: each submission starts its own supervisor and working directory)."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     # Two contests and a corrupted file (quarantined), as in the job-submission test.
     for name in ("530_LilUCB.csv", "536_LilUCB.csv", "591_KLUCB.csv"):
         shutil.copy(real_data / "summaries" / name, inputs / name)
     output = tmp_path / "metrics-build"
+    steps = 2
+    stages = [
+        ["humor-ray", "data", "build", "--input", str(inputs), "--output", str(output),
+         "--splits", str(real_data / "benchmarks" / "humor_in_ai_splits.json")],
+        # A few steps of SFT on those datasets: the Ray Train worker's trainer figures.
+        ["humor-ray", "sft", "--config", "jobs/sft-tiny.yaml", "--dataset_dir", str(output),
+         "--output_dir", str(tmp_path / "sft"), "--run_name", "metrics-sft", "--max_steps", "4",
+         "--logging_steps", "2", "--eval_steps", "4", "--save_steps", "4", "--max_eval_examples", "16"],
+        # Two GRPO steps with a diversity term on the same prompts, against the builtin reward: the trainer
+        # worker's step figures.
+        ["humor-ray", "ppo", "--config", "jobs/ppo-tiny.yaml", "--dataset_dir", str(output),
+         "--output_dir", str(tmp_path / "ppo"), "--run_name", "metrics-ppo", "--max_steps", str(steps),
+         "--save_steps", str(steps), "--report_to", "none", "--estimator", "grpo", "--diversity_weight", "0.5"],
+        # Captions from the tiny model for the evaluation contest: the engine actor's and the driver's figures.
+        # (The judge client's are checked in serving/test_judge_client.py, beside its server.)
+        ["humor-ray", "generate", "--model_name", "tiny", "--dataset_dir", str(output), "--method", "metrics-gen",
+         "--output_dir", str(tmp_path / "generate"), "--n", "4", "--max_new_tokens", "16"],
+    ]
     command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
-               "humor-ray", "data", "build", "--input", str(inputs), "--output", str(output),
-               "--splits", str(real_data / "benchmarks" / "humor_in_ai_splits.json")]
-    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_data_rows_written",
-                                                                   dataset="pairs")
-                            and series(seen, "humor_ray_data_pairs_written"))
-    run = {"run": "metrics-build", "stage": "data_build"}
+               "bash", "-c", " && ".join(shlex.join(stage) for stage in stages)]
+    build = {"run": "metrics-build", "stage": "data_build"}
+    train = {"run": "metrics-sft", "stage": "sft"}
+    ppo = {"run": "metrics-ppo", "stage": "ppo"}
+    generation = {"run": "metrics-gen", "stage": "generate"}
+    seen = submit_and_watch(head_node, command, lambda seen: (
+        series(seen, "humor_ray_data_rows_written", dataset="pairs") and series(seen, "humor_ray_data_pairs_written")
+        and series(seen, "humor_ray_train_eval", **train) and series(seen, "humor_ray_ppo_step", **ppo) == [steps]
+        and series(seen, "humor_ray_infer_captions_per_second", **generation)))
+
     report = json.loads((output / "report.json").read_text())
-    assert sum(series(seen, "humor_ray_data_files", outcome="read", **run)) == 3, seen
-    assert sum(series(seen, "humor_ray_data_rows_read", **run)) == report["captions"]["rows_read"]
-    assert sum(series(seen, "humor_ray_data_contests_built", **run)) == report["contests"]["total"] == 2
+    assert sum(series(seen, "humor_ray_data_files", outcome="read", **build)) == 3, seen
+    assert sum(series(seen, "humor_ray_data_rows_read", **build)) == report["captions"]["rows_read"]
+    assert sum(series(seen, "humor_ray_data_contests_built", **build)) == report["contests"]["total"] == 2
     pairs = report["datasets"]["pairs"]
-    written = {s: sum(series(seen, "humor_ray_data_rows_written", dataset="pairs", split=s, **run)) for s in pairs}
+    written = {s: sum(series(seen, "humor_ray_data_rows_written", dataset="pairs", split=s, **build)) for s in pairs}
     assert written == pairs
     quarantined = report["quarantined"]["rows_by_reason"]
     for reason, rows in quarantined.items():
-        assert sum(series(seen, "humor_ray_data_rows_quarantined", reason=reason, **run)) == rows
+        assert sum(series(seen, "humor_ray_data_rows_quarantined", reason=reason, **build)) == rows
     # The driver's end-of-build figures.
-    assert series(seen, "humor_ray_data_pairs_written", split="train", **run) == [pairs["train"]]
-    assert series(seen, "humor_ray_data_files_quarantined", **run) == [report["quarantined"]["files"]] == [1]
-    assert series(seen, "humor_ray_data_rows_read_per_second", **run)[0] > 0
+    assert series(seen, "humor_ray_data_pairs_written", split="train", **build) == [pairs["train"]]
+    assert series(seen, "humor_ray_data_files_quarantined", **build) == [report["quarantined"]["files"]] == [1]
+    assert series(seen, "humor_ray_data_rows_read_per_second", **build)[0] > 0
 
-    # A few steps of SFT on those datasets: the Ray Train worker's trainer figures.
-    command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
-               "humor-ray", "sft", "--config", "jobs/sft-tiny.yaml", "--dataset_dir", str(output),
-               "--output_dir", str(tmp_path / "sft"), "--run_name", "metrics-sft", "--max_steps", "4",
-               "--logging_steps", "2", "--eval_steps", "4", "--save_steps", "4", "--max_eval_examples", "16"]
-    train = {"run": "metrics-sft", "stage": "sft"}
-    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_train_eval", **train))
     logged = json.loads((tmp_path / "sft" / "metrics.json").read_text())
     assert series(seen, "humor_ray_train_step", **train) == [4]
     losses = [e["loss"] for e in logged["log_history"] if "loss" in e]
@@ -115,15 +133,6 @@ def test_data_build_sft_and_ppo_export_their_figures_to_the_node_metrics_endpoin
     eval_loss = series(seen, "humor_ray_train_eval", metric="loss", **train)
     assert eval_loss == [pytest.approx(logged["eval"]["eval_loss"])]
 
-    # Two GRPO steps with a diversity term on the same prompts, against the builtin reward: the trainer
-    # worker's step figures.
-    steps = 2
-    command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
-               "humor-ray", "ppo", "--config", "jobs/ppo-tiny.yaml", "--dataset_dir", str(output),
-               "--output_dir", str(tmp_path / "ppo"), "--run_name", "metrics-ppo", "--max_steps", str(steps),
-               "--save_steps", str(steps), "--report_to", "none", "--estimator", "grpo", "--diversity_weight", "0.5"]
-    ppo = {"run": "metrics-ppo", "stage": "ppo"}
-    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_ppo_step", **ppo) == [steps])
     last = json.loads((tmp_path / "ppo" / "metrics.json").read_text())["history"][-1]
     assert series(seen, "humor_ray_ppo_step", **ppo) == [steps]
     for name, key in (("reward", "reward/mean"), ("kl", "kl"), ("kl_coef", "kl_coef"),
@@ -135,20 +144,13 @@ def test_data_build_sft_and_ppo_export_their_figures_to_the_node_metrics_endpoin
     assert series(seen, "humor_ray_ppo_weight_version", engine="0", **ppo) == [steps - 1] == [last["engine_version"]]
     assert series(seen, "humor_ray_ppo_logprob_gap", engine="0", **ppo)[0] < 1e-3
 
-    # Captions from the tiny model for the evaluation contest, on those datasets: the engine actor's and the
-    # driver's figures. (The judge client's are checked in serving/test_judge_client.py, beside its server.)
-    command = [RAY, "job", "submit", "--address", head_node.address, "--working-dir", str(REPO), "--",
-               "humor-ray", "generate", "--model_name", "tiny", "--dataset_dir", str(output), "--method", "metrics-gen",
-               "--output_dir", str(tmp_path / "generate"), "--n", "4", "--max_new_tokens", "16"]
-    run = {"run": "metrics-gen", "stage": "generate"}
-    seen = submit_and_watch(head_node, command, lambda seen: series(seen, "humor_ray_infer_captions_per_second", **run))
     summary = json.loads((tmp_path / "generate" / "summary.json").read_text())
     missing = sum(summary["missing_captions"].values())
-    assert sum(series(seen, "humor_ray_infer_captions", **run)) == summary["captions"] > 0
-    assert series(seen, "humor_ray_infer_captions_missing", **run) == [missing]
+    assert sum(series(seen, "humor_ray_infer_captions", **generation)) == summary["captions"] > 0
+    assert series(seen, "humor_ray_infer_captions_missing", **generation) == [missing]
     # A caption still missing was drawn empty on each of its 3 attempts (--max_attempts).
-    assert sum(series(seen, "humor_ray_infer_empty_captions", **run)) >= 3 * missing
-    assert series(seen, "humor_ray_infer_captions_per_second", **run)[0] > 0
+    assert sum(series(seen, "humor_ray_infer_empty_captions", **generation)) >= 3 * missing
+    assert series(seen, "humor_ray_infer_captions_per_second", **generation)[0] > 0
 
 
 def test_grafana_dashboard_queries_the_metrics_the_code_exports():

@@ -7,12 +7,13 @@ import signal
 import threading
 import time
 import types
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from conftest import scratch_folders
+from conftest import REWARD_MODEL_RUN, scratch_folders
 
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
@@ -158,6 +159,8 @@ def test_vllm_and_hf_engines_agree_and_take_new_weights(ray_local):
         sampled = ray.get(vllm_engine.generate.remote(PROMPTS, 4, Decoding(max_new_tokens=20), 7))
         assert [s.prompt_index for s in sampled] == [0] * 4 + [1] * 4 + [2] * 4
         assert all(s.text.count("\n") <= 1 and (not s.text.count("\n") or s.text.endswith("\n")) for s in sampled)
+        # On CPUs vLLM's sampling helpers ran as plain PyTorch: no kernel compiled by torch.compile in the engine.
+        assert "torchinductor" not in Path(f"/proc/{ray.get(vllm_engine.pid.remote())}/maps").read_text()
     finally:
         for engine in (vllm_engine, hf_engine):
             ray.kill(engine)
@@ -359,50 +362,43 @@ def test_ppo_raises_a_known_reward_and_the_controller_steers_the_kl_to_its_targe
     assert list((out / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
 
 
-def test_grpo_with_a_diversity_term_logs_it_beside_the_reward(tmp_path, datasets_dir):
-    """Two GRPO steps with --diversity_weight: each step's captions embedded by the reward actor, the additive
-    term (W x each caption's mean distance to its group) in the history and TensorBoard. The HF engine: the term
-    is the reward actor's, whichever engine sampled (the metrics test runs the same on vLLM), and it starts sooner."""
-    out, weight = tmp_path / "grpo_diverse", 0.5
-    ppo.run(ppo.Config(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share",
-                       model_name="tiny", engine="hf", simple_prompt=True, estimator="grpo", samples_per_prompt=4,
-                       rollout_batch_size=2, mini_batch_size=8, diversity_weight=weight, max_steps=2,
-                       max_new_tokens=12, save_steps=2, report_to=["tensorboard"], max_failures=0))
-    history = history_of(out)
-    assert [m["step"] for m in history] == [1, 2]
-    for m in history:
-        # Sampled captions of a tiny model differ, yet not every one from every other in meaning.
-        assert 0 < m["diversity/mean"] < 2
-        assert m["diversity/term"] == pytest.approx(weight * m["diversity/mean"])
-    # The tags are stored as text in the event records.
-    events = b"".join(p.read_bytes() for p in (out / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
-    assert b"diversity/term" in events and b"reward/mean" in events
-
-
-def test_a_resumed_run_draws_as_an_uninterrupted_one_and_trains_only_the_scored_words(tmp_path, datasets_dir):
+def test_a_resumed_run_draws_as_an_uninterrupted_one_trains_only_the_scored_words_and_logs_its_diversity(
+        tmp_path, datasets_dir):
     """Rollouts are seeded by step: a run resumed after step 1 samples step 2 as the uninterrupted run does
     (restarted engines with their own generators would repeat their first draws). Captions cut at
-    --max_new_tokens are scored as their whole words, and only the tokens of those words are trained."""
-    max_new_tokens = 6
-    # The HF engine: seeding and resuming are the run's own (any engine samples a seed alike, as tested above),
-    # and it starts 10 s sooner than vLLM, three times here.
+    --max_new_tokens are scored as their whole words, and only the tokens of those words are trained.
+    The runs are GRPO with --diversity_weight: each step's captions are embedded by the reward actor, and the
+    additive term (W x each caption's mean distance to its group) is in the history and TensorBoard."""
+    max_new_tokens, weight = 6, 0.5
+    # The HF engine: seeding, resuming and the diversity term are the run's own, whichever engine sampled (any
+    # engine samples a seed alike, as tested above; the metrics test runs the term on vLLM), and it starts 10 s
+    # sooner than vLLM, three times here.
     config = dict(dataset_dir=str(datasets_dir), reward_model="builtin:vowel_share", model_name="tiny", engine="hf",
-                  simple_prompt=True, rollout_batch_size=2, samples_per_prompt=4, mini_batch_size=8,
-                  max_new_tokens=max_new_tokens, learning_rate=1e-3, save_steps=1, report_to=["none"],
-                  max_failures=0)
+                  simple_prompt=True, estimator="grpo", diversity_weight=weight, rollout_batch_size=2,
+                  samples_per_prompt=4, mini_batch_size=8, max_new_tokens=max_new_tokens, learning_rate=1e-3,
+                  save_steps=1, report_to=["tensorboard"], max_failures=0)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     ppo.run(ppo.Config(output_dir=str(straight), max_steps=2, **config))
     ppo.run(ppo.Config(output_dir=str(resumed), max_steps=1, **config))
     ppo.run(ppo.Config(output_dir=str(resumed), max_steps=2, **config))
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from"]
     one, other = history_of(straight), history_of(resumed)
-    for key in ("reward/mean", "reward/std", "caption_tokens", "trained_tokens", "cut_captions", "kl"):
+    assert [m["step"] for m in one] == [m["step"] for m in other] == [1, 2]
+    for key in ("reward/mean", "reward/std", "caption_tokens", "trained_tokens", "cut_captions", "kl",
+                "diversity/mean"):
         assert other[1][key] == pytest.approx(one[1][key], abs=1e-6), key
     assert sum(m["cut_captions"] for m in one) > 0
     # A cut caption's trained tokens stop at its last whole word: fewer than were generated.
     assert all(m["trained_tokens"] < m["caption_tokens"] for m in one if m["cut_captions"] > 0)
     assert all(m["trained_tokens"] == m["caption_tokens"] for m in one if m["cut_captions"] == 0)
     assert max(m["logprob_gap"] for m in one + other) < 1e-3
+    for m in one:
+        # Sampled captions of a tiny model differ, yet not every one from every other in meaning.
+        assert 0 < m["diversity/mean"] < 2
+        assert m["diversity/term"] == pytest.approx(weight * m["diversity/mean"])
+    # The tags are stored as text in the event records.
+    events = b"".join(p.read_bytes() for p in (straight / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
+    assert b"diversity/term" in events and b"reward/mean" in events
 
 
 def _processes(prefix):
@@ -552,21 +548,15 @@ def test_a_reward_actor_killed_while_scoring_is_retried(ray_local):
     assert scores[:3] == scores[3:6]  # the same pairs, the same rewards from the restarted actor
 
 
-def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, datasets_dir):
-    """The reward model from `humor-ray rm` scores prompt-with-context + caption; two data-parallel
-    trainer workers train a LoRA adapter (its reference is the adapter switched off) with the
+def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, datasets_dir, reward_model_run):
+    """The reward model from `humor-ray rm` (the session's run) scores prompt-with-context + caption; two
+    data-parallel trainer workers train a LoRA adapter (its reference is the adapter switched off) with the
     critic-free RLOO estimator, and resume when the same command is rerun with more steps."""
     from transformers import AutoModelForCausalLM
 
-    from humor_ray.train import rm
-
     scratch_before = scratch_folders()
-    reward_dir = tmp_path / "rm"
-    rm.run(rm.Config(output_dir=str(reward_dir), dataset_dir=str(datasets_dir), model_name="minilm", max_steps=4,
-                     per_device_train_batch_size=8, max_length=128, do_eval=False, save_steps=4, logging_steps=1,
-                     report_to=["none"], max_failures=0))
     out = tmp_path / "ppo_rm"
-    config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model=str(reward_dir),
+    config = dict(output_dir=str(out), dataset_dir=str(datasets_dir), reward_model=str(reward_model_run),
                   model_name="tiny", estimator="rloo", samples_per_prompt=4, rollout_batch_size=2,
                   mini_batch_size=8, lora_r=8, lora_alpha=16, learning_rate=1e-3, max_new_tokens=12,
                   save_steps=1, report_to=["none"], max_failures=0, num_workers=2)
@@ -574,7 +564,7 @@ def test_ppo_with_the_trained_reward_model_and_lora_on_real_prompts(tmp_path, da
     ppo.run(ppo.Config(**config, max_steps=2))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"]
-    assert metrics["reward_max_length"] == 128  # the reward model's run's --max_length, not 512
+    assert metrics["reward_max_length"] == REWARD_MODEL_RUN["max_length"]  # the reward model run's, not 512
     history = metrics["history"]
     assert [m["step"] for m in history] == [1, 2]
     assert "vf_loss" not in history[0]  # no value model

@@ -84,10 +84,8 @@ def test_sft_trains_checkpoints_exports_and_resumes_on_rerun(tmp_path, datasets_
     assert scratch_folders() <= scratch_before
 
 
-def test_reward_model_reports_pairwise_accuracy(tmp_path, datasets_dir):
-    out = tmp_path / "rm"
-    rm.run(rm.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="minilm", learning_rate=5e-5,
-                     **SMALL))
+def test_reward_model_reports_pairwise_accuracy(reward_model_run):
+    out = reward_model_run  # the session's run (conftest.REWARD_MODEL_RUN), which test_rl's PPO scores with
     metrics = metrics_of(out)
     evaluations = [entry for entry in metrics["log_history"] if "eval_accuracy" in entry]
     assert sorted({entry["step"] for entry in evaluations}) == [2, 4]  # at every evaluation

@@ -4,9 +4,11 @@ saved as a training run's `final/`, over HTTP with the OpenAI client and raw req
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from humor_ray.config import UserError
@@ -51,6 +53,19 @@ def test_text_completions_with_logprobs(client):
     logprobs = answer.choices[0].logprobs
     assert len(logprobs.tokens) == 3 and all(len(top) == 2 for top in logprobs.top_logprobs)
     assert max(logprobs.top_logprobs[0].values()) == pytest.approx(logprobs.token_logprobs[0])
+    # On CPUs the replica's vLLM ran its sampling helpers as plain PyTorch: no kernel compiled by torch.compile.
+    compiled = []
+    engines = 0
+    for process in psutil.Process().children(recursive=True):
+        try:
+            name = (process.cmdline() or [""])[0]
+            if name.startswith(("ray::ServeReplica", "VLLM::")):
+                engines += 1
+                if "torchinductor" in Path(f"/proc/{process.pid}/maps").read_text():
+                    compiled.append(name)
+        except (psutil.Error, OSError):  # another of the cluster's processes, gone meanwhile
+            pass
+    assert engines >= 2 and not compiled, compiled  # the replica and its engine core
 
 
 def test_requests_without_settings_get_the_papers_32_tokens(client):
