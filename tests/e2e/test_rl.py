@@ -166,6 +166,15 @@ def test_vllm_and_hf_engines_agree_and_take_new_weights(ray_local):
             ray.kill(engine)
 
 
+@pytest.fixture
+def compile_off():
+    """torch.compile'd functions run as plain PyTorch, as in an engine actor on CPUs (whose CPU_EAGER_ENV torch
+    reads when it is imported, long done in this process)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+@pytest.mark.usefixtures("compile_off")
 def test_ppo_rollouts_sample_the_distribution_the_trainer_scores(monkeypatch):
     """vLLM reports the log-probs of the distribution it actually sampled from (its processed log-probs:
     after temperature, penalties and top-p). Under PPO's decoding they are the trainer's log-probs of the
