@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from humor_ray.serve import free_port
 
 START = """
 import json, sys, time
@@ -32,11 +33,8 @@ print(json.dumps({"seconds": time.perf_counter() - wall}))
 
 
 def start(side: str) -> float:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="deepspeed_start_") as extensions:
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                    WORLD_SIZE="1", TORCH_EXTENSIONS_DIR=extensions)
         done = subprocess.run([sys.executable, "-c", START, side], capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]

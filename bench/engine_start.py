@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from humor_ray.engines import CPU_EAGER_ENV, VLLM_ENV
+from humor_ray.engines import CPU_EAGER_ENV, vllm_env
 
 # One engine in a process of its own. With argv[2] "0", gc.freeze does nothing.
 ENGINE = """
@@ -52,9 +52,10 @@ SIDES = {  # name: (heap frozen, dynamo off, empty compile cache)
 
 def run_side(model: str, frozen: bool, eager: bool, empty_cache: bool) -> dict:
     # An engine actor of one CPU, as generation stages run them, with the environment the actors get.
-    env = {**os.environ, **VLLM_ENV, **(CPU_EAGER_ENV if eager else {}), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **vllm_env(gpu=False), "OMP_NUM_THREADS": "1"}
     if not eager:
-        env.pop("TORCHDYNAMO_DISABLE", None)
+        for name in CPU_EAGER_ENV:
+            env.pop(name)
     with tempfile.TemporaryDirectory(prefix="engine_start_") as cache:
         if empty_cache:
             env["TORCHINDUCTOR_CACHE_DIR"] = cache

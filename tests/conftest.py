@@ -79,10 +79,11 @@ def datasets_dir(request, tmp_path_factory, real_data, ray_local):
                           spec["summaries"], spec["datasets"], spec.get("images", False))
 
 
-# The reward model's run: a few steps on two contests' pairs, evaluated and checkpointed every second step.
-REWARD_MODEL_RUN = dict(model_name="minilm", learning_rate=5e-5, max_steps=4, eval_steps=2, save_steps=2,
-                        logging_steps=1, per_device_train_batch_size=4, max_eval_examples=16, max_length=256,
-                        max_failures=0, report_to=["none"])
+# Small training runs: a few steps, every one logged, evaluation and a checkpoint every second step.
+SMALL_TRAINING = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
+                      max_eval_examples=16, max_length=256, max_failures=0, report_to=["none"])
+# The reward model's run, on two contests' pairs.
+REWARD_MODEL_RUN = dict(model_name="minilm", learning_rate=5e-5, **SMALL_TRAINING)
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +97,21 @@ def reward_model_run(tmp_path_factory, real_data, ray_local) -> Path:
     out = tmp_path_factory.mktemp("reward_model") / "rm"
     rm.run(rm.Config(output_dir=str(out), dataset_dir=str(data), **REWARD_MODEL_RUN))
     return out
+
+
+def our_processes(*prefixes: str) -> list:
+    """Our Ray's processes whose title starts with one of `prefixes` (its workers descend from this process; other
+    Ray clusters on the machine are not ours)."""
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if (process.cmdline() or [""])[0].startswith(prefixes):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
 
 
 def scratch_folders() -> set[Path]:

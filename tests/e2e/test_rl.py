@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REWARD_MODEL_RUN, scratch_folders
+from conftest import REWARD_MODEL_RUN, our_processes, scratch_folders
 
 from humor_ray.rl import algorithms as alg
 from humor_ray.rl import ppo
@@ -410,19 +410,6 @@ def test_a_resumed_run_draws_as_an_uninterrupted_one_trains_only_the_scored_word
     assert b"diversity/term" in events and b"reward/mean" in events
 
 
-def _processes(prefix):
-    """Our Ray's processes named `prefix` (its workers descend from this process; other Ray clusters on the
-    machine are not ours to kill)."""
-    found = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if (process.cmdline() or [""])[0].startswith(prefix):
-                found.append(process)
-        except psutil.Error:  # gone meanwhile
-            pass
-    return found
-
-
 def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, datasets_dir):
     """One run with two trainer workers, three crashes: a rollout engine after the first checkpoint, the
     reward actor after the second, the trainer workers after the third. The run still reaches its last step;
@@ -445,7 +432,7 @@ def test_crashed_engine_reward_actor_and_trainer_worker_are_recovered(tmp_path, 
         for prefix, after in victims:
             while not finished.is_set() and checkpointed_step() < after:
                 time.sleep(0.05)
-            for process in _processes(prefix):
+            for process in our_processes(prefix):
                 os.kill(process.pid, signal.SIGKILL)
                 killed.append(prefix)
 
@@ -500,7 +487,7 @@ def test_a_trainer_worker_killed_before_its_first_checkpoint_starts_over_with_th
     def killer():
         while not finished.is_set() and not tensorboard_steps(out / "tensorboard" / "ppo"):
             time.sleep(0.05)
-        for process in _processes("ray::RayTrainWorker"):
+        for process in our_processes("ray::RayTrainWorker"):
             os.kill(process.pid, signal.SIGKILL)
             killed.append(process.pid)
 

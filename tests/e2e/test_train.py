@@ -6,11 +6,11 @@ import signal
 import threading
 import time
 
-import psutil
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import registered_checkpoints, scratch_folders
+from conftest import REWARD_MODEL_RUN, our_processes, registered_checkpoints, scratch_folders
+from conftest import SMALL_TRAINING as SMALL
 
 from humor_ray.models.reward_inputs import encode
 from humor_ray.train import dpo, rm, sft
@@ -18,11 +18,6 @@ from humor_ray.train import dpo, rm, sft
 pytestmark = pytest.mark.timeout(900)
 # 530 is a training contest, 536 an evaluation one; prompts: for a best-of-N pool on the training split.
 REAL_DATASETS = {"summaries": "53[06]_LilUCB.csv", "datasets": ["sft_simple", "pairs", "prompts"]}
-
-# Small runs: a few steps, every one logged, evaluation and a checkpoint every second step.
-SMALL = dict(max_steps=4, eval_steps=2, save_steps=2, logging_steps=1, per_device_train_batch_size=4,
-             max_eval_examples=16, max_length=256, max_failures=0, report_to=["none"])
-
 
 def metrics_of(out):
     return json.loads((out / "metrics.json").read_text())
@@ -117,8 +112,8 @@ def test_a_fold_reward_model_trains_only_on_its_folds_contests(tmp_path, dataset
     record = tmp_path / "rows"
     monkeypatch.setenv("HUMOR_RAY_RECORD_TRAIN_ROWS", str(record))
     out = tmp_path / "rm"
-    rm.run(rm.Config(output_dir=str(out), dataset_dir=str(data), model_name="minilm", learning_rate=5e-5,
-                     contest_fold=f"{contest_fold(ours, folds)}/{folds}", **{**SMALL, "max_steps": 2}))
+    rm.run(rm.Config(output_dir=str(out), dataset_dir=str(data), contest_fold=f"{contest_fold(ours, folds)}/{folds}",
+                     **{**REWARD_MODEL_RUN, "max_steps": 2}))
     tokenizer = registry.load_tokenizer("minilm")
 
     def inputs(contest):
@@ -250,18 +245,6 @@ def test_two_workers_under_deepspeed(tmp_path, datasets_dir, zero):
     assert model.get_input_embeddings().weight.shape[0] > 1000
 
 
-def _train_workers():
-    """Our Ray's Train workers (they descend from this process; other Ray clusters on the machine are not ours)."""
-    found = []
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if (process.cmdline() or [""])[0].startswith("ray::RayTrainWorker"):
-                found.append(process)
-        except psutil.Error:  # gone meanwhile
-            pass
-    return found
-
-
 def test_a_killed_worker_is_restarted_and_training_resumes(tmp_path, datasets_dir):
     out = tmp_path / "killed"
     config = sft.Config(output_dir=str(out), dataset_dir=str(datasets_dir), model_name="tiny", simple_prompt=True,
@@ -273,7 +256,7 @@ def test_a_killed_worker_is_restarted_and_training_resumes(tmp_path, datasets_di
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
             if registered_checkpoints(pafs.LocalFileSystem(), str(out / "ray" / "sft")):
-                for worker in _train_workers():
+                for worker in our_processes("ray::RayTrainWorker"):
                     os.kill(worker.pid, signal.SIGKILL)
                     killed.append(worker.pid)
             time.sleep(0.1)

@@ -241,21 +241,19 @@ def test_deepspeed_on_cpus_goes_through_gloo_without_compiling_its_shared_memory
     """DeepSpeed's CPU all-reduce op is C++ it compiles on first use (40 s of two cores): a CPU run's process group
     is plain gloo, and nothing is built. In a process of its own, as a trainer worker is."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from conftest import free_port
+
     code = ("import sys\n"
             "from humor_ray.train.deepspeed_presets import start_process_group\n"
             "start_process_group(use_gpu=False)\n"
             "import torch.distributed as dist\n"
             "from deepspeed.comm import comm\n"
             "print(dist.get_backend(), comm.cdb.shm_comm_op, 'deepspeed_shm_comm' in sys.modules)\n")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               TORCH_EXTENSIONS_DIR=str(tmp_path))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1", TORCH_EXTENSIONS_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "gloo None False"

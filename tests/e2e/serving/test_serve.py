@@ -8,8 +8,9 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
+
+from conftest import our_processes
 
 from humor_ray.config import UserError
 from humor_ray.serve import ServeConfig
@@ -54,18 +55,9 @@ def test_text_completions_with_logprobs(client):
     assert len(logprobs.tokens) == 3 and all(len(top) == 2 for top in logprobs.top_logprobs)
     assert max(logprobs.top_logprobs[0].values()) == pytest.approx(logprobs.token_logprobs[0])
     # On CPUs the replica's vLLM ran its sampling helpers as plain PyTorch: no kernel compiled by torch.compile.
-    compiled = []
-    engines = 0
-    for process in psutil.Process().children(recursive=True):
-        try:
-            name = (process.cmdline() or [""])[0]
-            if name.startswith(("ray::ServeReplica", "VLLM::")):
-                engines += 1
-                if "torchinductor" in Path(f"/proc/{process.pid}/maps").read_text():
-                    compiled.append(name)
-        except (psutil.Error, OSError):  # another of the cluster's processes, gone meanwhile
-            pass
-    assert engines >= 2 and not compiled, compiled  # the replica and its engine core
+    engines = our_processes("ray::ServeReplica", "VLLM::")  # the replica and its engine core
+    compiled = [p.cmdline()[0] for p in engines if "torchinductor" in Path(f"/proc/{p.pid}/maps").read_text()]
+    assert len(engines) >= 2 and not compiled, compiled
 
 
 def test_requests_without_settings_get_the_papers_32_tokens(client):
